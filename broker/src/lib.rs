@@ -1,0 +1,1 @@
+//! The embedded MQTT broker (filled in by the broker work).

@@ -1,0 +1,1 @@
+//! pdsno node library.

@@ -1,0 +1,257 @@
+//! MQTT topic names and who may speak on them (PROTOCOL.md §5).
+//!
+//! rumqttd has no per-topic ACL, so every receiver checks ownership on the signed envelope:
+//! a message is accepted only if its `sender_id` owns the topic it arrived on. With an
+//! external broker, `deploy/` ships ACL files expressing the same rules.
+
+use std::fmt;
+
+use crate::ids::{self, ControllerId, Role};
+
+/// Root of every pdsno topic.
+pub const ROOT: &str = "pdsno";
+
+/// A pdsno topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// `pdsno/discovery/{region}/{lc_id}`: LC → RC, QoS 1.
+    Discovery {
+        /// The LC's region.
+        region: String,
+        /// The reporting LC.
+        lc_id: String,
+    },
+    /// `pdsno/policy/global`: GC → all RCs, QoS 1, retained.
+    PolicyGlobal,
+    /// `pdsno/policy/{region}`: RC → its LCs, QoS 1, retained.
+    PolicyRegion(String),
+    /// `pdsno/events/system`: any → monitoring, QoS 0.
+    EventsSystem,
+    /// `pdsno/events/{region}`: any in the region → monitoring, QoS 0.
+    EventsRegion(String),
+    /// `pdsno/status/{controller_id}`: heartbeat and last will, QoS 0, retained.
+    Status(String),
+}
+
+/// MQTT delivery settings for a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// QoS level (0, 1 or 2).
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+}
+
+impl Topic {
+    /// Parses a concrete topic name; `None` for anything outside the pdsno tree, malformed
+    /// segments, or wildcards.
+    pub fn parse(name: &str) -> Option<Topic> {
+        let mut parts = name.split('/');
+        if parts.next()? != ROOT {
+            return None;
+        }
+        let kind = parts.next()?;
+        let a = parts.next();
+        let b = parts.next();
+        if parts.next().is_some() {
+            return None;
+        }
+        match (kind, a, b) {
+            ("discovery", Some(region), Some(lc)) if ids::is_valid_region(region) && ids::is_valid_controller_id(lc) => {
+                Some(Topic::Discovery { region: region.to_owned(), lc_id: lc.to_owned() })
+            }
+            ("policy", Some("global"), None) => Some(Topic::PolicyGlobal),
+            ("policy", Some(region), None) if ids::is_valid_region(region) => {
+                Some(Topic::PolicyRegion(region.to_owned()))
+            }
+            ("events", Some("system"), None) => Some(Topic::EventsSystem),
+            ("events", Some(region), None) if ids::is_valid_region(region) => {
+                Some(Topic::EventsRegion(region.to_owned()))
+            }
+            ("status", Some(id), None) if ids::is_valid_controller_id(id) => Some(Topic::Status(id.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// QoS and retain flag of PROTOCOL.md §5.
+    pub fn delivery(&self) -> Delivery {
+        match self {
+            Topic::Discovery { .. } => Delivery { qos: 1, retain: false },
+            Topic::PolicyGlobal | Topic::PolicyRegion(_) => Delivery { qos: 1, retain: true },
+            Topic::EventsSystem | Topic::EventsRegion(_) => Delivery { qos: 0, retain: false },
+            Topic::Status(_) => Delivery { qos: 0, retain: true },
+        }
+    }
+
+    /// Whether `sender_id` may publish on this topic.
+    ///
+    /// - discovery: only the LC named in the topic, and only if its id places it in the
+    ///   topic's region;
+    /// - global policy: only the global controller;
+    /// - regional policy: only a regional controller of that region;
+    /// - system events: any assigned controller;
+    /// - regional events: any controller of that region (or the global controller);
+    /// - status: only the controller named in the topic.
+    pub fn may_publish(&self, sender_id: &str) -> bool {
+        let sender = ControllerId::parse(sender_id);
+        let in_region = |region: &str| {
+            sender.as_ref().is_some_and(|s| s.region.as_deref() == Some(region))
+        };
+        match self {
+            Topic::Discovery { region, lc_id } => {
+                lc_id == sender_id
+                    && sender.as_ref().is_some_and(|s| s.role == Role::Local)
+                    && in_region(region)
+            }
+            Topic::PolicyGlobal => sender.as_ref().is_some_and(|s| s.role == Role::Global),
+            Topic::PolicyRegion(region) => {
+                sender.as_ref().is_some_and(|s| s.role == Role::Regional) && in_region(region)
+            }
+            Topic::EventsSystem => sender.is_some(),
+            Topic::EventsRegion(region) => {
+                in_region(region) || sender.as_ref().is_some_and(|s| s.role == Role::Global)
+            }
+            Topic::Status(id) => id == sender_id,
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topic::Discovery { region, lc_id } => write!(f, "{ROOT}/discovery/{region}/{lc_id}"),
+            Topic::PolicyGlobal => write!(f, "{ROOT}/policy/global"),
+            Topic::PolicyRegion(r) => write!(f, "{ROOT}/policy/{r}"),
+            Topic::EventsSystem => write!(f, "{ROOT}/events/system"),
+            Topic::EventsRegion(r) => write!(f, "{ROOT}/events/{r}"),
+            Topic::Status(id) => write!(f, "{ROOT}/status/{id}"),
+        }
+    }
+}
+
+/// The filter an RC subscribes to for its LCs' reports: `pdsno/discovery/{region}/+`.
+pub fn discovery_filter(region: &str) -> String {
+    format!("{ROOT}/discovery/{region}/+")
+}
+
+/// The filter for every controller's status: `pdsno/status/+`.
+pub fn status_filter() -> String {
+    format!("{ROOT}/status/+")
+}
+
+/// Whether an MQTT topic `name` matches `filter` (`+` one level, `#` the rest, MQTT 3.1.1
+/// §4.7; `$`-topics are not matched by filters starting with a wildcard).
+pub fn filter_matches(filter: &str, name: &str) -> bool {
+    if name.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut n = name.split('/');
+    loop {
+        match (f.next(), n.next()) {
+            (Some("#"), _) => return f.next().is_none(),
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(nl)) if fl == nl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether `filter` is a well-formed MQTT topic filter (wildcards occupy whole levels, `#`
+/// only last, not empty).
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        other => !other.contains('+') && !other.contains('#'),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let all = [
+            Topic::Discovery { region: "zone-A".into(), lc_id: "local_cntl_zone-A_1".into() },
+            Topic::PolicyGlobal,
+            Topic::PolicyRegion("zone-A".into()),
+            Topic::EventsSystem,
+            Topic::EventsRegion("zone-A".into()),
+            Topic::Status("regional_cntl_zone-A_1".into()),
+        ];
+        for t in all {
+            assert_eq!(Topic::parse(&t.to_string()), Some(t.clone()), "{t}");
+        }
+        assert_eq!(
+            Topic::Discovery { region: "zone-A".into(), lc_id: "local_cntl_zone-A_1".into() }.to_string(),
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1"
+        );
+        for bad in ["", "pdsno", "pdsno/discovery/zone-A", "pdsno/discovery/zone-A/+", "other/policy/global",
+            "pdsno/policy/global/x", "pdsno/status/a/b", "pdsno/policy/#", "pdsno/unknown/x"] {
+            assert_eq!(Topic::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn delivery_follows_the_protocol_table() {
+        assert_eq!(Topic::PolicyGlobal.delivery(), Delivery { qos: 1, retain: true });
+        assert_eq!(Topic::Status("x".into()).delivery(), Delivery { qos: 0, retain: true });
+        assert_eq!(
+            Topic::Discovery { region: "r".into(), lc_id: "l".into() }.delivery(),
+            Delivery { qos: 1, retain: false }
+        );
+        assert_eq!(Topic::EventsSystem.delivery(), Delivery { qos: 0, retain: false });
+    }
+
+    #[test]
+    fn ownership_rules() {
+        let lc1 = "local_cntl_zone-A_1";
+        let lc2 = "local_cntl_zone-A_2";
+        let lc_b = "local_cntl_zone-B_1";
+        let rc = "regional_cntl_zone-A_1";
+        let gc = "global_cntl_1";
+        let disc = Topic::Discovery { region: "zone-A".into(), lc_id: lc1.into() };
+        assert!(disc.may_publish(lc1));
+        assert!(!disc.may_publish(lc2), "another LC's topic");
+        assert!(!disc.may_publish(rc));
+        let wrong_region = Topic::Discovery { region: "zone-A".into(), lc_id: lc_b.into() };
+        assert!(!wrong_region.may_publish(lc_b), "an LC of zone-B on zone-A's tree");
+        assert!(Topic::PolicyGlobal.may_publish(gc));
+        assert!(!Topic::PolicyGlobal.may_publish(rc));
+        assert!(!Topic::PolicyGlobal.may_publish("temp-global-x"));
+        assert!(Topic::PolicyRegion("zone-A".into()).may_publish(rc));
+        assert!(!Topic::PolicyRegion("zone-B".into()).may_publish(rc));
+        assert!(!Topic::PolicyRegion("zone-A".into()).may_publish(lc1));
+        assert!(Topic::Status(lc1.into()).may_publish(lc1));
+        assert!(!Topic::Status(lc1.into()).may_publish(lc2));
+        assert!(Topic::EventsSystem.may_publish(lc1));
+        assert!(!Topic::EventsSystem.may_publish("temp-x"));
+        assert!(Topic::EventsRegion("zone-A".into()).may_publish(lc1));
+        assert!(Topic::EventsRegion("zone-A".into()).may_publish(gc));
+        assert!(!Topic::EventsRegion("zone-A".into()).may_publish(lc_b));
+    }
+
+    #[test]
+    fn filters() {
+        assert!(filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-A/local_cntl_zone-A_1"));
+        assert!(!filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-B/x"));
+        assert!(!filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-A/x/y"));
+        assert!(filter_matches("pdsno/#", "pdsno/policy/global"));
+        assert!(filter_matches("pdsno/#", "pdsno"));
+        assert!(filter_matches("#", "a/b"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(filter_matches("pdsno/policy/global", "pdsno/policy/global"));
+        assert!(!filter_matches("pdsno/policy", "pdsno/policy/global"));
+        assert!(is_valid_filter("pdsno/+/x/#"));
+        assert!(!is_valid_filter("pdsno/#/x"));
+        assert!(!is_valid_filter("pdsno/a+"));
+        assert!(!is_valid_filter(""));
+    }
+}
