@@ -47,7 +47,13 @@ fn report_envelope() -> Envelope {
         extra: Map::new(),
     };
     let payload = typed_to_map(&report).unwrap_or_default();
-    Envelope::new(MessageType::DiscoveryReport, "local_cntl_zone-A_1", "regional_cntl_zone-A_1", payload, now)
+    Envelope::new(
+        MessageType::DiscoveryReport,
+        "local_cntl_zone-A_1",
+        "regional_cntl_zone-A_1",
+        payload,
+        now,
+    )
 }
 
 fn bench(c: &mut Criterion) {
@@ -58,7 +64,10 @@ fn bench(c: &mut Criterion) {
     let base = report_envelope();
     let mut probe = base.clone();
     signing::sign_hmac(&mut probe, &key, None, chrono::Utc::now());
-    eprintln!("envelope size: {} bytes on the wire", probe.to_json_bytes().len());
+    eprintln!(
+        "envelope size: {} bytes on the wire",
+        probe.to_json_bytes().len()
+    );
 
     let mut g = c.benchmark_group("sign_verify");
     g.bench_function("hmac_sign", |b| {
@@ -71,8 +80,14 @@ fn bench(c: &mut Criterion) {
     // Verification needs a distinct nonce per message. Sign messages ahead in chunks (not
     // timed) and verify each chunk with a fresh replay cache, so the cache holds at most a
     // chunk of live nonces, like a node under steady traffic.
-    let keys = VerifyKeys { hmac: Some(&ring), ed25519: None };
-    let ed_keys = VerifyKeys { hmac: None, ed25519: Some(&pk) };
+    let keys = VerifyKeys {
+        hmac: Some(&ring),
+        ed25519: None,
+    };
+    let ed_keys = VerifyKeys {
+        hmac: None,
+        ed25519: Some(&pk),
+    };
     let timed_verify = |iters: u64, ed: bool, parse: bool| {
         let mut total = Duration::ZERO;
         let mut left = iters;
@@ -91,7 +106,11 @@ fn bench(c: &mut Criterion) {
                     e
                 })
                 .collect();
-            let wire: Vec<Vec<u8>> = if parse { envs.iter().map(Envelope::to_json_bytes).collect() } else { vec![] };
+            let wire: Vec<Vec<u8>> = if parse {
+                envs.iter().map(Envelope::to_json_bytes).collect()
+            } else {
+                vec![]
+            };
             let verifier = Verifier::new(MemoryNonceStore::new());
             let k = if ed { ed_keys } else { keys };
             let start = Instant::now();
@@ -109,8 +128,12 @@ fn bench(c: &mut Criterion) {
         }
         total
     };
-    g.bench_function("hmac_verify", |b| b.iter_custom(|iters| timed_verify(iters, false, false)));
-    g.bench_function("hmac_parse_and_verify", |b| b.iter_custom(|iters| timed_verify(iters, false, true)));
+    g.bench_function("hmac_verify", |b| {
+        b.iter_custom(|iters| timed_verify(iters, false, false))
+    });
+    g.bench_function("hmac_parse_and_verify", |b| {
+        b.iter_custom(|iters| timed_verify(iters, false, true))
+    });
     g.bench_function("ed25519_sign", |b| {
         b.iter_batched_ref(
             || base.clone(),
@@ -118,8 +141,12 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("ed25519_verify", |b| b.iter_custom(|iters| timed_verify(iters, true, false)));
-    g.bench_function("canonical_bytes", |b| b.iter(|| black_box(&probe).canonical_signing_bytes()));
+    g.bench_function("ed25519_verify", |b| {
+        b.iter_custom(|iters| timed_verify(iters, true, false))
+    });
+    g.bench_function("canonical_bytes", |b| {
+        b.iter(|| black_box(&probe).canonical_signing_bytes())
+    });
     g.finish();
 }
 

@@ -13,8 +13,16 @@ pub const ADMISSION_KEY_INFO: &[u8] = b"pdsno-admission";
 
 /// The bootstrap token an operator mints for a new child:
 /// hex HMAC-SHA256(secret, `"{temp_id}|{region}|{controller_type}"`).
-pub fn bootstrap_token(secret: &[u8], temp_id: &str, region: &str, controller_type: &str) -> String {
-    hmac_hex(secret, format!("{temp_id}|{region}|{controller_type}").as_bytes())
+pub fn bootstrap_token(
+    secret: &[u8],
+    temp_id: &str,
+    region: &str,
+    controller_type: &str,
+) -> String {
+    hmac_hex(
+        secret,
+        format!("{temp_id}|{region}|{controller_type}").as_bytes(),
+    )
 }
 
 /// [`bootstrap_token`] for a typed role.
@@ -24,8 +32,7 @@ pub fn bootstrap_token_for(secret: &[u8], temp_id: &str, region: &str, role: Rol
 
 /// Constant-time check of a presented token against the expected one.
 pub fn token_matches(expected: &str, presented: &str) -> bool {
-    expected.len() == presented.len()
-        && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+    expected.len() == presented.len() && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
 }
 
 /// The HMAC key an unadmitted child signs its admission messages with when the deployment
@@ -60,12 +67,20 @@ mod tests {
             "zone-A",
             "regional",
         );
-        assert_eq!(t, "7006d9080e3adf2401928f3c275c39b17bb4feeb61cd74b2faa7da7038216d1e");
+        assert_eq!(
+            t,
+            "7006d9080e3adf2401928f3c275c39b17bb4feeb61cd74b2faa7da7038216d1e"
+        );
         assert!(token_matches(&t, &t));
         assert!(!token_matches(&t, &t[..63]));
         assert!(!token_matches(&t, &t.replace('7', "8")));
         assert_eq!(
-            bootstrap_token_for(b"pdsno-bootstrap-secret-change-in-production", "temp-rc-zone-a-001", "zone-A", Role::Regional),
+            bootstrap_token_for(
+                b"pdsno-bootstrap-secret-change-in-production",
+                "temp-rc-zone-a-001",
+                "zone-A",
+                Role::Regional
+            ),
             t
         );
     }

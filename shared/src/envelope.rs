@@ -258,7 +258,13 @@ impl Envelope {
         payload: Map,
         now: DateTime<Utc>,
     ) -> Self {
-        let mut e = Envelope::new(message_type, sender_id, self.sender_id.clone(), payload, now);
+        let mut e = Envelope::new(
+            message_type,
+            sender_id,
+            self.sender_id.clone(),
+            payload,
+            now,
+        );
         e.correlation_id = Some(self.message_id.clone());
         e
     }
@@ -392,7 +398,10 @@ impl Envelope {
 
     fn fields(&self, with_signature: bool) -> Vec<(&str, Field<'_>)> {
         let mut v = Vec::with_capacity(12 + self.extra.len());
-        let corr = self.correlation_id.as_deref().map_or(Field::Null, Field::Str);
+        let corr = self
+            .correlation_id
+            .as_deref()
+            .map_or(Field::Null, Field::Str);
         v.push(("correlation_id", corr));
         if let Some(k) = &self.key_id {
             v.push(("key_id", Field::Str(k)));
@@ -543,17 +552,26 @@ mod tests {
     fn decode_keeps_everything_and_reencodes_identically() {
         let e = Envelope::from_slice(SAMPLE.as_bytes()).expect("valid");
         assert_eq!(e.message_type, MessageType::Heartbeat);
-        assert_eq!(e.timestamp, "2026-03-01T12:00:00Z", "timestamp text kept verbatim");
+        assert_eq!(
+            e.timestamp, "2026-03-01T12:00:00Z",
+            "timestamp text kept verbatim"
+        );
         assert!(e.extra.contains_key("x-trace"));
         assert_eq!(e.to_json(), SAMPLE);
-        assert_eq!(String::from_utf8(e.canonical_signing_bytes()).expect("ascii"), SAMPLE);
+        assert_eq!(
+            String::from_utf8(e.canonical_signing_bytes()).expect("ascii"),
+            SAMPLE
+        );
     }
 
     #[test]
     fn decode_errors_are_specific() {
         let cases: &[(&str, &str)] = &[
             ("[]", "an envelope must be a JSON object, found an array"),
-            (r#"{"message_type":"HEARTBEAT"}"#, "missing field `message_id`"),
+            (
+                r#"{"message_type":"HEARTBEAT"}"#,
+                "missing field `message_id`",
+            ),
             (
                 r#"{"message_id":1,"message_type":"HEARTBEAT"}"#,
                 "field `message_id` must be a string, found an integer",
@@ -589,7 +607,10 @@ mod tests {
         );
         assert!(matches!(
             Envelope::from_slice(long.as_bytes()),
-            Err(EnvelopeError::TooLong { field: "message_id", .. })
+            Err(EnvelopeError::TooLong {
+                field: "message_id",
+                ..
+            })
         ));
     }
 

@@ -126,7 +126,11 @@ impl ControllerId {
             return None;
         }
         let parse_seq = |s: &str| -> Option<u64> {
-            if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) || s.starts_with('0') {
+            if s.is_empty()
+                || s.len() > 19
+                || !s.bytes().all(|b| b.is_ascii_digit())
+                || s.starts_with('0')
+            {
                 return None;
             }
             s.parse().ok()
@@ -206,15 +210,27 @@ mod tests {
     fn controller_ids_parse_structurally() {
         assert_eq!(
             ControllerId::parse("regional_cntl_zone-A_1"),
-            Some(ControllerId { role: Role::Regional, region: Some("zone-A".into()), seq: 1 })
+            Some(ControllerId {
+                role: Role::Regional,
+                region: Some("zone-A".into()),
+                seq: 1
+            })
         );
         assert_eq!(
             ControllerId::parse("local_cntl_zone_with_underscores_42"),
-            Some(ControllerId { role: Role::Local, region: Some("zone_with_underscores".into()), seq: 42 })
+            Some(ControllerId {
+                role: Role::Local,
+                region: Some("zone_with_underscores".into()),
+                seq: 42
+            })
         );
         assert_eq!(
             ControllerId::parse(GLOBAL_CONTROLLER_ID),
-            Some(ControllerId { role: Role::Global, region: None, seq: 1 })
+            Some(ControllerId {
+                role: Role::Global,
+                region: None,
+                seq: 1
+            })
         );
         for bad in [
             "temp-rc-zone-a-001",
@@ -229,7 +245,10 @@ mod tests {
         ] {
             assert_eq!(ControllerId::parse(bad), None, "{bad}");
         }
-        assert_eq!(ControllerId::assigned(Role::Local, "zone-A", 3), "local_cntl_zone-A_3");
+        assert_eq!(
+            ControllerId::assigned(Role::Local, "zone-A", 3),
+            "local_cntl_zone-A_3"
+        );
     }
 
     #[test]

@@ -79,7 +79,13 @@ impl<T: NonceStore + ?Sized> NonceStore for std::sync::Arc<T> {
     fn contains(&self, nonce: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
         (**self).contains(nonce, now)
     }
-    fn record(&self, nonce: &str, expires_at: DateTime<Utc>, now: DateTime<Utc>, capacity: usize) -> Result<Recorded, StoreError> {
+    fn record(
+        &self,
+        nonce: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        capacity: usize,
+    ) -> Result<Recorded, StoreError> {
         (**self).record(nonce, expires_at, now, capacity)
     }
     fn purge_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
@@ -140,7 +146,9 @@ impl MemoryNonceStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
         // A panic while holding the lock cannot leave the maps inconsistent in a way that
         // matters for safety (worst case a nonce is remembered twice), so recover.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -148,7 +156,9 @@ impl NonceStore for MemoryNonceStore {
     fn contains(&self, nonce: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
         let key = nonce_key(nonce);
         let g = self.lock();
-        Ok(g.by_nonce.get(&key).is_some_and(|exp| *exp >= now.timestamp_micros()))
+        Ok(g.by_nonce
+            .get(&key)
+            .is_some_and(|exp| *exp >= now.timestamp_micros()))
     }
 
     fn record(
@@ -201,12 +211,19 @@ mod tests {
         assert_eq!(s.record("a", exp, t0, 2), Ok(Recorded::AlreadySeen));
         assert_eq!(s.contains("a", t0), Ok(true));
         assert_eq!(s.record("b", exp, t0, 2), Ok(Recorded::Fresh));
-        assert_eq!(s.record("c", exp, t0, 2), Ok(Recorded::Full), "full of live nonces");
+        assert_eq!(
+            s.record("c", exp, t0, 2),
+            Ok(Recorded::Full),
+            "full of live nonces"
+        );
         // At the expiry instant the nonce is still live (freshness accepts age == window).
         assert_eq!(s.record("c", exp, exp, 2), Ok(Recorded::Full));
         let later = exp + Duration::microseconds(1);
         assert_eq!(s.contains("a", later), Ok(false));
-        assert_eq!(s.record("c", later + Duration::seconds(300), later, 2), Ok(Recorded::Fresh));
+        assert_eq!(
+            s.record("c", later + Duration::seconds(300), later, 2),
+            Ok(Recorded::Fresh)
+        );
         assert_eq!(s.len(), Ok(1), "expired entries were purged to make room");
     }
 }

@@ -77,15 +77,28 @@ pub fn sign_hmac(env: &mut Envelope, key: &HmacKey, key_id: Option<&str>, now: D
 ///
 /// # Errors
 /// [`SignError::NoKey`] when the ring is empty.
-pub fn sign_with_ring(env: &mut Envelope, ring: &KeyRing, now: DateTime<Utc>) -> Result<(), SignError> {
+pub fn sign_with_ring(
+    env: &mut Envelope,
+    ring: &KeyRing,
+    now: DateTime<Utc>,
+) -> Result<(), SignError> {
     let k = ring.current().ok_or(SignError::NoKey)?;
-    let id = if ring.announces_key_id() { k.id.as_deref() } else { None };
+    let id = if ring.announces_key_id() {
+        k.id.as_deref()
+    } else {
+        None
+    };
     sign_hmac(env, k.key(), id, now);
     Ok(())
 }
 
 /// Signs `env` with an Ed25519 identity key.
-pub fn sign_ed25519(env: &mut Envelope, key: &IdentityKey, key_id: Option<&str>, now: DateTime<Utc>) {
+pub fn sign_ed25519(
+    env: &mut Envelope,
+    key: &IdentityKey,
+    key_id: Option<&str>,
+    now: DateTime<Utc>,
+) {
     stamp(env, ED25519, key_id, now);
     env.signature = Some(hex::encode(key.sign(&env.canonical_signing_bytes())));
 }
@@ -218,9 +231,18 @@ impl<S: NonceStore> Verifier<S> {
         now: DateTime<Utc>,
     ) -> Result<Verified, VerifyError> {
         // 1. required fields
-        let signature = env.signature.as_deref().ok_or(VerifyError::MissingField("signature"))?;
-        let nonce = env.nonce.as_deref().ok_or(VerifyError::MissingField("nonce"))?;
-        let signed_at = env.signed_at.as_deref().ok_or(VerifyError::MissingField("signed_at"))?;
+        let signature = env
+            .signature
+            .as_deref()
+            .ok_or(VerifyError::MissingField("signature"))?;
+        let nonce = env
+            .nonce
+            .as_deref()
+            .ok_or(VerifyError::MissingField("nonce"))?;
+        let signed_at = env
+            .signed_at
+            .as_deref()
+            .ok_or(VerifyError::MissingField("signed_at"))?;
         if env.sender_id.is_empty() {
             return Err(VerifyError::MissingField("sender_id"));
         }
@@ -276,7 +298,10 @@ impl<S: NonceStore> Verifier<S> {
             }
         };
         // 7. accept: record the nonce until the message could no longer pass step 4
-        match self.store.record(nonce, at + self.window, now, self.capacity)? {
+        match self
+            .store
+            .record(nonce, at + self.window, now, self.capacity)?
+        {
             Recorded::Fresh => Ok(Verified { algorithm, key_id }),
             Recorded::AlreadySeen => Err(VerifyError::Replay),
             Recorded::Full => Err(VerifyError::ReplayCacheFull),

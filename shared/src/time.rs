@@ -232,7 +232,10 @@ mod tests {
 
     #[test]
     fn formats_like_python_isoformat() {
-        let base = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).single().expect("valid");
+        let base = Utc
+            .with_ymd_and_hms(2026, 3, 1, 12, 0, 0)
+            .single()
+            .expect("valid");
         assert_eq!(format_iso(base), "2026-03-01T12:00:00+00:00");
         assert_eq!(
             format_iso(base + Duration::microseconds(500_000)),
@@ -243,7 +246,10 @@ mod tests {
             "2026-03-01T12:00:00.000001+00:00"
         );
         // Nanoseconds below a microsecond are not printed (Python has none).
-        assert_eq!(format_iso(base + Duration::nanoseconds(999)), "2026-03-01T12:00:00+00:00");
+        assert_eq!(
+            format_iso(base + Duration::nanoseconds(999)),
+            "2026-03-01T12:00:00+00:00"
+        );
     }
 
     #[test]
@@ -251,8 +257,14 @@ mod tests {
         assert_eq!(t("2026-03-01T12:00:00+00:00"), "2026-03-01T12:00:00+00:00");
         assert_eq!(t("2026-03-01T12:00:00Z"), "2026-03-01T12:00:00+00:00");
         assert_eq!(t("2026-03-01T12:00:00"), "2026-03-01T12:00:00+00:00");
-        assert_eq!(t("2026-03-01 12:00:00.5"), "2026-03-01T12:00:00.500000+00:00");
-        assert_eq!(t("2026-03-01T12:00:00.1234567+00:00"), "2026-03-01T12:00:00.123456+00:00");
+        assert_eq!(
+            t("2026-03-01 12:00:00.5"),
+            "2026-03-01T12:00:00.500000+00:00"
+        );
+        assert_eq!(
+            t("2026-03-01T12:00:00.1234567+00:00"),
+            "2026-03-01T12:00:00.123456+00:00"
+        );
         assert_eq!(t("2026-03-01T14:30:00+02:30"), "2026-03-01T12:00:00+00:00");
         assert_eq!(t("2026-03-01T10:00:00-0200"), "2026-03-01T12:00:00+00:00");
         assert_eq!(t("2026-03-01T12:00"), "2026-03-01T12:00:00+00:00");
@@ -280,7 +292,10 @@ mod tests {
 
     #[test]
     fn manual_clock_moves_only_when_told() {
-        let start = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).single().expect("valid");
+        let start = Utc
+            .with_ymd_and_hms(2026, 3, 1, 12, 0, 0)
+            .single()
+            .expect("valid");
         let c = ManualClock::new(start);
         assert_eq!(c.now(), start);
         c.advance(Duration::seconds(301));

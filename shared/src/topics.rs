@@ -57,8 +57,13 @@ impl Topic {
             return None;
         }
         match (kind, a, b) {
-            ("discovery", Some(region), Some(lc)) if ids::is_valid_region(region) && ids::is_valid_controller_id(lc) => {
-                Some(Topic::Discovery { region: region.to_owned(), lc_id: lc.to_owned() })
+            ("discovery", Some(region), Some(lc))
+                if ids::is_valid_region(region) && ids::is_valid_controller_id(lc) =>
+            {
+                Some(Topic::Discovery {
+                    region: region.to_owned(),
+                    lc_id: lc.to_owned(),
+                })
             }
             ("policy", Some("global"), None) => Some(Topic::PolicyGlobal),
             ("policy", Some(region), None) if ids::is_valid_region(region) => {
@@ -68,7 +73,9 @@ impl Topic {
             ("events", Some(region), None) if ids::is_valid_region(region) => {
                 Some(Topic::EventsRegion(region.to_owned()))
             }
-            ("status", Some(id), None) if ids::is_valid_controller_id(id) => Some(Topic::Status(id.to_owned())),
+            ("status", Some(id), None) if ids::is_valid_controller_id(id) => {
+                Some(Topic::Status(id.to_owned()))
+            }
             _ => None,
         }
     }
@@ -76,10 +83,22 @@ impl Topic {
     /// QoS and retain flag of PROTOCOL.md §5.
     pub fn delivery(&self) -> Delivery {
         match self {
-            Topic::Discovery { .. } => Delivery { qos: 1, retain: false },
-            Topic::PolicyGlobal | Topic::PolicyRegion(_) => Delivery { qos: 1, retain: true },
-            Topic::EventsSystem | Topic::EventsRegion(_) => Delivery { qos: 0, retain: false },
-            Topic::Status(_) => Delivery { qos: 0, retain: true },
+            Topic::Discovery { .. } => Delivery {
+                qos: 1,
+                retain: false,
+            },
+            Topic::PolicyGlobal | Topic::PolicyRegion(_) => Delivery {
+                qos: 1,
+                retain: true,
+            },
+            Topic::EventsSystem | Topic::EventsRegion(_) => Delivery {
+                qos: 0,
+                retain: false,
+            },
+            Topic::Status(_) => Delivery {
+                qos: 0,
+                retain: true,
+            },
         }
     }
 
@@ -95,7 +114,9 @@ impl Topic {
     pub fn may_publish(&self, sender_id: &str) -> bool {
         let sender = ControllerId::parse(sender_id);
         let in_region = |region: &str| {
-            sender.as_ref().is_some_and(|s| s.region.as_deref() == Some(region))
+            sender
+                .as_ref()
+                .is_some_and(|s| s.region.as_deref() == Some(region))
         };
         match self {
             Topic::Discovery { region, lc_id } => {
@@ -179,7 +200,10 @@ mod tests {
     #[test]
     fn names_round_trip() {
         let all = [
-            Topic::Discovery { region: "zone-A".into(), lc_id: "local_cntl_zone-A_1".into() },
+            Topic::Discovery {
+                region: "zone-A".into(),
+                lc_id: "local_cntl_zone-A_1".into(),
+            },
             Topic::PolicyGlobal,
             Topic::PolicyRegion("zone-A".into()),
             Topic::EventsSystem,
@@ -190,24 +214,62 @@ mod tests {
             assert_eq!(Topic::parse(&t.to_string()), Some(t.clone()), "{t}");
         }
         assert_eq!(
-            Topic::Discovery { region: "zone-A".into(), lc_id: "local_cntl_zone-A_1".into() }.to_string(),
+            Topic::Discovery {
+                region: "zone-A".into(),
+                lc_id: "local_cntl_zone-A_1".into()
+            }
+            .to_string(),
             "pdsno/discovery/zone-A/local_cntl_zone-A_1"
         );
-        for bad in ["", "pdsno", "pdsno/discovery/zone-A", "pdsno/discovery/zone-A/+", "other/policy/global",
-            "pdsno/policy/global/x", "pdsno/status/a/b", "pdsno/policy/#", "pdsno/unknown/x"] {
+        for bad in [
+            "",
+            "pdsno",
+            "pdsno/discovery/zone-A",
+            "pdsno/discovery/zone-A/+",
+            "other/policy/global",
+            "pdsno/policy/global/x",
+            "pdsno/status/a/b",
+            "pdsno/policy/#",
+            "pdsno/unknown/x",
+        ] {
             assert_eq!(Topic::parse(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn delivery_follows_the_protocol_table() {
-        assert_eq!(Topic::PolicyGlobal.delivery(), Delivery { qos: 1, retain: true });
-        assert_eq!(Topic::Status("x".into()).delivery(), Delivery { qos: 0, retain: true });
         assert_eq!(
-            Topic::Discovery { region: "r".into(), lc_id: "l".into() }.delivery(),
-            Delivery { qos: 1, retain: false }
+            Topic::PolicyGlobal.delivery(),
+            Delivery {
+                qos: 1,
+                retain: true
+            }
         );
-        assert_eq!(Topic::EventsSystem.delivery(), Delivery { qos: 0, retain: false });
+        assert_eq!(
+            Topic::Status("x".into()).delivery(),
+            Delivery {
+                qos: 0,
+                retain: true
+            }
+        );
+        assert_eq!(
+            Topic::Discovery {
+                region: "r".into(),
+                lc_id: "l".into()
+            }
+            .delivery(),
+            Delivery {
+                qos: 1,
+                retain: false
+            }
+        );
+        assert_eq!(
+            Topic::EventsSystem.delivery(),
+            Delivery {
+                qos: 0,
+                retain: false
+            }
+        );
     }
 
     #[test]
@@ -217,12 +279,21 @@ mod tests {
         let lc_b = "local_cntl_zone-B_1";
         let rc = "regional_cntl_zone-A_1";
         let gc = "global_cntl_1";
-        let disc = Topic::Discovery { region: "zone-A".into(), lc_id: lc1.into() };
+        let disc = Topic::Discovery {
+            region: "zone-A".into(),
+            lc_id: lc1.into(),
+        };
         assert!(disc.may_publish(lc1));
         assert!(!disc.may_publish(lc2), "another LC's topic");
         assert!(!disc.may_publish(rc));
-        let wrong_region = Topic::Discovery { region: "zone-A".into(), lc_id: lc_b.into() };
-        assert!(!wrong_region.may_publish(lc_b), "an LC of zone-B on zone-A's tree");
+        let wrong_region = Topic::Discovery {
+            region: "zone-A".into(),
+            lc_id: lc_b.into(),
+        };
+        assert!(
+            !wrong_region.may_publish(lc_b),
+            "an LC of zone-B on zone-A's tree"
+        );
         assert!(Topic::PolicyGlobal.may_publish(gc));
         assert!(!Topic::PolicyGlobal.may_publish(rc));
         assert!(!Topic::PolicyGlobal.may_publish("temp-global-x"));
@@ -240,9 +311,18 @@ mod tests {
 
     #[test]
     fn filters() {
-        assert!(filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-A/local_cntl_zone-A_1"));
-        assert!(!filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-B/x"));
-        assert!(!filter_matches("pdsno/discovery/zone-A/+", "pdsno/discovery/zone-A/x/y"));
+        assert!(filter_matches(
+            "pdsno/discovery/zone-A/+",
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1"
+        ));
+        assert!(!filter_matches(
+            "pdsno/discovery/zone-A/+",
+            "pdsno/discovery/zone-B/x"
+        ));
+        assert!(!filter_matches(
+            "pdsno/discovery/zone-A/+",
+            "pdsno/discovery/zone-A/x/y"
+        ));
         assert!(filter_matches("pdsno/#", "pdsno/policy/global"));
         assert!(filter_matches("pdsno/#", "pdsno"));
         assert!(filter_matches("#", "a/b"));

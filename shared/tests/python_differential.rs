@@ -47,14 +47,14 @@ fn ws(r: &mut Rng, out: &mut String) {
 
 fn random_char(r: &mut Rng) -> char {
     let cp = match r.below(10) {
-        0 => r.below(0x20) as u32,                 // control characters
-        1 => 0x7F + r.below(0x81) as u32,           // DEL and Latin-1
+        0 => r.below(0x20) as u32,                   // control characters
+        1 => 0x7F + r.below(0x81) as u32,            // DEL and Latin-1
         2 => 0x100 + r.below(0xD800 - 0x100) as u32, // rest of the BMP below surrogates
         3 => 0xE000 + r.below(0x2000) as u32,        // BMP above surrogates
         4 => 0x10000 + r.below(0x100000) as u32,     // astral planes (surrogate pairs)
         5 => ['"', '\\', '/', '\u{8}', '\u{c}', '\n', '\r', '\t'][r.below(8) as usize] as u32,
-        6 => 0x1F600 + r.below(0x50) as u32,         // emoji
-        _ => 0x20 + r.below(0x5F) as u32,            // printable ASCII
+        6 => 0x1F600 + r.below(0x50) as u32, // emoji
+        _ => 0x20 + r.below(0x5F) as u32,    // printable ASCII
     };
     char::from_u32(cp).unwrap_or('x')
 }
@@ -103,8 +103,22 @@ fn write_string(r: &mut Rng, s: &str, out: &mut String) {
 
 fn random_float(r: &mut Rng) -> f64 {
     match r.below(8) {
-        0 => [0.0, -0.0, 1.0, -1.0, 0.1, 0.5, 1e16, 1e-5, 1e15, 1e-4, 5e-324, f64::MAX, f64::MIN_POSITIVE, 2.5e-308]
-            [r.below(14) as usize],
+        0 => [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.1,
+            0.5,
+            1e16,
+            1e-5,
+            1e15,
+            1e-4,
+            5e-324,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            2.5e-308,
+        ][r.below(14) as usize],
         1 => (r.below(2_000_001) as f64 - 1_000_000.0) / 1000.0,
         2 => r.below(1 << 53) as f64,
         3 => (r.below(10_000) as f64) * 10f64.powi(r.below(40) as i32 - 20),
@@ -148,7 +162,18 @@ fn write_int(r: &mut Rng, out: &mut String) {
         0 => {
             let _ = write!(out, "{}", r.next() as i64);
         }
-        1 => out.push_str(["0", "-0", "1", "-1", "9223372036854775807", "-9223372036854775808", "18446744073709551615", "18446744073709551616"][r.below(8) as usize]),
+        1 => out.push_str(
+            [
+                "0",
+                "-0",
+                "1",
+                "-1",
+                "9223372036854775807",
+                "-9223372036854775808",
+                "18446744073709551615",
+                "18446744073709551616",
+            ][r.below(8) as usize],
+        ),
         2 => {
             if r.chance(50) {
                 out.push('-');
@@ -237,9 +262,16 @@ fn python(script: &str, args: &[&str], input: &str) -> Vec<String> {
     let input = input.to_owned();
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child.wait_with_output().expect("python3 ran");
-    writer.join().expect("writer thread").expect("wrote to python3");
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("wrote to python3");
     assert!(out.status.success(), "python3 failed: {:?}", out.status);
-    String::from_utf8(out.stdout).expect("utf-8").lines().map(str::to_owned).collect()
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 const CANON_PY: &str = r#"
@@ -288,7 +320,10 @@ fn seed() -> u64 {
 }
 
 fn cases() -> usize {
-    std::env::var("PDSNO_DIFF_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(12_000)
+    std::env::var("PDSNO_DIFF_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12_000)
 }
 
 #[test]
@@ -332,11 +367,13 @@ fn canonical_json_matches_python_byte_for_byte() {
     let mut big_ints = 0usize;
     let mut astral = 0usize;
     for (doc, want) in docs.iter().zip(&theirs) {
-        let ours = json::parse(doc.as_bytes()).unwrap_or_else(|e| panic!("we refused {doc:?}: {e}"));
+        let ours =
+            json::parse(doc.as_bytes()).unwrap_or_else(|e| panic!("we refused {doc:?}: {e}"));
         let got = json::to_canonical_string(&ours);
         floats += got.matches('.').count().min(1);
         big_ints += usize::from(got.bytes().filter(u8::is_ascii_digit).count() > 20);
-        astral += usize::from(got.contains("\\ud8") || got.contains("\\ud9") || got.contains("\\udb"));
+        astral +=
+            usize::from(got.contains("\\ud8") || got.contains("\\ud9") || got.contains("\\udb"));
         if &got != want {
             mismatches += 1;
             if mismatches <= 5 {
@@ -344,9 +381,15 @@ fn canonical_json_matches_python_byte_for_byte() {
             }
         }
     }
-    assert_eq!(mismatches, 0, "seed {seed}: {mismatches} of {n} documents differ");
+    assert_eq!(
+        mismatches, 0,
+        "seed {seed}: {mismatches} of {n} documents differ"
+    );
     // The generator really exercised the hard parts.
-    assert!(floats > n / 10 && big_ints > n / 50 && astral > n / 50, "{floats} {big_ints} {astral}");
+    assert!(
+        floats > n / 10 && big_ints > n / 50 && astral > n / 50,
+        "{floats} {big_ints} {astral}"
+    );
 }
 
 fn random_envelope(r: &mut Rng, i: usize) -> Envelope {
@@ -364,7 +407,8 @@ fn random_envelope(r: &mut Rng, i: usize) -> Envelope {
         chrono::Utc::now(),
     );
     if r.chance(30) {
-        e.extra.insert(random_string(r, 5) + "_x", Value::from(random_float(r)));
+        e.extra
+            .insert(random_string(r, 5) + "_x", Value::from(random_float(r)));
     }
     if r.chance(50) {
         e.correlation_id = Some(pdsno_shared::ids::message_id());
@@ -409,13 +453,29 @@ fn signatures_verify_across_implementations() {
     let check_now = chrono::Utc::now();
     for line in &signed {
         let env = Envelope::from_slice(line.as_bytes()).unwrap_or_else(|e| panic!("{e}: {line}"));
-        let res = verifier.verify(&env, VerifyKeys { hmac: Some(&ring), ed25519: None }, None, check_now);
+        let res = verifier.verify(
+            &env,
+            VerifyKeys {
+                hmac: Some(&ring),
+                ed25519: None,
+            },
+            None,
+            check_now,
+        );
         assert!(res.is_ok(), "{res:?} for {line}");
     }
     // And a Python-signed message tampered in transit is refused.
     let mut env = Envelope::from_slice(signed[0].as_bytes()).expect("envelope");
     env.recipient_id = "regional_cntl_zone-A_2".into();
     env.nonce = Some(pdsno_shared::ids::nonce_hex());
-    let res = verifier.verify(&env, VerifyKeys { hmac: Some(&ring), ed25519: None }, None, check_now);
+    let res = verifier.verify(
+        &env,
+        VerifyKeys {
+            hmac: Some(&ring),
+            ed25519: None,
+        },
+        None,
+        check_now,
+    );
     assert_eq!(res, Err(signing::VerifyError::BadSignature));
 }

@@ -205,7 +205,11 @@ pub fn write_python_float(f: f64, out: &mut Vec<u8>) {
         return;
     }
     if f == 0.0 {
-        out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
+        out.extend_from_slice(if f.is_sign_negative() {
+            b"-0.0"
+        } else {
+            b"0.0"
+        });
         return;
     }
     // Ryu yields the shortest digits that round-trip and, among several such strings, the

@@ -12,8 +12,7 @@ mod value;
 
 pub use self::canonical::{
     to_canonical_string, to_pretty_string, write_canonical, write_canonical_map,
-    write_canonical_members,
-    write_python_float, write_str,
+    write_canonical_members, write_python_float, write_str,
 };
 pub use self::parse::{Limits, ParseError, ParseErrorKind, parse, parse_str_with, parse_with};
 pub use self::serde::{Error, from_value, to_value};

@@ -447,8 +447,10 @@ mod tests {
 
     #[test]
     fn accepts_python_style_documents() {
-        let v = parse(br#" {"a": [1, 2.5, -0, -0.0, 1E5, true, null, "x\u00e9\ud83d\ude00"], "b": {}} "#)
-            .expect("valid");
+        let v = parse(
+            br#" {"a": [1, 2.5, -0, -0.0, 1E5, true, null, "x\u00e9\ud83d\ude00"], "b": {}} "#,
+        )
+        .expect("valid");
         assert_eq!(
             v.to_string(),
             r#"{"a":[1,2.5,0,-0.0,100000.0,true,null,"x\u00e9\ud83d\ude00"],"b":{}}"#
@@ -457,7 +459,10 @@ mod tests {
 
     #[test]
     fn refuses_what_python_would_sign_ambiguously() {
-        assert_eq!(kind(r#"{"a":1,"a":2}"#), ParseErrorKind::DuplicateKey("a".into()));
+        assert_eq!(
+            kind(r#"{"a":1,"a":2}"#),
+            ParseErrorKind::DuplicateKey("a".into())
+        );
         assert_eq!(kind(r#""\ud800""#), ParseErrorKind::LoneSurrogate);
         assert_eq!(kind(r#""\udc00\ud800""#), ParseErrorKind::LoneSurrogate);
         assert_eq!(kind(r#""\ud800\u0041""#), ParseErrorKind::LoneSurrogate);
@@ -506,6 +511,9 @@ mod tests {
     #[test]
     fn big_integers_survive() {
         let v = parse(b"[12345678901234567890, -98765432109876543210987654321]").expect("valid");
-        assert_eq!(v.to_string(), "[12345678901234567890,-98765432109876543210987654321]");
+        assert_eq!(
+            v.to_string(),
+            "[12345678901234567890,-98765432109876543210987654321]"
+        );
     }
 }

@@ -203,7 +203,10 @@ struct MapDeser {
 
 impl<'de> MapAccess<'de> for MapDeser {
     type Error = Error;
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         match self.iter.next() {
             Some((k, v)) => {
                 self.pending = Some(v);
@@ -224,9 +227,13 @@ struct BigIntDeser(Option<Box<str>>);
 
 impl<'de> MapAccess<'de> for BigIntDeser {
     type Error = Error;
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         if self.0.is_some() {
-            seed.deserialize(BIG_INT_TOKEN.into_deserializer()).map(Some)
+            seed.deserialize(BIG_INT_TOKEN.into_deserializer())
+                .map(Some)
         } else {
             Ok(None)
         }
@@ -247,7 +254,10 @@ struct EnumDeser {
 impl<'de> EnumAccess<'de> for EnumDeser {
     type Error = Error;
     type Variant = VariantDeser;
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, VariantDeser), Error> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, VariantDeser), Error> {
         let v = seed.deserialize(self.variant.into_deserializer())?;
         Ok((v, VariantDeser(self.content)))
     }
@@ -260,7 +270,10 @@ impl<'de> VariantAccess<'de> for VariantDeser {
     fn unit_variant(self) -> Result<(), Error> {
         match self.0 {
             None | Some(Value::Null) => Ok(()),
-            Some(v) => Err(Error(format!("expected a unit variant, found {}", v.kind()))),
+            Some(v) => Err(Error(format!(
+                "expected a unit variant, found {}",
+                v.kind()
+            ))),
         }
     }
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
@@ -324,10 +337,12 @@ impl<'de> Deserializer<'de> for Value {
 
     fn deserialize_u128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         match &self {
-            Value::Number(n) if n.is_integer() => match n.big_integer_text().unwrap_or("").parse::<u128>() {
-                Ok(u) => visitor.visit_u128(u),
-                Err(_) => self.deserialize_any(visitor),
-            },
+            Value::Number(n) if n.is_integer() => {
+                match n.big_integer_text().unwrap_or("").parse::<u128>() {
+                    Ok(u) => visitor.visit_u128(u),
+                    Err(_) => self.deserialize_any(visitor),
+                }
+            }
             _ => self.deserialize_any(visitor),
         }
     }
@@ -460,7 +475,9 @@ impl Serializer for ValueSerializer {
         Ok(Value::String(v.to_owned()))
     }
     fn serialize_bytes(self, v: &[u8]) -> Result<Value, Error> {
-        Ok(Value::Array(v.iter().map(|b| Value::from(i64::from(*b))).collect()))
+        Ok(Value::Array(
+            v.iter().map(|b| Value::from(i64::from(*b))).collect(),
+        ))
     }
     fn serialize_none(self) -> Result<Value, Error> {
         Ok(Value::Null)
@@ -600,7 +617,10 @@ impl ser::SerializeMap for MapSer {
                 self.key = Some(s);
                 Ok(())
             }
-            other => Err(Error(format!("JSON object keys must be strings, not {}", other.kind()))),
+            other => Err(Error(format!(
+                "JSON object keys must be strings, not {}",
+                other.kind()
+            ))),
         }
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Error> {
@@ -639,7 +659,8 @@ impl ser::SerializeStruct for MapSer {
         key: &'static str,
         v: &T,
     ) -> Result<(), Error> {
-        self.map.insert(key.to_owned(), v.serialize(ValueSerializer)?);
+        self.map
+            .insert(key.to_owned(), v.serialize(ValueSerializer)?);
         Ok(())
     }
     fn end(self) -> Result<Value, Error> {
@@ -695,7 +716,8 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_problem() {
-        let v = crate::json::parse(br#"{"name":5,"count":3,"ratio":1.0,"tag":null}"#).expect("valid");
+        let v =
+            crate::json::parse(br#"{"name":5,"count":3,"ratio":1.0,"tag":null}"#).expect("valid");
         let e = from_value::<Typed>(v).expect_err("wrong type");
         assert!(e.to_string().contains("invalid type"), "{e}");
         let v = crate::json::parse(br#"{"name":"x","ratio":1.0}"#).expect("valid");
@@ -713,7 +735,10 @@ mod tests {
         }
         let s: Status = from_value(Value::from("REJECTED")).expect("enum");
         assert_eq!(s, Status::Rejected);
-        assert_eq!(to_value(&Status::Approved).expect("v"), Value::from("APPROVED"));
+        assert_eq!(
+            to_value(&Status::Approved).expect("v"),
+            Value::from("APPROVED")
+        );
         let u: u64 = from_value(Value::from(u64::MAX)).expect("u64");
         assert_eq!(u, u64::MAX);
         assert!(from_value::<u8>(Value::from(300i64)).is_err());

@@ -159,7 +159,9 @@ impl Number {
 
 impl fmt::Debug for Number {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::json::to_canonical_string(&Value::Number(self.clone())))
+        f.write_str(&crate::json::to_canonical_string(&Value::Number(
+            self.clone(),
+        )))
     }
 }
 
@@ -357,8 +359,14 @@ mod tests {
             n("-000123456789012345678901234567890").as_deref(),
             Some("-123456789012345678901234567890")
         );
-        assert_eq!(n("9223372036854775807").as_deref(), Some("9223372036854775807"));
-        assert_eq!(n("9223372036854775808").as_deref(), Some("9223372036854775808"));
+        assert_eq!(
+            n("9223372036854775807").as_deref(),
+            Some("9223372036854775807")
+        );
+        assert_eq!(
+            n("9223372036854775808").as_deref(),
+            Some("9223372036854775808")
+        );
         assert_eq!(n("1.5"), None);
         assert_eq!(n("-"), None);
         assert_eq!(n(""), None);

@@ -178,9 +178,17 @@ mod tests {
         ring.add(Some("k1".into()), key(1), t0);
         ring.add(Some("k2".into()), key(2), t0 + Duration::minutes(1));
         assert_eq!(ring.current().and_then(|k| k.id.as_deref()), Some("k2"));
-        let live = |t| ring.live(t).filter_map(|k| k.id.clone()).collect::<Vec<_>>();
+        let live = |t| {
+            ring.live(t)
+                .filter_map(|k| k.id.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(live(t0 + Duration::minutes(5)), ["k2", "k1"]);
-        assert_eq!(live(t0 + Duration::minutes(11)), ["k2", "k1"], "grace is inclusive");
+        assert_eq!(
+            live(t0 + Duration::minutes(11)),
+            ["k2", "k1"],
+            "grace is inclusive"
+        );
         assert_eq!(live(t0 + Duration::minutes(12)), ["k2"]);
         let mut pruned = ring.clone();
         assert_eq!(pruned.prune(t0 + Duration::minutes(12)), 1);

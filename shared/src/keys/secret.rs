@@ -141,7 +141,11 @@ impl IdentityKey {
 
 impl fmt::Debug for IdentityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdentityKey(public={}, secret=[redacted])", self.public().to_base64())
+        write!(
+            f,
+            "IdentityKey(public={}, secret=[redacted])",
+            self.public().to_base64()
+        )
     }
 }
 
@@ -158,7 +162,9 @@ impl PublicKey {
         if text.len() > 64 {
             return Err(KeyError::BadEd25519("public key"));
         }
-        let bytes = B64.decode(text.trim()).map_err(|_| KeyError::BadEd25519("public key"))?;
+        let bytes = B64
+            .decode(text.trim())
+            .map_err(|_| KeyError::BadEd25519("public key"))?;
         let arr: [u8; 32] = bytes
             .try_into()
             .map_err(|_| KeyError::BadEd25519("public key"))?;
@@ -192,7 +198,8 @@ impl PublicKey {
         if sig_b64.len() > 128 {
             return false;
         }
-        B64.decode(sig_b64.trim()).is_ok_and(|s| self.verify(msg, &s))
+        B64.decode(sig_b64.trim())
+            .is_ok_and(|s| self.verify(msg, &s))
     }
 }
 

@@ -217,7 +217,11 @@ fn signing_bytes<T: Serialize>(c: &T) -> Result<Vec<u8>, CredentialError> {
     Ok(json::to_canonical_bytes(&v))
 }
 
-fn check_window(issued_at: &str, expires_at: &str, now: DateTime<Utc>) -> Result<(), CredentialError> {
+fn check_window(
+    issued_at: &str,
+    expires_at: &str,
+    now: DateTime<Utc>,
+) -> Result<(), CredentialError> {
     let from = parse_iso(issued_at).map_err(|_| CredentialError::BadTime)?;
     let until = parse_iso(expires_at).map_err(|_| CredentialError::BadTime)?;
     // Allow 30 s of clock skew on the issue side.
@@ -245,7 +249,11 @@ macro_rules! signed_credential {
             ///
             /// # Errors
             /// The first problem found.
-            pub fn verify(&self, issuer: &PublicKey, now: DateTime<Utc>) -> Result<(), CredentialError> {
+            pub fn verify(
+                &self,
+                issuer: &PublicKey,
+                now: DateTime<Utc>,
+            ) -> Result<(), CredentialError> {
                 let bytes = signing_bytes(self)?;
                 if !issuer.verify_base64(&bytes, &self.signature) {
                     return Err(CredentialError::BadSignature);
@@ -294,12 +302,24 @@ mod tests {
         // Forgeries and wrong issuers fail.
         let mut forged = c.clone();
         forged.region = "zone-B".into();
-        assert_eq!(forged.verify(&gc.public(), now), Err(CredentialError::BadSignature));
+        assert_eq!(
+            forged.verify(&gc.public(), now),
+            Err(CredentialError::BadSignature)
+        );
         let mut added = c.clone();
         added.extra.insert("admin".into(), true.into());
-        assert_eq!(added.verify(&gc.public(), now), Err(CredentialError::BadSignature));
-        assert_eq!(c.verify(&IdentityKey::generate().public(), now), Err(CredentialError::BadSignature));
-        assert_eq!(c.verify(&gc.public(), now + Duration::days(91)), Err(CredentialError::Expired));
+        assert_eq!(
+            added.verify(&gc.public(), now),
+            Err(CredentialError::BadSignature)
+        );
+        assert_eq!(
+            c.verify(&IdentityKey::generate().public(), now),
+            Err(CredentialError::BadSignature)
+        );
+        assert_eq!(
+            c.verify(&gc.public(), now + Duration::days(91)),
+            Err(CredentialError::Expired)
+        );
     }
 
     #[test]

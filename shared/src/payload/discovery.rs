@@ -173,7 +173,9 @@ pub struct DiscoveryRequest {
 /// Normalises a MAC address to lower-case colon form; `None` if it is not 6 octets.
 pub fn normalize_mac(mac: &str) -> Option<String> {
     let hex: String = mac.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-    let separators_ok = mac.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
+    let separators_ok = mac
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
     if hex.len() != 12 || !separators_ok {
         return None;
     }
@@ -199,8 +201,14 @@ mod tests {
 
     #[test]
     fn mac_normalisation() {
-        assert_eq!(normalize_mac("02-AB-cd-00-11-22").as_deref(), Some("02:ab:cd:00:11:22"));
-        assert_eq!(normalize_mac("02ab.cd00.1122").as_deref(), Some("02:ab:cd:00:11:22"));
+        assert_eq!(
+            normalize_mac("02-AB-cd-00-11-22").as_deref(),
+            Some("02:ab:cd:00:11:22")
+        );
+        assert_eq!(
+            normalize_mac("02ab.cd00.1122").as_deref(),
+            Some("02:ab:cd:00:11:22")
+        );
         assert_eq!(normalize_mac("02:ab:cd:00:11"), None);
         assert_eq!(normalize_mac("zz:ab:cd:00:11:22"), None);
     }

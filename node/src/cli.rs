@@ -1,0 +1,50 @@
+//! The `pdsno` command line: one binary, every tier and tool.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::cmd;
+
+/// pdsno: a partially distributed SDN orchestrator in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "pdsno", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sign one JSON envelope read from stdin and print it.
+    Sign(cmd::envelope_tools::SignArgs),
+    /// Verify one JSON envelope read from stdin: prints OK (exit 0) or the reason (exit 1).
+    Verify(cmd::envelope_tools::VerifyArgs),
+}
+
+/// Parses `args` and runs the command; returns the process exit code.
+pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> ExitCode {
+    let matches = match Cli::command().try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (2).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
+    let sub = matches.subcommand().map(|(_, m)| m);
+    match cli.command {
+        Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
+        Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
+    }
+}

@@ -1,0 +1,3 @@
+//! Subcommand implementations (one file per command family).
+
+pub mod envelope_tools;

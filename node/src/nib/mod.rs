@@ -1,0 +1,163 @@
+//! The NIB: one SQLite file per controller (WAL mode, migrations in code).
+//!
+//! Every table lives in this one file so a single transaction can cover, for example, an
+//! admitted child's record and its audit event. SQLite calls block; async code reaches the
+//! NIB through `spawn_blocking` or a dedicated thread, never directly on the executor.
+//!
+//! Durability: WAL with `synchronous=NORMAL` survives a process crash (`kill -9`) without
+//! losing a committed transaction; only an OS crash or power loss can drop the last
+//! commits. Set `PDSNO_SQLITE_SYNC=FULL` to fsync every commit.
+
+mod replay;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+pub use replay::SqliteNonceStore;
+
+/// Errors of the NIB layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NibError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer pdsno.
+    #[error("database schema version {found} is newer than this pdsno understands ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+    /// The data directory could not be prepared.
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit a released migration: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: replay guard
+    "CREATE TABLE replay_nonces (
+         nonce_key  BLOB PRIMARY KEY,
+         expires_at INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX replay_nonces_expiry ON replay_nonces(expires_at);",
+];
+
+/// An open NIB.
+#[derive(Debug)]
+pub struct Nib {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl Nib {
+    /// Opens (creating if needed) the NIB at `path` and brings its schema up to date.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or migrated, or was written by a newer version.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, NibError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| NibError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = match std::env::var("PDSNO_SQLITE_SYNC").ok().as_deref() {
+            Some("FULL" | "full") => "FULL",
+            _ => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Nib {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Locks the connection for a unit of work.
+    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+        // SQLite keeps its own consistency; a panic elsewhere while holding the lock does
+        // not corrupt the connection, so recover it.
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The schema version of the open file.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn schema_version(&self) -> Result<i64, NibError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), NibError> {
+    let known = MIGRATIONS.len() as i64;
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > known {
+        return Err(NibError::TooNew {
+            found: current,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_newer_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/nib.db");
+        let nib = Nib::open(&path).expect("open");
+        assert_eq!(
+            nib.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
+        drop(nib);
+        let nib = Nib::open(&path).expect("reopen");
+        assert_eq!(
+            nib.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
+        nib.conn()
+            .pragma_update(None, "user_version", 999)
+            .expect("bump");
+        drop(nib);
+        assert!(matches!(
+            Nib::open(&path),
+            Err(NibError::TooNew { found: 999, .. })
+        ));
+    }
+}
