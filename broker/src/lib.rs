@@ -1,1 +1,427 @@
-//! The embedded MQTT broker (filled in by the broker work).
+//! `pdsno-broker`: the MQTT broker embedded in the global controller, so an edge site needs
+//! no Mosquitto.
+//!
+//! rumqttd does the routing (subscriptions, retained messages, last wills, QoS flows). In
+//! front of it sits a front door of ours that owns the public sockets:
+//! - binds them itself, so port 0 works, the bound address is known, and a busy port is an
+//!   error returned to the caller (rumqttd only logs it);
+//! - terminates TLS with rustls, with the handshake under a timeout in the connection's own
+//!   task (rumqttd runs handshakes inline in its accept loop);
+//! - authenticates CONNECT (operator accounts with Argon2id hashes, the caller's credential
+//!   check, anonymous access only when switched on) and answers refusals with the proper
+//!   CONNACK code;
+//! - frames and validates every client packet (see [`codec`]), closing connections that
+//!   break the protocol before rumqttd sees a byte of the offending packet;
+//! - caps connections, packet sizes, topic depth and per-packet counts.
+//!
+//! rumqttd itself listens only on loopback ports and accepts only the front door's random
+//! internal credential.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pdsno_broker::BrokerError> {
+//! use pdsno_broker::{BrokerConfig, EmbeddedBroker};
+//! let mut cfg = BrokerConfig::plain("127.0.0.1:0".parse().unwrap(), None);
+//! cfg.allow_anonymous = true;
+//! let broker = EmbeddedBroker::start(cfg, None).await?;
+//! println!("MQTT on {:?}", broker.listeners());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod auth;
+pub mod codec;
+pub mod config;
+mod inner;
+mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zeroize::Zeroizing;
+
+pub use auth::{CredentialCheck, CredentialRequest, Principal, client_id_acceptable};
+pub use codec::Version;
+pub use config::{
+    AccountError, BrokerConfig, BrokerLimits, ListenerConfig, OperatorAccount, TlsFiles,
+};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No listener configured.
+    #[error("the broker needs at least one listener")]
+    NoListener,
+    /// A listener address could not be bound (in use, no permission, ...).
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A TLS certificate or key could not be loaded.
+    #[error("TLS setup for listener {name}: {reason}")]
+    Tls {
+        /// Listener name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The embedded rumqttd did not come up.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Counters of the front door.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted at TCP level.
+    pub accepted: AtomicU64,
+    /// Connections that passed CONNECT and were handed to the router.
+    pub connected: AtomicU64,
+    /// Connections currently handed to the router.
+    pub active: AtomicU64,
+    /// Refused at CONNECT for credentials, client id or anonymity.
+    pub refused_auth: AtomicU64,
+    /// Refused before or at CONNECT for protocol reasons (not CONNECT, bad version, timeout).
+    pub refused_protocol: AtomicU64,
+    /// Refused because `max_connections` were open.
+    pub refused_busy: AtomicU64,
+    /// Closed after CONNECT for a protocol violation or a stalled packet.
+    pub violations: AtomicU64,
+    /// Client packets forwarded.
+    pub packets_in: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`Stats::accepted`].
+    pub accepted: u64,
+    /// See [`Stats::connected`].
+    pub connected: u64,
+    /// See [`Stats::active`].
+    pub active: u64,
+    /// See [`Stats::refused_auth`].
+    pub refused_auth: u64,
+    /// See [`Stats::refused_protocol`].
+    pub refused_protocol: u64,
+    /// See [`Stats::refused_busy`].
+    pub refused_busy: u64,
+    /// See [`Stats::violations`].
+    pub violations: u64,
+    /// See [`Stats::packets_in`].
+    pub packets_in: u64,
+    /// See [`Stats::tls_failures`].
+    pub tls_failures: u64,
+}
+
+impl Stats {
+    fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            accepted: g(&self.accepted),
+            connected: g(&self.connected),
+            active: g(&self.active),
+            refused_auth: g(&self.refused_auth),
+            refused_protocol: g(&self.refused_protocol),
+            refused_busy: g(&self.refused_busy),
+            violations: g(&self.violations),
+            packets_in: g(&self.packets_in),
+            tls_failures: g(&self.tls_failures),
+        }
+    }
+}
+
+/// State shared by every connection task.
+pub(crate) struct Shared {
+    pub(crate) limits: BrokerLimits,
+    pub(crate) gate: auth::Gate,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) inner_v4: SocketAddr,
+    pub(crate) inner_v5: SocketAddr,
+    pub(crate) secret: Zeroizing<String>,
+}
+
+/// A listener as bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundListener {
+    /// Its name.
+    pub name: String,
+    /// The protocol version it serves.
+    pub version: Version,
+    /// Whether it is TLS.
+    pub tls: bool,
+    /// The bound address (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+}
+
+/// The embedded broker.
+pub struct EmbeddedBroker;
+
+/// A running broker. Dropping it stops the listeners; [`BrokerHandle::shutdown`] also
+/// waits for connections to close.
+pub struct BrokerHandle {
+    listeners: Vec<BoundListener>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    stats: Arc<Stats>,
+    inner: inner::Inner,
+}
+
+fn load_tls(name: &str, files: &TlsFiles) -> Result<TlsAcceptor, BrokerError> {
+    let err = |reason: String| BrokerError::Tls {
+        name: name.to_owned(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| err(format!("certificate {}: {e}", files.cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("certificate {}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(err(format!("no certificate in {}", files.cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| err(format!("private key {}: {e}", files.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+impl EmbeddedBroker {
+    /// Starts the broker and returns once every listener accepts connections.
+    ///
+    /// `check` authenticates clients that are not operator accounts (the node passes the
+    /// credentials it issued at admission).
+    ///
+    /// # Errors
+    /// A busy or forbidden address, bad TLS files, or an embedded router that did not start.
+    pub async fn start(
+        config: BrokerConfig,
+        check: Option<CredentialCheck>,
+    ) -> Result<BrokerHandle, BrokerError> {
+        if config.listeners.is_empty() {
+            return Err(BrokerError::NoListener);
+        }
+        // Bind and load everything first, so a mistake is reported before anything runs.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let tls = l.tls.as_ref().map(|f| load_tls(&l.name, f)).transpose()?;
+            let listener = TcpListener::bind(l.addr)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    name: l.name.clone(),
+                    addr: l.addr,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            })?;
+            bound.push((l.clone(), listener, tls, addr));
+        }
+        let inner = inner::start(&config.limits).await?;
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(Shared {
+            limits: config.limits.clone(),
+            gate: auth::Gate {
+                allow_anonymous: config.allow_anonymous,
+                operators: config.operators.clone(),
+                check,
+            },
+            stats: stats.clone(),
+            inner_v4: inner.v4,
+            inner_v5: inner.v5,
+            secret: inner.secret.clone(),
+        });
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let mut listeners = Vec::new();
+        for (l, listener, tls, addr) in bound {
+            listeners.push(BoundListener {
+                name: l.name.clone(),
+                version: l.version,
+                tls: tls.is_some(),
+                addr,
+            });
+            tracing::info!(listener = %l.name, %addr, version = %l.version, tls = tls.is_some(), "MQTT listener ready");
+            tracker.spawn(accept_loop(
+                listener,
+                l.version,
+                tls,
+                shared.clone(),
+                slots.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
+        Ok(BrokerHandle {
+            listeners,
+            cancel,
+            tracker,
+            stats,
+            inner,
+        })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    version: Version,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+            tracker.spawn(refuse_busy(
+                stream,
+                version,
+                shared.limits.connect_timeout.min(Duration::from_secs(2)),
+            ));
+            continue;
+        };
+        let shared = shared.clone();
+        let cancel = cancel.child_token();
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => proxy::serve(stream, peer, version, shared, cancel).await,
+                Some(acceptor) => {
+                    let hs = tokio::time::timeout(
+                        shared.limits.connect_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match hs {
+                        Ok(Ok(s)) => proxy::serve(s, peer, version, shared, cancel).await,
+                        Ok(Err(e)) => {
+                            shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Over the connection cap: read the CONNECT briefly and answer "server unavailable".
+async fn refuse_busy(mut stream: tokio::net::TcpStream, version: Version, wait: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 64];
+    if let Ok(Ok(n)) = tokio::time::timeout(wait, stream.read(&mut buf)).await
+        && n > 0
+    {
+        let _ = stream
+            .write_all(&codec::connack_refusal(
+                version,
+                codec::Refusal::ServerUnavailable,
+            ))
+            .await;
+    }
+}
+
+impl BrokerHandle {
+    /// The bound listeners.
+    pub fn listeners(&self) -> &[BoundListener] {
+        &self.listeners
+    }
+
+    /// The first bound address serving `version` without TLS.
+    pub fn plain_addr(&self, version: Version) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.version == version && !l.tls)
+            .map(|l| l.addr)
+    }
+
+    /// The first bound TLS address serving `version`.
+    pub fn tls_addr(&self, version: Version) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.version == version && l.tls)
+            .map(|l| l.addr)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// True until shutdown begins.
+    pub fn is_running(&self) -> bool {
+        !self.cancel.is_cancelled()
+    }
+
+    /// Stops accepting, closes every client connection (MQTT 5 clients get DISCONNECT
+    /// "server shutting down"), waits up to 5 s for them, and stops the embedded router's
+    /// listeners.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some MQTT connections did not close within 5 s");
+        }
+        self.inner.stop();
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}

@@ -23,6 +23,8 @@ pub enum Command {
     Sign(cmd::envelope_tools::SignArgs),
     /// Verify one JSON envelope read from stdin: prints OK (exit 0) or the reason (exit 1).
     Verify(cmd::envelope_tools::VerifyArgs),
+    /// Run the embedded MQTT broker alone.
+    Broker(cmd::broker::BrokerArgs),
 }
 
 /// Parses `args` and runs the command; returns the process exit code.
@@ -46,5 +48,6 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
     match cli.command {
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
+        Command::Broker(a) => cmd::broker::run(&a),
     }
 }

@@ -1,8 +1,12 @@
 //! `pdsno-node`: the controller behind the `pdsno` binary.
 //!
 //! Rooms: [`cli`] (argument parsing and dispatch), [`cmd`] (one file per subcommand
-//! family), [`nib`] (the SQLite state store).
+//! family), [`nib`] (the SQLite state store), [`transport`] (MQTT client; gRPC and REST
+//! follow), [`runtime`] and [`logging`].
 
 pub mod cli;
 pub mod cmd;
+pub mod logging;
 pub mod nib;
+pub mod runtime;
+pub mod transport;

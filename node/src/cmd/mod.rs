@@ -1,3 +1,4 @@
 //! Subcommand implementations (one file per command family).
 
+pub mod broker;
 pub mod envelope_tools;

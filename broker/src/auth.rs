@@ -1,0 +1,155 @@
+//! Who may connect: operator accounts, the caller's credential check, anonymous access.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::codec::{Connect, Refusal, Version};
+use crate::config::OperatorAccount;
+
+/// What the caller's credential check sees.
+pub struct CredentialRequest {
+    /// The MQTT client identifier.
+    pub client_id: String,
+    /// The user name.
+    pub username: String,
+    /// The password (zeroized on drop).
+    pub password: Zeroizing<Vec<u8>>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The protocol version.
+    pub version: Version,
+}
+
+impl fmt::Debug for CredentialRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialRequest")
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("peer", &self.peer)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller's credential check (the node backs it with credentials issued at admission).
+pub type CredentialCheck =
+    Arc<dyn Fn(CredentialRequest) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// Longest client identifier accepted.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// A client identifier rumqttd can register safely: 1..=128 characters, none of `+ # / $`
+/// (rumqttd uses the id in topic paths and poisons a lock on ids it cannot register) and
+/// no control characters. (An empty id is handled separately: the broker assigns one.)
+pub fn client_id_acceptable(id: &str) -> bool {
+    !id.is_empty()
+        && id.chars().count() <= MAX_CLIENT_ID_LEN
+        && !id
+            .chars()
+            .any(|c| matches!(c, '+' | '#' | '/' | '$') || c.is_control())
+}
+
+pub(crate) struct Gate {
+    pub(crate) allow_anonymous: bool,
+    pub(crate) operators: Vec<OperatorAccount>,
+    pub(crate) check: Option<CredentialCheck>,
+}
+
+impl Gate {
+    /// Decides a CONNECT; `Err` carries the CONNACK refusal.
+    pub(crate) async fn admit(&self, c: &Connect, peer: SocketAddr) -> Result<Principal, Refusal> {
+        // An empty id asks the broker to assign one (rumqttd does, and reports it to MQTT 5
+        // clients); only allowed with a clean session (MQTT 3.1.1 §3.1.3.1).
+        let id_ok = if c.client_id.is_empty() {
+            c.clean
+        } else {
+            client_id_acceptable(&c.client_id)
+        };
+        if !id_ok {
+            return Err(Refusal::IdentifierRejected);
+        }
+        if c.auth_method {
+            return Err(Refusal::BadAuthMethod);
+        }
+        let Some(username) = c.username.clone() else {
+            return if self.allow_anonymous {
+                Ok(Principal::Anonymous)
+            } else {
+                Err(Refusal::NotAuthorized)
+            };
+        };
+        let Some(password) = c.password.clone().map(Zeroizing::new) else {
+            return Err(Refusal::BadCredentials);
+        };
+        if let Some(account) = self
+            .operators
+            .iter()
+            .find(|a| a.name() == username)
+            .cloned()
+        {
+            // Argon2 is deliberately slow; keep it off the executor threads.
+            let ok = tokio::task::spawn_blocking(move || account.verify(&password))
+                .await
+                .unwrap_or(false);
+            return if ok {
+                Ok(Principal::Operator(username))
+            } else {
+                Err(Refusal::BadCredentials)
+            };
+        }
+        let Some(check) = &self.check else {
+            return Err(Refusal::BadCredentials);
+        };
+        let req = CredentialRequest {
+            client_id: c.client_id.clone(),
+            username: username.clone(),
+            password,
+            peer,
+            version: c.version,
+        };
+        if check(req).await {
+            Ok(Principal::Credential(username))
+        } else {
+            Err(Refusal::BadCredentials)
+        }
+    }
+}
+
+/// Who a connection authenticated as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// No user name (anonymous access is on).
+    Anonymous,
+    /// An operator account.
+    Operator(String),
+    /// A credential accepted by the caller's check.
+    Credential(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids() {
+        assert!(client_id_acceptable("local_cntl_zone-A_1"));
+        assert!(client_id_acceptable("mosq-AbC123"));
+        for bad in [
+            "",
+            "a/b",
+            "a+b",
+            "a#",
+            "$sys",
+            "a\u{0}b",
+            "a\nb",
+            &"x".repeat(129),
+        ] {
+            assert!(!client_id_acceptable(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Broker configuration, built in code (no rumqttd config file).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Argon2, PasswordHash};
+
+use crate::codec::{self, Version};
+
+/// One listening socket.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// A name for logs and stats (`v4`, `v5`, `tls`).
+    pub name: String,
+    /// Address to bind (port 0 picks a free port; read it back from the handle).
+    pub addr: SocketAddr,
+    /// The protocol version served; a client speaking another one gets a CONNACK
+    /// "unacceptable protocol version".
+    pub version: Version,
+    /// Serve TLS with this certificate and key.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS listener.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Resource limits.
+#[derive(Clone, Debug)]
+pub struct BrokerLimits {
+    /// Most client connections at once; more are refused with "server unavailable".
+    pub max_connections: usize,
+    /// Largest packet accepted (remaining length), bytes.
+    pub max_packet_size: usize,
+    /// Most MQTT 5 user properties per packet.
+    pub max_user_properties: usize,
+    /// Most levels in a topic or filter.
+    pub max_topic_levels: usize,
+    /// Most filters per SUBSCRIBE/UNSUBSCRIBE.
+    pub max_filters_per_packet: usize,
+    /// Time a new connection has to complete TLS and send CONNECT.
+    pub connect_timeout: Duration,
+    /// Time a started packet has to arrive completely.
+    pub frame_timeout: Duration,
+    /// Bytes per segment of a subscription's in-memory log.
+    pub segment_size: usize,
+    /// Segments kept per subscription filter (memory per filter = size × count).
+    pub segment_count: usize,
+    /// Packets read from a connection per batch before the router is notified.
+    pub read_batch: usize,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            max_connections: 1024,
+            max_packet_size: 256 * 1024,
+            max_user_properties: 64,
+            max_topic_levels: 32,
+            max_filters_per_packet: 64,
+            connect_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(30),
+            segment_size: 1024 * 1024,
+            segment_count: 4,
+            read_batch: 100,
+        }
+    }
+}
+
+impl BrokerLimits {
+    pub(crate) fn codec(&self) -> codec::Limits {
+        codec::Limits {
+            max_packet_size: self.max_packet_size,
+            max_user_properties: self.max_user_properties,
+            max_topic_levels: self.max_topic_levels,
+            max_filters_per_packet: self.max_filters_per_packet,
+        }
+    }
+}
+
+/// An operator account (for tools like `mosquitto_sub`): a name and an Argon2id hash.
+#[derive(Clone)]
+pub struct OperatorAccount {
+    name: String,
+    hash: String,
+}
+
+/// Why an account could not be created.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// The `NAME:PASSWORD` text is malformed.
+    #[error("expected NAME:PASSWORD with a non-empty name and password")]
+    Malformed,
+    /// The stored hash is not a PHC string Argon2 can check.
+    #[error("password hash is not a valid Argon2 PHC string")]
+    BadHash,
+    /// Hashing failed.
+    #[error("cannot hash password: {0}")]
+    Hash(String),
+}
+
+impl OperatorAccount {
+    /// An account from a plain password (hashed now with Argon2id).
+    ///
+    /// # Errors
+    /// When hashing fails or name/password are empty.
+    pub fn with_password(name: &str, password: &str) -> Result<Self, AccountError> {
+        if name.is_empty() || password.is_empty() {
+            return Err(AccountError::Malformed);
+        }
+        let hash = Argon2::default()
+            .hash_password(password.as_bytes())
+            .map_err(|e| AccountError::Hash(e.to_string()))?
+            .to_string();
+        Ok(OperatorAccount {
+            name: name.to_owned(),
+            hash,
+        })
+    }
+
+    /// An account from `NAME:PASSWORD` (the `--user` flag).
+    ///
+    /// # Errors
+    /// When the text is malformed.
+    pub fn parse_flag(text: &str) -> Result<Self, AccountError> {
+        let (name, password) = text.split_once(':').ok_or(AccountError::Malformed)?;
+        OperatorAccount::with_password(name, password)
+    }
+
+    /// An account from a stored Argon2 PHC hash (`$argon2id$v=19$...`).
+    ///
+    /// # Errors
+    /// When the hash does not parse.
+    pub fn with_hash(name: &str, hash: &str) -> Result<Self, AccountError> {
+        PasswordHash::new(hash).map_err(|_| AccountError::BadHash)?;
+        if name.is_empty() {
+            return Err(AccountError::Malformed);
+        }
+        Ok(OperatorAccount {
+            name: name.to_owned(),
+            hash: hash.to_owned(),
+        })
+    }
+
+    /// The account name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The PHC hash (safe to store; not the password).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Checks a password (slow by design: call it off the async executor).
+    pub fn verify(&self, password: &[u8]) -> bool {
+        Argon2::default()
+            .verify_password(password, self.hash.as_str())
+            .is_ok()
+    }
+}
+
+impl fmt::Debug for OperatorAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OperatorAccount")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole broker configuration.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerConfig {
+    /// Listening sockets (at least one).
+    pub listeners: Vec<ListenerConfig>,
+    /// Limits.
+    pub limits: BrokerLimits,
+    /// Accept clients without a user name. Off unless the operator turns it on.
+    pub allow_anonymous: bool,
+    /// Operator accounts.
+    pub operators: Vec<OperatorAccount>,
+}
+
+impl BrokerConfig {
+    /// A plain MQTT 3.1.1 listener and an MQTT 5 listener on the given addresses.
+    pub fn plain(v4: SocketAddr, v5: Option<SocketAddr>) -> Self {
+        let mut listeners = vec![ListenerConfig {
+            name: "v4".into(),
+            addr: v4,
+            version: Version::V311,
+            tls: None,
+        }];
+        if let Some(a) = v5 {
+            listeners.push(ListenerConfig {
+                name: "v5".into(),
+                addr: a,
+                version: Version::V5,
+                tls: None,
+            });
+        }
+        BrokerConfig {
+            listeners,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_accounts() {
+        let a = OperatorAccount::parse_flag("ops:s3cret:with:colons").expect("account");
+        assert_eq!(a.name(), "ops");
+        assert!(a.verify(b"s3cret:with:colons"));
+        assert!(!a.verify(b"s3cret"));
+        assert!(!format!("{a:?}").contains("argon2"), "no hash in Debug");
+        let b = OperatorAccount::with_hash("ops", a.hash()).expect("from hash");
+        assert!(b.verify(b"s3cret:with:colons"));
+        assert_eq!(
+            OperatorAccount::parse_flag("nopassword").err(),
+            Some(AccountError::Malformed)
+        );
+        assert_eq!(
+            OperatorAccount::parse_flag(":x").err(),
+            Some(AccountError::Malformed)
+        );
+        assert_eq!(
+            OperatorAccount::with_hash("ops", "plaintext").err(),
+            Some(AccountError::BadHash)
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! The front door: one task per client connection.
+//!
+//! 1. TLS handshake (if the listener has TLS) and the CONNECT, both under the connect
+//!    timeout (a stalled client costs one task, never the accept loop).
+//! 2. Version, client id and credentials are checked; a refusal gets the CONNACK code the
+//!    spec defines (rumqttd would drop the socket without one).
+//! 3. A loopback connection to rumqttd is opened and the CONNECT forwarded with the
+//!    internal credential in place of the client's.
+//! 4. Both directions are pumped. Every packet from the client is framed and validated
+//!    before it is forwarded; a violation closes the connection (MQTT 5: after a
+//!    DISCONNECT with the reason code) and rumqttd then publishes the client's will, as the
+//!    spec requires for a server-side close.
+//!
+//! A client that goes away without DISCONNECT makes us close the internal connection the
+//! same way, so its will is published.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{self, Checked, ConnectError, Frame, Refusal, Version, Violation};
+use crate::inner::INTERNAL_USER;
+use crate::{Shared, Stats};
+
+/// Keep alive given to rumqttd when the client asked for none (rumqttd refuses 0).
+const KEEP_ALIVE_OFF: u16 = u16::MAX;
+
+/// Why a connection ended (for logs and stats).
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientDisconnected,
+    BrokerClosed,
+    Shutdown,
+    Violation(Violation),
+    Io(std::io::Error),
+    FrameTimeout,
+}
+
+/// Reads until one complete frame is buffered; `Ok(None)` on a clean EOF before any byte.
+async fn read_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<Frame>, Result<Violation, std::io::Error>> {
+    loop {
+        match codec::peek_frame(buf, max_packet_size) {
+            Err(v) => return Err(Ok(v)),
+            Ok(Some(f)) if buf.len() >= f.len() => return Ok(Some(f)),
+            Ok(f) => {
+                let want = f.map_or(64, |f| f.len() - buf.len());
+                buf.reserve(want.min(64 * 1024));
+                match s.read_buf(buf).await {
+                    Ok(0) if buf.is_empty() => return Ok(None),
+                    Ok(0) => {
+                        return Err(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a packet",
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(Err(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Serves one accepted client connection to its end.
+pub(crate) async fn serve<S>(
+    mut client: S,
+    peer: SocketAddr,
+    listener_version: Version,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let stats = &shared.stats;
+    let limits = shared.limits.codec();
+    let mut inbuf = BytesMut::with_capacity(512);
+
+    // 1. CONNECT under the connect timeout.
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = timeout(shared.limits.connect_timeout, read_frame(&mut client, &mut inbuf, limits.max_packet_size)) => r,
+    };
+    let frame = match first {
+        Err(_) => {
+            stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return,
+        Ok(Err(Ok(v))) => {
+            stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, violation = %v, "refused: bad first packet");
+            return;
+        }
+        Ok(Err(Err(e))) => {
+            tracing::debug!(%peer, error = %e, "connection failed before CONNECT");
+            return;
+        }
+    };
+    let frame_bytes = inbuf.split_to(frame.len());
+    let connect = match codec::decode_connect(&frame, &frame_bytes[frame.header_len..], &limits) {
+        Ok(c) => c,
+        Err(ConnectError::NotConnect) => {
+            stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, kind = ?frame.kind, "refused: first packet is not CONNECT");
+            return;
+        }
+        Err(ConnectError::UnsupportedVersion(level)) => {
+            stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, level, "refused: unsupported protocol level");
+            let v = if level >= codec::LEVEL_V5 {
+                Version::V5
+            } else {
+                Version::V311
+            };
+            let _ = client
+                .write_all(&codec::connack_refusal(v, Refusal::UnsupportedVersion))
+                .await;
+            return;
+        }
+        Err(ConnectError::Invalid(v)) => {
+            stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, violation = %v, "refused: malformed CONNECT");
+            if listener_version == Version::V5 {
+                let _ = client
+                    .write_all(&codec::connack_refusal(Version::V5, Refusal::Malformed))
+                    .await;
+            }
+            return;
+        }
+    };
+    if connect.version != listener_version {
+        stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%peer, client_version = %connect.version, listener = %listener_version, "refused: protocol version not served on this listener");
+        let _ = client
+            .write_all(&codec::connack_refusal(
+                connect.version,
+                Refusal::UnsupportedVersion,
+            ))
+            .await;
+        return;
+    }
+
+    // 2. Who is it?
+    let admitted = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = timeout(shared.limits.connect_timeout, shared.gate.admit(&connect, peer)) => r,
+    };
+    let principal = match admitted {
+        Ok(Ok(p)) => p,
+        Ok(Err(refusal)) => {
+            stats.refused_auth.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, client_id = %connect.client_id, user = ?connect.username, ?refusal, "refused connection");
+            let _ = client
+                .write_all(&codec::connack_refusal(connect.version, refusal))
+                .await;
+            return;
+        }
+        Err(_) => {
+            stats.refused_auth.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client_id = %connect.client_id, "credential check timed out");
+            let _ = client
+                .write_all(&codec::connack_refusal(
+                    connect.version,
+                    Refusal::ServerUnavailable,
+                ))
+                .await;
+            return;
+        }
+    };
+
+    // 3. Hand over to rumqttd with the internal credential.
+    let internal_addr = match connect.version {
+        Version::V311 => shared.inner_v4,
+        Version::V5 => shared.inner_v5,
+    };
+    let mut internal = match timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect(internal_addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        _ => {
+            tracing::error!(%peer, "embedded broker unreachable");
+            let _ = client
+                .write_all(&codec::connack_refusal(
+                    connect.version,
+                    Refusal::ServerUnavailable,
+                ))
+                .await;
+            return;
+        }
+    };
+    let _ = internal.set_nodelay(true);
+    let mut forwarded = connect.clone();
+    forwarded.username = Some(INTERNAL_USER.to_owned());
+    forwarded.password = Some(shared.secret.as_bytes().to_vec());
+    if let Some(w) = forwarded.will.as_mut() {
+        // Will properties would reach subscribers as publish properties, which crash
+        // rumqttd's MQTT 3.1.1 connections (see `forward_v5_publish`).
+        w.properties.clear();
+    }
+    if forwarded.keep_alive == 0 {
+        forwarded.keep_alive = KEEP_ALIVE_OFF;
+    }
+    if let Err(e) = internal.write_all(&forwarded.encode()).await {
+        tracing::error!(%peer, error = %e, "embedded broker refused the connection");
+        return;
+    }
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, client_id = %connect.client_id, ?principal, version = %connect.version, "client connected");
+
+    // 4. Pump.
+    let end = pump(
+        &mut client,
+        internal,
+        &mut inbuf,
+        connect.version,
+        &shared,
+        &cancel,
+    )
+    .await;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    match &end {
+        End::Violation(v) => {
+            stats.violations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, client_id = %connect.client_id, violation = %v, "closed a client that broke the protocol");
+            if connect.version == Version::V5 {
+                let _ = client
+                    .write_all(&codec::disconnect_v5(v.reason_code()))
+                    .await;
+            }
+        }
+        End::FrameTimeout => {
+            stats.violations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, client_id = %connect.client_id, "closed a client that stalled inside a packet");
+        }
+        End::Shutdown if connect.version == Version::V5 => {
+            // 0x8B: server shutting down.
+            let _ = client.write_all(&codec::disconnect_v5(0x8B)).await;
+        }
+        End::Io(e) => {
+            tracing::debug!(%peer, client_id = %connect.client_id, error = %e, "client connection failed")
+        }
+        other => {
+            tracing::debug!(%peer, client_id = %connect.client_id, end = ?other, "client connection ended")
+        }
+    }
+    let _ = client.shutdown().await;
+}
+
+async fn pump<S>(
+    client: &mut S,
+    internal: TcpStream,
+    inbuf: &mut BytesMut,
+    version: Version,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let limits = shared.limits.codec();
+    let stats: &Stats = &shared.stats;
+    let (mut ir, mut iw) = internal.into_split();
+    let mut out = vec![0u8; 4096];
+    let mut batch: Vec<u8> = Vec::new();
+    let mut partial_since: Option<Instant> = None;
+    let mut saw_disconnect = false;
+    let mut aliases = Aliases::default();
+    loop {
+        // Validate every complete frame already buffered; forward them in one write.
+        loop {
+            let f = match codec::peek_frame(inbuf, limits.max_packet_size) {
+                Err(v) => return End::Violation(v),
+                Ok(Some(f)) if inbuf.len() >= f.len() => f,
+                Ok(_) => break,
+            };
+            let frame = inbuf.split_to(f.len());
+            stats.packets_in.fetch_add(1, Ordering::Relaxed);
+            match codec::check_client_packet(&f, &frame[f.header_len..], version, &limits) {
+                Ok(Checked::Forward)
+                    if version == Version::V5 && f.kind == codec::PacketType::Publish =>
+                {
+                    if let Err(v) =
+                        forward_v5_publish(&f, &frame, &mut aliases, &limits, &mut batch)
+                    {
+                        return End::Violation(v);
+                    }
+                }
+                Ok(Checked::Forward) => batch.extend_from_slice(&frame),
+                Ok(Checked::Disconnect) => {
+                    batch.extend_from_slice(&frame);
+                    saw_disconnect = true;
+                }
+                Err(v) => return End::Violation(v),
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = iw.write_all(&batch).await {
+                return End::Io(e);
+            }
+            batch.clear();
+            if batch.capacity() > 64 * 1024 {
+                batch.shrink_to(4096);
+            }
+        }
+        if saw_disconnect {
+            // The client said goodbye; rumqttd drops its will on DISCONNECT. Let it see EOF.
+            let _ = iw.shutdown().await;
+            return End::ClientDisconnected;
+        }
+        partial_since = match (inbuf.is_empty(), partial_since) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, since) => since,
+        };
+        let deadline = partial_since.map(|t| t + shared.limits.frame_timeout);
+        if inbuf.capacity() - inbuf.len() < 512 {
+            let want = codec::peek_frame(inbuf, limits.max_packet_size)
+                .ok()
+                .flatten()
+                .map_or(4096, |f| f.len().saturating_sub(inbuf.len()).max(512));
+            inbuf.reserve(want.min(64 * 1024));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return End::Shutdown,
+            r = client.read_buf(inbuf) => match r {
+                Ok(0) => return End::ClientClosed,
+                Ok(_) => {}
+                Err(e) => return End::Io(e),
+            },
+            r = ir.read(&mut out) => match r {
+                Ok(0) => return End::BrokerClosed,
+                Ok(n) => {
+                    if let Err(e) = client.write_all(&out[..n]).await {
+                        return End::Io(e);
+                    }
+                }
+                Err(e) => return End::Io(e),
+            },
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                return End::FrameTimeout;
+            }
+        }
+    }
+}
+
+/// Most bytes of topic names a connection may bind to aliases.
+const MAX_ALIAS_BYTES: usize = 64 * 1024;
+
+/// The client's topic aliases (MQTT 5), resolved here.
+#[derive(Default)]
+struct Aliases {
+    map: std::collections::HashMap<u16, String>,
+    bytes: usize,
+}
+
+/// Forwards an MQTT 5 PUBLISH. One carrying properties is re-encoded without them, its
+/// topic alias resolved: rumqttd 0.20 hits `unreachable!()` and kills the connection of
+/// every MQTT 3.1.1 subscriber that receives a publish with properties, so they must not
+/// reach it. MQTT 5 subscribers therefore do not see publishers' properties.
+fn forward_v5_publish(
+    f: &Frame,
+    frame: &[u8],
+    aliases: &mut Aliases,
+    limits: &codec::Limits,
+    out: &mut Vec<u8>,
+) -> Result<(), Violation> {
+    let parts = codec::split_publish_v5(f, &frame[f.header_len..], limits)?;
+    if !parts.has_properties {
+        out.extend_from_slice(frame);
+        return Ok(());
+    }
+    let topic: String = match (parts.topic.is_empty(), parts.alias) {
+        (false, Some(a)) => {
+            let new = parts.topic.len();
+            let old = aliases.map.get(&a).map_or(0, String::len);
+            if aliases.bytes - old + new > MAX_ALIAS_BYTES {
+                return Err(Violation::Quota("topic alias table too large"));
+            }
+            aliases.bytes = aliases.bytes - old + new;
+            aliases.map.insert(a, parts.topic.to_owned());
+            parts.topic.to_owned()
+        }
+        (true, Some(a)) => aliases
+            .map
+            .get(&a)
+            .cloned()
+            .ok_or(Violation::Protocol("unknown topic alias"))?,
+        (false, None) => parts.topic.to_owned(),
+        (true, None) => return Err(Violation::TopicNameInvalid("empty topic")),
+    };
+    out.extend_from_slice(&codec::encode_publish_v5(
+        frame[0],
+        &topic,
+        parts.packet_id,
+        parts.payload,
+    ));
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! `pdsno broker`: the embedded broker alone (lab use, tests, and tools).
+//!
+//! Prints one line per bound listener (`listening v4 mqtt 127.0.0.1:1883`) and then
+//! `ready`, so scripts can wait for readiness and read ports chosen with `:0`. Stops on
+//! SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use pdsno_broker::{
+    BrokerConfig, EmbeddedBroker, ListenerConfig, OperatorAccount, TlsFiles, Version,
+};
+
+/// `pdsno broker` arguments.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// MQTT 3.1.1 listener address.
+    #[arg(
+        long,
+        env = "PDSNO_LISTEN_MQTT",
+        default_value = "127.0.0.1:1883",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// MQTT 5 listener address (none unless given).
+    #[arg(long, env = "PDSNO_LISTEN_MQTT_V5", value_name = "ADDR")]
+    pub listen_v5: Option<SocketAddr>,
+    /// MQTT 3.1.1 over TLS listener address (needs --tls-cert and --tls-key).
+    #[arg(long, env = "PDSNO_LISTEN_MQTT_TLS", value_name = "ADDR")]
+    pub listen_tls: Option<SocketAddr>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "PDSNO_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "PDSNO_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Operator account NAME:PASSWORD (repeatable).
+    #[arg(long = "user", value_name = "NAME:PASSWORD")]
+    pub users: Vec<String>,
+    /// Accept clients without credentials (off by default).
+    #[arg(long, env = "PDSNO_MQTT_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+    /// Most client connections at once.
+    #[arg(long, env = "PDSNO_MQTT_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, bytes.
+    #[arg(long, env = "PDSNO_MQTT_MAX_PACKET", default_value_t = 256 * 1024)]
+    pub max_packet_size: usize,
+    /// Seconds a started packet may take to arrive completely.
+    #[arg(long, env = "PDSNO_MQTT_FRAME_TIMEOUT", default_value_t = 30)]
+    pub frame_timeout_secs: u64,
+}
+
+impl BrokerArgs {
+    /// The broker configuration these flags describe.
+    ///
+    /// # Errors
+    /// Inconsistent flags or malformed accounts.
+    pub fn to_config(&self) -> Result<BrokerConfig, String> {
+        let mut cfg = BrokerConfig::plain(self.listen, self.listen_v5);
+        if let Some(addr) = self.listen_tls {
+            let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+                return Err("--listen-tls needs --tls-cert and --tls-key".into());
+            };
+            cfg.listeners.push(ListenerConfig {
+                name: "tls".into(),
+                addr,
+                version: Version::V311,
+                tls: Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+            });
+        }
+        for u in &self.users {
+            cfg.operators
+                .push(OperatorAccount::parse_flag(u).map_err(|e| format!("--user: {e}"))?);
+        }
+        cfg.allow_anonymous = self.allow_anonymous;
+        cfg.limits.max_connections = self.max_connections.max(1);
+        cfg.limits.max_packet_size = self.max_packet_size.max(1024);
+        cfg.limits.frame_timeout = std::time::Duration::from_secs(self.frame_timeout_secs.max(1));
+        Ok(cfg)
+    }
+}
+
+/// Runs `pdsno broker` until a signal arrives.
+pub fn run(args: &BrokerArgs) -> ExitCode {
+    crate::logging::init();
+    let cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.operators.is_empty() && !cfg.allow_anonymous {
+        eprintln!("warning: no --user and no --allow-anonymous: every client will be refused");
+    }
+    crate::runtime::block_on(async move {
+        let broker = match EmbeddedBroker::start(cfg, None).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        for l in broker.listeners() {
+            let scheme = if l.tls { "mqtts" } else { "mqtt" };
+            let name = match l.version {
+                Version::V311 => "v4",
+                Version::V5 => "v5",
+            };
+            println!("listening {name} {scheme} {}", l.addr);
+        }
+        println!("ready");
+        crate::runtime::shutdown_signal().await;
+        tracing::info!("stopping the broker");
+        broker.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,46 @@
+//! The tokio runtime and process signals.
+
+use std::future::Future;
+
+/// Runs `f` on a multi-threaded runtime (worker count from `PDSNO_WORKER_THREADS`, else
+/// the number of CPUs).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name("pdsno");
+    if let Some(n) = std::env::var("PDSNO_WORKER_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        b.worker_threads(n.max(1));
+    }
+    match b.build() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
