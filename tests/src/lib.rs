@@ -1,1 +1,353 @@
-//! Test kit for end-to-end tests.
+//! Test kit: builds and spawns real `pdsno` processes (and Mosquitto) on free loopback
+//! ports, waits for readiness by reading what they print, and cleans up on drop.
+//!
+//! Tests never sleep for readiness and never use fixed ports.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of the `pdsno` program under test: `$PDSNO_BIN` if set (to test an installed
+/// binary), else `pdsno-e2e`, which Cargo builds from this package (always the current code,
+/// with the test build's features) next to the test executables' `deps/` folder.
+///
+/// # Panics
+/// When the binary cannot be found.
+pub fn pdsno_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PDSNO_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("pdsno-e2e");
+    assert!(
+        bin.exists(),
+        "{} not built (run the tests through cargo)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS will not hand it out again
+/// immediately).
+///
+/// # Panics
+/// When no port can be bound.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Lines a child printed, shared with the reader thread.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A spawned process whose stdout lines are collected and whose stderr goes to a file.
+pub struct Proc {
+    child: Child,
+    out: Arc<Lines>,
+    stderr_file: tempfile::NamedTempFile,
+    /// A name for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Spawns `pdsno` with `args` and extra environment.
+    ///
+    /// # Panics
+    /// When the process cannot be spawned.
+    pub fn pdsno(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(name, &pdsno_bin(), args, env)
+    }
+
+    /// Spawns any program.
+    ///
+    /// # Panics
+    /// When the process cannot be spawned.
+    pub fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let stderr_file = tempfile::NamedTempFile::new().expect("temp file");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr_file.reopen().expect("reopen")));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("PDSNO_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let out = Arc::new(Lines::default());
+        if let Some(stdout) = child.stdout.take() {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let mut g = out
+                        .lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    g.push(line);
+                    out.changed.notify_all();
+                }
+            });
+        }
+        Proc {
+            child,
+            out,
+            stderr_file,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Waits until a printed line satisfies `pred`; returns it.
+    ///
+    /// # Panics
+    /// On timeout or if the process exits first (with its stderr in the message).
+    pub fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut g = self
+            .out
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(l) = g.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(g);
+                panic!(
+                    "{}: expected line not printed within {timeout:?}\nstdout: {:?}\nstderr:\n{}",
+                    self.name,
+                    self.lines(),
+                    self.stderr()
+                );
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                drop(g);
+                panic!(
+                    "{} exited ({status}) before printing the expected line\nstdout: {:?}\nstderr:\n{}",
+                    self.name,
+                    self.lines(),
+                    self.stderr()
+                );
+            }
+            let (ng, _) = self
+                .out
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            g = ng;
+        }
+    }
+
+    /// Every stdout line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.out
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Parses `listening NAME SCHEME ADDR` lines printed by `pdsno broker`.
+pub fn listening_addr(line: &str) -> SocketAddr {
+    line.rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// A `pdsno broker` process.
+pub struct BrokerProc {
+    /// The process.
+    pub proc: Proc,
+    /// MQTT 3.1.1 listener.
+    pub v4: SocketAddr,
+    /// MQTT 5 listener, if asked for.
+    pub v5: Option<SocketAddr>,
+}
+
+/// Operator account used by tests.
+pub const OPS_USER: &str = "ops";
+/// Its password.
+pub const OPS_PASSWORD: &str = "ops-password-for-tests";
+
+impl BrokerProc {
+    /// Starts `pdsno broker` on free ports (v4 and v5) with the test operator account and
+    /// `extra` flags; returns once it printed `ready`.
+    pub fn start(extra: &[&str]) -> BrokerProc {
+        BrokerProc::start_on("127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    /// As [`BrokerProc::start`] on given addresses (to restart on the same ports).
+    pub fn start_on(v4: &str, v5: &str, extra: &[&str]) -> BrokerProc {
+        let user = format!("{OPS_USER}:{OPS_PASSWORD}");
+        let mut args = vec!["broker", "--listen", v4, "--listen-v5", v5, "--user", &user];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::pdsno("pdsno broker", &args, &[]);
+        proc.wait_line(Duration::from_secs(30), |l| l == "ready");
+        let lines = proc.lines();
+        let find = |p: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(p))
+                .map(|l| listening_addr(l))
+        };
+        let v4 =
+            find("listening v4 mqtt ").unwrap_or_else(|| panic!("no v4 listener in {lines:?}"));
+        let v5 = find("listening v5 mqtt ");
+        BrokerProc { proc, v4, v5 }
+    }
+}
+
+/// A Mosquitto broker on a free port, anonymous access on.
+pub struct Mosquitto {
+    /// The process.
+    pub proc: Proc,
+    /// Its address.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` on `port` (0: a free one) and waits until it accepts TCP.
+    ///
+    /// # Panics
+    /// When Mosquitto is not installed (`.ci/run` installs it) or does not come up.
+    pub fn start(port: u16) -> Mosquitto {
+        let port = if port == 0 { free_port() } else { port };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"))
+            .expect("write conf");
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+        let proc = Proc::spawn(
+            "mosquitto",
+            &bin,
+            &["-c", conf.to_str().unwrap_or_default()],
+            &[],
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        wait_tcp(addr, Duration::from_secs(10));
+        Mosquitto {
+            proc,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+/// Waits until `addr` accepts a TCP connection.
+///
+/// # Panics
+/// On timeout.
+pub fn wait_tcp(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{addr} did not accept connections within {timeout:?}");
+}
+
+/// Runs a command to completion, returning (exit code, stdout, stderr).
+///
+/// # Panics
+/// When the program cannot be started.
+pub fn run(program: &str, args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

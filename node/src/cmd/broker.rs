@@ -49,8 +49,21 @@ pub struct BrokerArgs {
     #[arg(long, env = "PDSNO_MQTT_MAX_PACKET", default_value_t = 256 * 1024)]
     pub max_packet_size: usize,
     /// Seconds a started packet may take to arrive completely.
-    #[arg(long, env = "PDSNO_MQTT_FRAME_TIMEOUT", default_value_t = 30)]
+    #[arg(
+        long = "frame-timeout",
+        env = "PDSNO_MQTT_FRAME_TIMEOUT",
+        default_value_t = 30,
+        value_name = "SECS"
+    )]
     pub frame_timeout_secs: u64,
+    /// Seconds a new connection has to finish TLS and send CONNECT.
+    #[arg(
+        long = "connect-timeout",
+        env = "PDSNO_MQTT_CONNECT_TIMEOUT",
+        default_value_t = 10,
+        value_name = "SECS"
+    )]
+    pub connect_timeout_secs: u64,
 }
 
 impl BrokerArgs {
@@ -82,6 +95,8 @@ impl BrokerArgs {
         cfg.limits.max_connections = self.max_connections.max(1);
         cfg.limits.max_packet_size = self.max_packet_size.max(1024);
         cfg.limits.frame_timeout = std::time::Duration::from_secs(self.frame_timeout_secs.max(1));
+        cfg.limits.connect_timeout =
+            std::time::Duration::from_secs(self.connect_timeout_secs.max(1));
         Ok(cfg)
     }
 }

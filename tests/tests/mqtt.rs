@@ -1,0 +1,590 @@
+//! The embedded broker and the node's MQTT client over real sockets: QoS levels, retained
+//! messages, last wills, authentication, interop with Mosquitto (its clients against our
+//! broker, our client against its broker), and reconnection across a broker restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pdsno_broker::codec::{Connect, Version, Will};
+use pdsno_broker::{BrokerConfig, BrokerHandle, CredentialCheck, EmbeddedBroker, OperatorAccount};
+use pdsno_node::transport::mqtt::{
+    BrokerUrl, LinkState, Message, MqttClient, MqttSettings, PublishError,
+};
+use pdsno_shared::keys::SecretString;
+use pdsno_tests::{BrokerProc, Mosquitto, OPS_PASSWORD, OPS_USER, run};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(10);
+
+/// An in-process broker with the operator account and a credential check accepting
+/// `ctl-1` / `issued-secret` when the client id is the user name.
+async fn embedded() -> BrokerHandle {
+    let mut cfg = BrokerConfig::plain(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some("127.0.0.1:0".parse().expect("addr")),
+    );
+    cfg.operators
+        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
+    let check: CredentialCheck = Arc::new(|req| {
+        Box::pin(async move {
+            req.username == "ctl-1"
+                && req.client_id == "ctl-1"
+                && req.password.as_slice() == b"issued-secret"
+        })
+    });
+    EmbeddedBroker::start(cfg, Some(check))
+        .await
+        .expect("broker starts")
+}
+
+fn settings(addr: SocketAddr, id: &str, user: &str, password: &str) -> MqttSettings {
+    let mut s = MqttSettings::new(
+        BrokerUrl::parse(&format!("mqtt://{addr}")).expect("url"),
+        id,
+    );
+    s.username = Some(user.into());
+    s.password = Some(SecretString::new(password));
+    s.backoff_min = Duration::from_millis(50);
+    s.backoff_max = Duration::from_millis(400);
+    s
+}
+
+async fn connected(s: MqttSettings) -> MqttClient {
+    let (c, _task) = MqttClient::start(s).expect("client");
+    c.wait_connected(T).await.expect("connects");
+    c
+}
+
+async fn recv(rx: &mut mpsc::Receiver<Message>) -> Message {
+    tokio::time::timeout(T, rx.recv())
+        .await
+        .expect("message within timeout")
+        .expect("channel open")
+}
+
+/// Subscribes and proves the subscription is active by echoing a probe through it.
+async fn subscribed(
+    sub: &MqttClient,
+    pubc: &MqttClient,
+    filter: &str,
+    qos: u8,
+    probe_topic: &str,
+) -> mpsc::Receiver<Message> {
+    let mut rx = sub.subscribe(filter, qos).await.expect("subscribe");
+    loop {
+        pubc.publish_confirmed(probe_topic, "probe", 1, false)
+            .await
+            .expect("probe");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            assert_eq!(m.topic, probe_topic);
+            return rx;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_round_trip_and_both_auth_paths() {
+    let broker = embedded().await;
+    let addr = broker.plain_addr(Version::V311).expect("v4");
+    let sub = connected(settings(addr, "ops-sub", OPS_USER, OPS_PASSWORD)).await;
+    let publ = connected(settings(addr, "ctl-1", "ctl-1", "issued-secret")).await;
+    for qos in 0..=2u8 {
+        let topic = format!("pdsno/test/q{qos}");
+        let mut rx = subscribed(&sub, &publ, &topic, qos, &topic).await;
+        let payload = format!("payload at qos {qos}");
+        publ.publish_confirmed(&topic, payload.clone(), qos, false)
+            .await
+            .expect("confirmed");
+        let m = loop {
+            let m = recv(&mut rx).await;
+            if m.payload != "probe" {
+                break m;
+            }
+        };
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..], m.qos),
+            (topic.as_str(), payload.as_bytes(), qos)
+        );
+    }
+    assert!(
+        publ.stats().acked >= 2,
+        "QoS 1 and 2 publishes were acknowledged: {:?}",
+        publ.stats()
+    );
+    assert_eq!(broker.stats().violations, 0);
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_reaches_a_late_subscriber() {
+    let broker = embedded().await;
+    let addr = broker.plain_addr(Version::V311).expect("v4");
+    let publ = connected(settings(addr, "ctl-1", "ctl-1", "issued-secret")).await;
+    publ.publish_confirmed("pdsno/policy/global", "policy v7", 1, true)
+        .await
+        .expect("retained publish");
+    let late = connected(settings(addr, "late", OPS_USER, OPS_PASSWORD)).await;
+    let mut rx = late
+        .subscribe("pdsno/policy/+", 1)
+        .await
+        .expect("subscribe");
+    let m = recv(&mut rx).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.retain),
+        ("pdsno/policy/global", &b"policy v7"[..], true)
+    );
+    broker.shutdown().await;
+}
+
+async fn raw_connect(addr: SocketAddr, c: &Connect) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("tcp");
+    s.write_all(&c.encode()).await.expect("send CONNECT");
+    let mut ack = vec![0u8; 64];
+    let n = tokio::time::timeout(T, s.read(&mut ack))
+        .await
+        .expect("answer")
+        .expect("read");
+    ack.truncate(n);
+    (s, ack)
+}
+
+fn connect_packet(
+    version: Version,
+    id: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    will: Option<Will>,
+) -> Connect {
+    Connect {
+        version,
+        clean: true,
+        keep_alive: 30,
+        properties: Vec::new(),
+        client_id: id.into(),
+        will,
+        username: user.map(Into::into),
+        password: password.map(|p| p.as_bytes().to_vec()),
+        auth_method: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_will_fires_on_abrupt_disconnect_only() {
+    let broker = embedded().await;
+    let addr = broker.plain_addr(Version::V311).expect("v4");
+    let watcher = connected(settings(addr, "watcher", OPS_USER, OPS_PASSWORD)).await;
+    let probe = connected(settings(addr, "prober", OPS_USER, OPS_PASSWORD)).await;
+    let mut rx = subscribed(&watcher, &probe, "pdsno/status/+", 1, "pdsno/status/probe").await;
+    let will = |who: &str| Will {
+        properties: vec![],
+        topic: format!("pdsno/status/{who}"),
+        payload: b"offline".to_vec(),
+        qos: 1,
+        retain: false,
+    };
+
+    // A clean DISCONNECT: no will.
+    let (mut polite, ack) = raw_connect(
+        addr,
+        &connect_packet(
+            Version::V311,
+            "polite",
+            Some(OPS_USER),
+            Some(OPS_PASSWORD),
+            Some(will("polite")),
+        ),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    polite.write_all(&[0xE0, 0x00]).await.expect("DISCONNECT");
+    drop(polite);
+    // An abrupt close: the will.
+    let (abrupt, ack) = raw_connect(
+        addr,
+        &connect_packet(
+            Version::V311,
+            "abrupt",
+            Some(OPS_USER),
+            Some(OPS_PASSWORD),
+            Some(will("abrupt")),
+        ),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    drop(abrupt);
+    let m = recv(&mut rx).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("pdsno/status/abrupt", &b"offline"[..]),
+        "only the abrupt client's will"
+    );
+    // Nothing from the polite one even after a while.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err()
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_anonymous_are_refused_with_connack_codes() {
+    let broker = embedded().await;
+    let v4 = broker.plain_addr(Version::V311).expect("v4");
+    let v5 = broker.plain_addr(Version::V5).expect("v5");
+    let cases = [
+        (
+            v4,
+            connect_packet(Version::V311, "x", Some(OPS_USER), Some("wrong"), None),
+            vec![0x20, 0x02, 0x00, 0x04],
+        ),
+        (
+            v4,
+            connect_packet(Version::V311, "x", None, None, None),
+            vec![0x20, 0x02, 0x00, 0x05],
+        ),
+        (
+            v4,
+            connect_packet(Version::V311, "ctl-1", Some("ctl-1"), Some("guess"), None),
+            vec![0x20, 0x02, 0x00, 0x04],
+        ),
+        (
+            v4,
+            connect_packet(
+                Version::V311,
+                "not-ctl-1",
+                Some("ctl-1"),
+                Some("issued-secret"),
+                None,
+            ),
+            vec![0x20, 0x02, 0x00, 0x04],
+        ),
+        (
+            v5,
+            connect_packet(Version::V5, "x", Some(OPS_USER), Some("wrong"), None),
+            vec![0x20, 0x03, 0x00, 0x86, 0x00],
+        ),
+        (
+            v5,
+            connect_packet(Version::V5, "x", None, None, None),
+            vec![0x20, 0x03, 0x00, 0x87, 0x00],
+        ),
+    ];
+    for (addr, c, want) in cases {
+        let (mut s, ack) = raw_connect(addr, &c).await;
+        assert_eq!(ack, want, "{c:?}");
+        let mut rest = [0u8; 8];
+        let n = tokio::time::timeout(T, s.read(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "connection closed after the refusal");
+    }
+    // Our client reports the refusal and keeps retrying with backoff.
+    let (bad, _task) =
+        MqttClient::start(settings(v4, "ops-bad", OPS_USER, "wrong")).expect("client");
+    assert!(
+        bad.wait_connected(Duration::from_millis(800))
+            .await
+            .is_err()
+    );
+    assert!(bad.stats().connection_errors >= 1);
+    assert!(broker.stats().refused_auth >= 5);
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_against_our_broker_v311_and_v5() {
+    let broker = BrokerProc::start(&[]);
+    let v4 = broker.v4.port().to_string();
+    let v5 = broker.v5.expect("v5").port().to_string();
+    let sub = |port: &str, v5: bool, topic: &str| {
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-u",
+            OPS_USER,
+            "-P",
+            OPS_PASSWORD,
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ];
+        if v5 {
+            args.extend_from_slice(&["-V", "5"]);
+        }
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for (port, v5flag) in [(v4.as_str(), false), (v5.as_str(), true)] {
+        let topic = format!("pdsno/interop/{}", if v5flag { "v5" } else { "v311" });
+        let args = sub(port, v5flag, &topic);
+        let handle = std::thread::spawn(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("mosquitto_sub", &a, Duration::from_secs(15))
+        });
+        // Retry publishing until the subscriber is attached (it prints on first message).
+        let mut got = None;
+        for _ in 0..100 {
+            let mut args = vec![
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-u",
+                OPS_USER,
+                "-P",
+                OPS_PASSWORD,
+                "-t",
+                &topic,
+                "-m",
+                "hello",
+                "-q",
+                "1",
+            ];
+            if v5flag {
+                args.extend_from_slice(&["-V", "5", "-D", "publish", "user-property", "k", "v"]);
+            }
+            let (code, _, err) = run("mosquitto_pub", &args, T);
+            assert_eq!(code, Some(0), "mosquitto_pub failed: {err}");
+            if handle.is_finished() {
+                got = Some(handle.join().expect("sub thread"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (code, out, err) = got.expect("mosquitto_sub received a message");
+        assert_eq!(code, Some(0), "mosquitto_sub: {err}");
+        assert_eq!(out.trim(), format!("{topic} hello"));
+    }
+    // A v5 publish with properties must not disturb a v3.1.1 subscriber (rumqttd alone
+    // would panic that subscriber's connection).
+    let args = sub(&v4, false, "pdsno/mixed");
+    let handle = std::thread::spawn(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("mosquitto_sub", &a, Duration::from_secs(15))
+    });
+    for _ in 0..100 {
+        run(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &v5,
+                "-V",
+                "5",
+                "-u",
+                OPS_USER,
+                "-P",
+                OPS_PASSWORD,
+                "-t",
+                "pdsno/mixed",
+                "-m",
+                "from-v5",
+                "-D",
+                "publish",
+                "user-property",
+                "a",
+                "b",
+                "-D",
+                "publish",
+                "message-expiry-interval",
+                "60",
+            ],
+            T,
+        );
+        if handle.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out, _) = handle.join().expect("sub thread");
+    assert_eq!((code, out.trim()), (Some(0), "pdsno/mixed from-v5"));
+    // Wrong credentials and anonymity, as the operator sees them.
+    let (code, _, err) = run(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &v4,
+            "-u",
+            OPS_USER,
+            "-P",
+            "nope",
+            "-t",
+            "a",
+            "-m",
+            "x",
+        ],
+        T,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("bad user name or password"), "{err}");
+    let (code, _, err) = run(
+        "mosquitto_pub",
+        &["-h", "127.0.0.1", "-p", &v4, "-t", "a", "-m", "x"],
+        T,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not authorised"), "{err}");
+    let mut broker = broker;
+    assert!(broker.proc.is_alive());
+    assert!(
+        !broker.proc.stderr().contains("panicked"),
+        "{}",
+        broker.proc.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_against_a_real_mosquitto() {
+    let mosq = Mosquitto::start(0);
+    let mut s = MqttSettings::new(
+        BrokerUrl::parse(&format!("mqtt://{}", mosq.addr)).expect("url"),
+        "pdsno-sub",
+    );
+    s.backoff_min = Duration::from_millis(50);
+    let sub = connected(s).await;
+    let mut p = MqttSettings::new(
+        BrokerUrl::parse(&format!("mqtt://{}", mosq.addr)).expect("url"),
+        "pdsno-pub",
+    );
+    p.will = Some(pdsno_node::transport::mqtt::Will {
+        topic: "pdsno/status/pdsno-pub".into(),
+        payload: "offline".into(),
+        qos: 1,
+        retain: true,
+    });
+    let publ = connected(p).await;
+    let mut rx = subscribed(&sub, &publ, "pdsno/#", 1, "pdsno/probe").await;
+    publ.publish_confirmed(
+        "pdsno/discovery/zone-A/local_cntl_zone-A_1",
+        "report",
+        1,
+        false,
+    )
+    .await
+    .expect("publish");
+    let m = recv(&mut rx).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.qos),
+        (
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1",
+            &b"report"[..],
+            1
+        )
+    );
+    publ.publish_confirmed("pdsno/policy/global", "p1", 1, true)
+        .await
+        .expect("retained");
+    let mut l = MqttSettings::new(
+        BrokerUrl::parse(&format!("mqtt://{}", mosq.addr)).expect("url"),
+        "pdsno-late",
+    );
+    l.backoff_min = Duration::from_millis(50);
+    let late = connected(l).await;
+    let mut lrx = late
+        .subscribe("pdsno/policy/global", 1)
+        .await
+        .expect("subscribe");
+    let m = recv(&mut lrx).await;
+    assert_eq!((&m.payload[..], m.retain), (&b"p1"[..], true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_loses_no_buffered_qos1_message_and_resubscribes() {
+    let mut broker = BrokerProc::start(&[]);
+    let v4 = broker.v4;
+    let v5 = broker.v5.expect("v5");
+    let mut ps = settings(v4, "restart-pub", OPS_USER, OPS_PASSWORD);
+    ps.outbox_limit = 20;
+    let publ = connected(ps).await;
+    let sub = connected(settings(v4, "restart-sub", OPS_USER, OPS_PASSWORD)).await;
+    let mut q0 = subscribed(&sub, &publ, "pdsno/restart/q0", 0, "pdsno/restart/q0").await;
+    let mut q1 = subscribed(&sub, &publ, "pdsno/restart/q1", 1, "pdsno/restart/q1").await;
+
+    broker.proc.kill();
+    for c in [&publ, &sub] {
+        let mut st = c.state();
+        tokio::time::timeout(
+            T,
+            st.wait_for(|s| matches!(s, LinkState::Disconnected { .. })),
+        )
+        .await
+        .expect("noticed")
+        .expect("state");
+    }
+    // Publish while the broker is gone: 20 fit in the outbox, 5 are refused and counted.
+    let mut deliveries = Vec::new();
+    let mut refused = 0;
+    for i in 0..25 {
+        match publ
+            .publish(
+                format!("pdsno/restart/retained/{i}"),
+                format!("m{i}"),
+                1,
+                true,
+            )
+            .await
+        {
+            Ok(d) => deliveries.push((i, d)),
+            Err(PublishError::OutboxFull(20)) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((deliveries.len(), refused), (20, 5));
+    assert_eq!(publ.stats().outbox_overflow, 5);
+
+    // The broker comes back on the same ports; the client reconnects by itself.
+    let _broker2 = BrokerProc::start_on(&v4.to_string(), &v5.to_string(), &[]);
+    for (i, d) in deliveries {
+        tokio::time::timeout(T, d)
+            .await
+            .expect("confirmed in time")
+            .expect("not dropped")
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+    }
+    // Every buffered message reached the broker: a late subscriber sees all 20 retained.
+    let late = connected(settings(v4, "restart-late", OPS_USER, OPS_PASSWORD)).await;
+    let mut lrx = late
+        .subscribe("pdsno/restart/retained/+", 1)
+        .await
+        .expect("subscribe");
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 20 {
+        let m = recv(&mut lrx).await;
+        assert!(m.retain);
+        seen.insert(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    let want: std::collections::BTreeSet<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(seen, want);
+
+    // The old subscriber resubscribed each filter at its own QoS.
+    sub.wait_connected(T).await.expect("subscriber back");
+    for (rx, topic, qos) in [
+        (&mut q0, "pdsno/restart/q0", 0u8),
+        (&mut q1, "pdsno/restart/q1", 1u8),
+    ] {
+        let m = loop {
+            publ.publish_confirmed(topic, "after-restart", 1, false)
+                .await
+                .expect("publish");
+            match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+                Ok(Some(m)) if &m.payload[..] == b"after-restart" => break m,
+                _ => {}
+            }
+        };
+        assert_eq!(m.qos, qos, "{topic} delivered at the subscription's QoS");
+    }
+    assert!(publ.stats().connects >= 2 && sub.stats().connects >= 2);
+}
