@@ -19,12 +19,23 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the global controller (root of trust; embeds the MQTT broker).
+    Global(crate::config::NodeArgs),
+    /// Run a regional controller (admitted by the global controller).
+    Regional(crate::config::NodeArgs),
+    /// Run a local controller (admitted by its regional controller).
+    Local(crate::config::NodeArgs),
+    /// Print a bootstrap token for a new child.
+    Token(cmd::token::TokenArgs),
     /// Sign one JSON envelope read from stdin and print it.
     Sign(cmd::envelope_tools::SignArgs),
     /// Verify one JSON envelope read from stdin: prints OK (exit 0) or the reason (exit 1).
     Verify(cmd::envelope_tools::VerifyArgs),
     /// Run the embedded MQTT broker alone.
     Broker(cmd::broker::BrokerArgs),
+    /// Load generators (numbers for reports).
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 /// Parses `args` and runs the command; returns the process exit code.
@@ -46,8 +57,13 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
     };
     let sub = matches.subcommand().map(|(_, m)| m);
     match cli.command {
+        Command::Global(a) => cmd::tier::run(pdsno_shared::ids::Role::Global, &a),
+        Command::Regional(a) => cmd::tier::run(pdsno_shared::ids::Role::Regional, &a),
+        Command::Local(a) => cmd::tier::run(pdsno_shared::ids::Role::Local, &a),
+        Command::Token(a) => cmd::token::run(&a),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
         Command::Broker(a) => cmd::broker::run(&a),
+        Command::Bench(c) => cmd::bench::run(&c),
     }
 }

@@ -4,9 +4,14 @@
 //! family), [`nib`] (the SQLite state store), [`transport`] (MQTT client; gRPC and REST
 //! follow), [`runtime`] and [`logging`].
 
+pub mod admission;
 pub mod cli;
 pub mod cmd;
+pub mod config;
+pub mod identity;
+pub mod inbound;
 pub mod logging;
 pub mod nib;
+pub mod node;
 pub mod runtime;
 pub mod transport;

@@ -12,8 +12,10 @@ pub fn init() {
         Ok(s) => EnvFilter::new(format!("{s},rumqttd=off")),
         Err(_) => EnvFilter::new("info,rumqttd=off"),
     };
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

@@ -13,6 +13,7 @@
 
 pub mod bootstrap;
 pub mod envelope;
+pub mod grpc;
 pub mod ids;
 pub mod json;
 pub mod keys;

@@ -1,4 +1,7 @@
 //! Subcommand implementations (one file per command family).
 
+pub mod bench;
 pub mod broker;
 pub mod envelope_tools;
+pub mod tier;
+pub mod token;

@@ -8,7 +8,10 @@
 //! losing a committed transaction; only an OS crash or power loss can drop the last
 //! commits. Set `PDSNO_SQLITE_SYNC=FULL` to fsync every commit.
 
+mod controllers;
+mod events;
 mod replay;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -16,7 +19,10 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+pub use controllers::{AdmitError, AdmitRecord, Admitted, Conflict, ControllerRow, token_hash};
+pub use events::{BrokenLink, Event, EventRow, GENESIS_HASH, verify_chain};
 pub use replay::SqliteNonceStore;
+pub use state::StateKey;
 
 /// Errors of the NIB layer.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +38,9 @@ pub enum NibError {
         /// Newest version this build knows.
         known: i64,
     },
+    /// Stored data does not parse.
+    #[error("corrupt data in the NIB: {0}")]
+    Corrupt(String),
     /// The data directory could not be prepared.
     #[error("cannot prepare {path}: {source}")]
     Io {
@@ -51,6 +60,61 @@ const MIGRATIONS: &[&str] = &[
          expires_at INTEGER NOT NULL
      ) WITHOUT ROWID;
      CREATE INDEX replay_nonces_expiry ON replay_nonces(expires_at);",
+    // 2: identity, admitted controllers, tokens, sequences, blocklist, audit events
+    "CREATE TABLE node_state (
+         key     TEXT PRIMARY KEY,
+         value   TEXT NOT NULL,
+         version INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE TABLE controllers (
+         controller_id TEXT PRIMARY KEY,
+         role          TEXT NOT NULL,
+         region        TEXT,
+         status        TEXT NOT NULL DEFAULT 'active',
+         temp_id       TEXT,
+         public_key    TEXT,
+         certificate   TEXT,
+         validated_by  TEXT,
+         validated_at  TEXT,
+         capabilities  TEXT NOT NULL DEFAULT '[]',
+         metadata      TEXT NOT NULL DEFAULT '{}',
+         version       INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX controllers_by_region ON controllers(role, region, status);
+     CREATE TABLE consumed_tokens (
+         token_hash  TEXT PRIMARY KEY,
+         temp_id     TEXT NOT NULL,
+         assigned_id TEXT,
+         consumed_at TEXT NOT NULL
+     );
+     CREATE TABLE id_sequences (
+         kind TEXT PRIMARY KEY,
+         last INTEGER NOT NULL
+     );
+     CREATE TABLE blocklist (
+         subject  TEXT PRIMARY KEY,
+         reason   TEXT NOT NULL,
+         added_at TEXT NOT NULL
+     );
+     CREATE TABLE events (
+         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+         event_id   TEXT NOT NULL UNIQUE,
+         event_type TEXT NOT NULL,
+         actor      TEXT NOT NULL,
+         subject    TEXT,
+         action     TEXT NOT NULL,
+         decision   TEXT,
+         timestamp  TEXT NOT NULL,
+         details    TEXT NOT NULL,
+         prev_hash  TEXT NOT NULL,
+         hash       TEXT NOT NULL,
+         signature  TEXT NOT NULL
+     );
+     CREATE INDEX events_by_type ON events(event_type);
+     CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+         BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+     CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+         BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;",
 ];
 
 /// An open NIB.

@@ -1,3 +1,6 @@
 //! Transports: they own bytes and sockets; tiers see only verified envelopes.
 
+pub mod grpc;
 pub mod mqtt;
+pub mod parent;
+pub mod rest;

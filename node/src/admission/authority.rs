@@ -1,0 +1,588 @@
+//! The parent's side of admission (PROTOCOL.md §3): the GC admits regional controllers,
+//! an RC admits local controllers of its region.
+//!
+//! VALIDATION_REQUEST: freshness (`STALE_TIMESTAMP`, `FUTURE_TIMESTAMP`), blocklist,
+//! bootstrap token (`INVALID_BOOTSTRAP_TOKEN`, `BOOTSTRAP_TOKEN_ALREADY_USED`), then a
+//! single-use 30 s challenge. CHALLENGE_RESPONSE: `UNKNOWN_CHALLENGE`,
+//! `CHALLENGE_EXPIRED`, `TEMP_ID_MISMATCH`, proof of possession (`INVALID_SIGNATURE`), policy
+//! (`CONTROLLER_TYPE_NOT_PERMITTED`, `INVALID_REGION`, `REGION_MISMATCH`,
+//! `CONTROLLER_QUOTA_EXCEEDED`), then one transaction assigns the id, consumes the token and
+//! writes the audit event; a failure there is `ERROR IDENTITY_ASSIGNMENT_FAILED`.
+//!
+//! Pending challenges live in memory (bounded). After use or expiry an entry is kept a
+//! while as a tombstone, so a late response still gets a signed `CHALLENGE_EXPIRED` under
+//! the key the child used.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use pdsno_shared::bootstrap::{admission_key, bootstrap_token, legacy_signed_nonce, token_matches};
+use pdsno_shared::envelope::Envelope;
+use pdsno_shared::ids::{self, Role};
+use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::keys::{HmacKey, IdentityKey, PublicKey, SecretString};
+use pdsno_shared::payload::admission::{
+    Certificate, ChallengeResponse, DelegationCredential, VALIDATE_LOCAL_CONTROLLERS,
+    ValidationRequest, ValidationResult, ValidationStatus,
+};
+use pdsno_shared::time::{Clock, format_iso};
+
+use crate::nib::{AdmitError, AdmitRecord, Event, Nib};
+
+/// Reject codes (PROTOCOL.md §3).
+pub mod reason {
+    /// Envelope timestamp more than 300 s old.
+    pub const STALE_TIMESTAMP: &str = "STALE_TIMESTAMP";
+    /// Envelope timestamp more than 30 s ahead.
+    pub const FUTURE_TIMESTAMP: &str = "FUTURE_TIMESTAMP";
+    /// Temp id or key on the blocklist.
+    pub const BLOCKLISTED: &str = "BLOCKLISTED";
+    /// Token does not match.
+    pub const INVALID_BOOTSTRAP_TOKEN: &str = "INVALID_BOOTSTRAP_TOKEN";
+    /// Token consumed by an earlier admission.
+    pub const BOOTSTRAP_TOKEN_ALREADY_USED: &str = "BOOTSTRAP_TOKEN_ALREADY_USED";
+    /// No such pending challenge.
+    pub const UNKNOWN_CHALLENGE: &str = "UNKNOWN_CHALLENGE";
+    /// Challenge older than 30 s.
+    pub const CHALLENGE_EXPIRED: &str = "CHALLENGE_EXPIRED";
+    /// Response from another temp id than the challenge's.
+    pub const TEMP_ID_MISMATCH: &str = "TEMP_ID_MISMATCH";
+    /// Proof of possession failed.
+    pub const INVALID_SIGNATURE: &str = "INVALID_SIGNATURE";
+    /// This parent does not admit that type.
+    pub const CONTROLLER_TYPE_NOT_PERMITTED: &str = "CONTROLLER_TYPE_NOT_PERMITTED";
+    /// Region unknown or malformed.
+    pub const INVALID_REGION: &str = "INVALID_REGION";
+    /// An RC asked to admit into another region.
+    pub const REGION_MISMATCH: &str = "REGION_MISMATCH";
+    /// Region full.
+    pub const CONTROLLER_QUOTA_EXCEEDED: &str = "CONTROLLER_QUOTA_EXCEEDED";
+    /// The parent failed to record the admission.
+    pub const IDENTITY_ASSIGNMENT_FAILED: &str = "IDENTITY_ASSIGNMENT_FAILED";
+}
+
+/// Policy and secrets of an admitting parent.
+#[derive(Clone, Debug)]
+pub struct AuthorityConfig {
+    /// Child roles this parent admits.
+    pub permitted: Vec<Role>,
+    /// Regions children may ask for (empty: any well-formed region name).
+    pub regions: Vec<String>,
+    /// For an RC: the one region it serves.
+    pub served_region: Option<String>,
+    /// Most active children of one role per region.
+    pub quota_per_region: u64,
+    /// Accept the original's insecure challenge answer (logged each time).
+    pub legacy_compat: bool,
+    /// Temp ids or public keys refused outright.
+    pub blocklist: Vec<String>,
+    /// The secret bootstrap tokens are minted with.
+    pub bootstrap_secret: SecretString,
+    /// Lifetime of issued certificates.
+    pub certificate_validity: Duration,
+    /// Lifetime of a challenge.
+    pub challenge_ttl: Duration,
+    /// Most challenges outstanding at once.
+    pub max_pending: usize,
+}
+
+impl AuthorityConfig {
+    /// Defaults for a parent admitting `permitted` roles.
+    pub fn new(permitted: Vec<Role>, bootstrap_secret: SecretString) -> Self {
+        AuthorityConfig {
+            permitted,
+            regions: Vec::new(),
+            served_region: None,
+            quota_per_region: 10,
+            legacy_compat: false,
+            blocklist: Vec::new(),
+            bootstrap_secret,
+            certificate_validity: Duration::days(90),
+            challenge_ttl: Duration::seconds(30),
+            max_pending: 1024,
+        }
+    }
+}
+
+/// What a regional parent shows its children so they can check it: its certificate and
+/// delegation credential (both signed by the GC) and the GC's key.
+#[derive(Clone, Debug)]
+pub struct IssuerChain {
+    /// The RC's certificate (JSON object).
+    pub certificate: Value,
+    /// The RC's delegation credential (JSON object).
+    pub delegation_credential: Value,
+    /// The GC's public key.
+    pub root_public_key: PublicKey,
+}
+
+/// A request the authority could not even evaluate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    /// The payload is not the message it claims to be.
+    #[error("invalid {kind} payload: {detail}")]
+    BadPayload {
+        /// Message kind.
+        kind: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Too many challenges outstanding.
+    #[error("too many admissions in progress, retry later")]
+    Busy,
+}
+
+/// The answer to a VALIDATION_REQUEST.
+#[derive(Debug)]
+pub enum RequestOutcome {
+    /// A CHALLENGE payload.
+    Challenge(Map),
+    /// A VALIDATION_RESULT payload refusing at once.
+    Refused(Map),
+}
+
+struct Pending {
+    temp_id: String,
+    nonce: [u8; 32],
+    request: ValidationRequest,
+    token: String,
+    expires_at: DateTime<Utc>,
+    admission_key: HmacKey,
+    used: bool,
+}
+
+/// Tombstones are kept this long after a challenge expires.
+const TOMBSTONE: Duration = Duration::minutes(5);
+
+/// The admitting parent.
+pub struct Authority {
+    me: String,
+    cfg: AuthorityConfig,
+    identity: Arc<IdentityKey>,
+    nib: Arc<Nib>,
+    clock: Arc<dyn Clock>,
+    chain: Option<IssuerChain>,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("me", &self.me)
+            .field("permitted", &self.cfg.permitted)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refused(status: ValidationStatus, code: &str) -> Map {
+    pdsno_shared::envelope::typed_to_map(&ValidationResult::refused(status, code))
+        .unwrap_or_default()
+}
+
+fn bad(kind: &'static str, e: impl std::fmt::Display) -> AdmissionError {
+    AdmissionError::BadPayload {
+        kind,
+        detail: e.to_string(),
+    }
+}
+
+impl Authority {
+    /// An authority acting as `me`, signing credentials with `identity`. An RC passes the
+    /// chain its own admission gave it.
+    pub fn new(
+        me: String,
+        cfg: AuthorityConfig,
+        identity: Arc<IdentityKey>,
+        nib: Arc<Nib>,
+        clock: Arc<dyn Clock>,
+        chain: Option<IssuerChain>,
+    ) -> Self {
+        Authority {
+            me,
+            cfg,
+            identity,
+            nib,
+            clock,
+            chain,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The HMAC key an unadmitted child signs with (and our replies use): derived from the
+    /// token it presents (VALIDATION_REQUEST) or from its pending challenge
+    /// (CHALLENGE_RESPONSE). `None` when the message names neither.
+    pub fn admission_key_for(&self, env: &Envelope) -> Option<HmacKey> {
+        use pdsno_shared::envelope::MessageType as T;
+        match env.message_type {
+            T::ValidationRequest => env
+                .payload
+                .get("bootstrap_token")
+                .and_then(Value::as_str)
+                .map(admission_key),
+            T::ChallengeResponse => {
+                let id = env.payload.get("challenge_id")?.as_str()?;
+                self.pending().get(id).map(|p| p.admission_key.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn audit_refusal(&self, temp_id: &str, code: &str, now: DateTime<Utc>) {
+        let mut details = Map::new();
+        details.insert("temp_id".into(), temp_id.into());
+        details.insert("reason".into(), code.into());
+        let ev = Event {
+            event_type: "VALIDATION_REJECTED".into(),
+            actor: self.me.clone(),
+            subject: Some(temp_id.to_owned()),
+            action: "Refused controller admission".into(),
+            decision: Some(code.into()),
+            details,
+        };
+        if let Err(e) = self.nib.append_event(&ev, &self.identity, now) {
+            tracing::error!(error = %e, "cannot write the audit event of a refused admission");
+        }
+    }
+
+    fn refuse(&self, temp_id: &str, code: &str, now: DateTime<Utc>) -> Map {
+        tracing::info!(parent = %self.me, %temp_id, reason = code, "admission refused");
+        self.audit_refusal(temp_id, code, now);
+        refused(ValidationStatus::Rejected, code)
+    }
+
+    fn freshness(&self, env: &Envelope, now: DateTime<Utc>) -> Option<&'static str> {
+        let ts = env.timestamp_utc()?;
+        if now - ts > Duration::seconds(300) {
+            return Some(reason::STALE_TIMESTAMP);
+        }
+        if ts - now > Duration::seconds(30) {
+            return Some(reason::FUTURE_TIMESTAMP);
+        }
+        None
+    }
+
+    /// Handles a VALIDATION_REQUEST (already signature-checked by the transport).
+    ///
+    /// # Errors
+    /// [`AdmissionError::BadPayload`] for a payload without the required fields;
+    /// [`AdmissionError::Busy`] when too many challenges are outstanding.
+    pub fn on_request(&self, env: &Envelope) -> Result<RequestOutcome, AdmissionError> {
+        let now = self.clock.now();
+        let req: ValidationRequest = env.payload_as().map_err(|e| bad("VALIDATION_REQUEST", e))?;
+        if req.temp_id.is_empty() || !ids::is_valid_controller_id(&req.temp_id) {
+            return Err(bad(
+                "VALIDATION_REQUEST",
+                "temp_id must be 1-128 characters of [A-Za-z0-9_.-]",
+            ));
+        }
+        if let Some(code) = self.freshness(env, now) {
+            return Ok(RequestOutcome::Refused(self.refuse(
+                &req.temp_id,
+                code,
+                now,
+            )));
+        }
+        if env.sender_id != req.temp_id {
+            return Ok(RequestOutcome::Refused(self.refuse(
+                &req.temp_id,
+                reason::TEMP_ID_MISMATCH,
+                now,
+            )));
+        }
+        let blocked = self
+            .cfg
+            .blocklist
+            .iter()
+            .any(|b| *b == req.temp_id || *b == req.public_key)
+            || self.nib.blocked(&req.temp_id).unwrap_or(true)
+            || self.nib.blocked(&req.public_key).unwrap_or(true);
+        if blocked {
+            return Ok(RequestOutcome::Refused(self.refuse(
+                &req.temp_id,
+                reason::BLOCKLISTED,
+                now,
+            )));
+        }
+        let expected = bootstrap_token(
+            self.cfg.bootstrap_secret.expose().as_bytes(),
+            &req.temp_id,
+            &req.region,
+            &req.controller_type,
+        );
+        if !token_matches(&expected, &req.bootstrap_token) {
+            return Ok(RequestOutcome::Refused(self.refuse(
+                &req.temp_id,
+                reason::INVALID_BOOTSTRAP_TOKEN,
+                now,
+            )));
+        }
+        match self.nib.token_used(&req.bootstrap_token) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Ok(RequestOutcome::Refused(self.refuse(
+                    &req.temp_id,
+                    reason::BOOTSTRAP_TOKEN_ALREADY_USED,
+                    now,
+                )));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read consumed tokens");
+                return Ok(RequestOutcome::Refused(refused(
+                    ValidationStatus::Error,
+                    reason::IDENTITY_ASSIGNMENT_FAILED,
+                )));
+            }
+        }
+        let challenge_id = ids::challenge_id();
+        let nonce = ids::random_bytes_32();
+        let expires_at = now + self.cfg.challenge_ttl;
+        {
+            let mut pending = self.pending();
+            pending.retain(|_, p| now <= p.expires_at + TOMBSTONE);
+            let live = pending
+                .values()
+                .filter(|p| !p.used && now <= p.expires_at)
+                .count();
+            if live >= self.cfg.max_pending || pending.len() >= self.cfg.max_pending * 4 {
+                return Err(AdmissionError::Busy);
+            }
+            pending.insert(
+                challenge_id.clone(),
+                Pending {
+                    temp_id: req.temp_id.clone(),
+                    nonce,
+                    admission_key: admission_key(&req.bootstrap_token),
+                    token: req.bootstrap_token.clone(),
+                    request: req,
+                    expires_at,
+                    used: false,
+                },
+            );
+        }
+        let mut m = Map::new();
+        m.insert("challenge_id".into(), challenge_id.into());
+        m.insert("nonce".into(), hex::encode(nonce).into());
+        m.insert("expires_at".into(), format_iso(expires_at).into());
+        Ok(RequestOutcome::Challenge(m))
+    }
+
+    /// Handles a CHALLENGE_RESPONSE (already signature-checked by the transport); returns
+    /// the VALIDATION_RESULT payload.
+    ///
+    /// # Errors
+    /// [`AdmissionError::BadPayload`] for a payload without the required fields.
+    pub fn on_response(&self, env: &Envelope) -> Result<Map, AdmissionError> {
+        let now = self.clock.now();
+        let resp: ChallengeResponse = env.payload_as().map_err(|e| bad("CHALLENGE_RESPONSE", e))?;
+        if let Some(code) = self.freshness(env, now) {
+            return Ok(self.refuse(&resp.temp_id, code, now));
+        }
+        // Take the challenge: single use whatever the outcome.
+        let taken = {
+            let mut pending = self.pending();
+            match pending.get_mut(&resp.challenge_id) {
+                None => None,
+                Some(p) if p.used => None,
+                Some(p) => {
+                    p.used = true;
+                    Some((
+                        p.temp_id.clone(),
+                        p.nonce,
+                        p.request.clone(),
+                        p.token.clone(),
+                        p.expires_at,
+                    ))
+                }
+            }
+        };
+        let Some((temp_id, nonce, req, token, expires_at)) = taken else {
+            return Ok(self.refuse(&resp.temp_id, reason::UNKNOWN_CHALLENGE, now));
+        };
+        if now > expires_at {
+            return Ok(self.refuse(&resp.temp_id, reason::CHALLENGE_EXPIRED, now));
+        }
+        if resp.temp_id != temp_id || env.sender_id != temp_id {
+            return Ok(self.refuse(&resp.temp_id, reason::TEMP_ID_MISMATCH, now));
+        }
+        if !self.proof_of_possession(&req.public_key, &nonce, &resp.signed_nonce, &temp_id) {
+            return Ok(self.refuse(&temp_id, reason::INVALID_SIGNATURE, now));
+        }
+        let role = Role::parse(&req.controller_type);
+        let Some(role) = role.filter(|r| self.cfg.permitted.contains(r)) else {
+            return Ok(self.refuse(&temp_id, reason::CONTROLLER_TYPE_NOT_PERMITTED, now));
+        };
+        if !ids::is_valid_region(&req.region)
+            || (!self.cfg.regions.is_empty() && !self.cfg.regions.contains(&req.region))
+        {
+            return Ok(self.refuse(&temp_id, reason::INVALID_REGION, now));
+        }
+        if self
+            .cfg
+            .served_region
+            .as_ref()
+            .is_some_and(|r| *r != req.region)
+        {
+            return Ok(self.refuse(&temp_id, reason::REGION_MISMATCH, now));
+        }
+        match self.nib.count_active(role, &req.region) {
+            Ok(n) if n >= self.cfg.quota_per_region => {
+                return Ok(self.refuse(&temp_id, reason::CONTROLLER_QUOTA_EXCEEDED, now));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot count controllers");
+                return Ok(refused(
+                    ValidationStatus::Error,
+                    reason::IDENTITY_ASSIGNMENT_FAILED,
+                ));
+            }
+        }
+        Ok(self.assign(role, req, token, now))
+    }
+
+    fn proof_of_possession(
+        &self,
+        public_key: &str,
+        nonce: &[u8; 32],
+        signed_nonce: &str,
+        temp_id: &str,
+    ) -> bool {
+        if let Ok(pk) = PublicKey::from_base64(public_key)
+            && pk.verify_base64(nonce, signed_nonce)
+        {
+            return true;
+        }
+        if self.cfg.legacy_compat && token_matches(&legacy_signed_nonce(nonce), signed_nonce) {
+            tracing::warn!(%temp_id, "accepted the legacy challenge answer: it does not prove possession of a key (--legacy-compat)");
+            return true;
+        }
+        false
+    }
+
+    fn assign(&self, role: Role, req: ValidationRequest, token: String, now: DateTime<Utc>) -> Map {
+        let expires = now + self.cfg.certificate_validity;
+        let record = AdmitRecord {
+            role,
+            region: req.region.clone(),
+            temp_id: req.temp_id.clone(),
+            public_key: req.public_key.clone(),
+            token,
+            validated_by: self.me.clone(),
+            metadata: json::to_value(&req.metadata)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default(),
+        };
+        let mut delegation: Option<Value> = None;
+        let result = self.nib.admit(&record, &self.identity, now, |assigned_id| {
+            let mut cert = Certificate {
+                assigned_id: assigned_id.to_owned(),
+                role: role.as_str().to_owned(),
+                region: req.region.clone(),
+                public_key: req.public_key.clone(),
+                issued_by: self.me.clone(),
+                issued_at: format_iso(now),
+                expires_at: format_iso(expires),
+                signature: String::new(),
+                extra: Map::new(),
+            };
+            cert.sign(&self.identity).map_err(|e| e.to_string())?;
+            if role == Role::Regional {
+                let mut d = DelegationCredential {
+                    delegatee_id: assigned_id.to_owned(),
+                    delegatee_public_key: req.public_key.clone(),
+                    region: req.region.clone(),
+                    permitted_actions: vec![VALIDATE_LOCAL_CONTROLLERS.to_owned()],
+                    issued_by: self.me.clone(),
+                    issued_at: format_iso(now),
+                    expires_at: format_iso(expires),
+                    signature: String::new(),
+                    extra: Map::new(),
+                };
+                d.sign(&self.identity).map_err(|e| e.to_string())?;
+                delegation = Some(json::to_value(&d).map_err(|e| e.to_string())?);
+            }
+            json::to_value(&cert).map_err(|e| e.to_string())
+        });
+        let admitted = match result {
+            Ok(a) => a,
+            Err(AdmitError::TokenAlreadyUsed) => {
+                return self.refuse(&req.temp_id, reason::BOOTSTRAP_TOKEN_ALREADY_USED, now);
+            }
+            Err(e) => {
+                tracing::error!(parent = %self.me, temp_id = %req.temp_id, error = %e, "admission could not be recorded");
+                self.audit_refusal(&req.temp_id, reason::IDENTITY_ASSIGNMENT_FAILED, now);
+                return refused(ValidationStatus::Error, reason::IDENTITY_ASSIGNMENT_FAILED);
+            }
+        };
+        tracing::info!(parent = %self.me, temp_id = %req.temp_id, assigned_id = %admitted.assigned_id, role = %role, region = %req.region, "controller admitted");
+        let mut m = Map::new();
+        m.insert("status".into(), "APPROVED".into());
+        m.insert("assigned_id".into(), admitted.assigned_id.clone().into());
+        m.insert("certificate".into(), admitted.certificate.clone());
+        m.insert(
+            "delegation_credential".into(),
+            delegation.unwrap_or(Value::Null),
+        );
+        m.insert("role".into(), role.as_str().into());
+        m.insert("region".into(), req.region.clone().into());
+        m.insert(
+            "issuer_public_key".into(),
+            self.identity.public().to_base64().into(),
+        );
+        match &self.chain {
+            None => {
+                m.insert(
+                    "root_public_key".into(),
+                    self.identity.public().to_base64().into(),
+                );
+            }
+            Some(chain) => {
+                let mut c = Map::new();
+                c.insert("certificate".into(), chain.certificate.clone());
+                c.insert(
+                    "delegation_credential".into(),
+                    chain.delegation_credential.clone(),
+                );
+                c.insert(
+                    "root_public_key".into(),
+                    chain.root_public_key.to_base64().into(),
+                );
+                m.insert("chain".into(), Value::Object(c));
+                m.insert(
+                    "root_public_key".into(),
+                    chain.root_public_key.to_base64().into(),
+                );
+            }
+        }
+        m
+    }
+
+    /// Challenges currently outstanding (for status and tests).
+    pub fn pending_challenges(&self) -> usize {
+        let now = self.clock.now();
+        self.pending()
+            .values()
+            .filter(|p| !p.used && now <= p.expires_at)
+            .count()
+    }
+
+    /// How long a challenge lives.
+    pub fn challenge_ttl(&self) -> StdDuration {
+        self.cfg
+            .challenge_ttl
+            .to_std()
+            .unwrap_or(StdDuration::from_secs(30))
+    }
+}
+
+#[cfg(test)]
+mod tests;

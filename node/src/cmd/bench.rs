@@ -1,0 +1,204 @@
+//! `pdsno bench`: load generators whose numbers go into release notes and issue reports.
+//!
+//! `pdsno bench mqtt` measures QoS 1 (or 0/2) throughput and one-way latency through any
+//! MQTT broker with the node's own client: one publisher, one subscriber, a bounded
+//! window of unconfirmed messages. Run it against the embedded broker and against
+//! Mosquitto on the same machine to compare.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use pdsno_shared::keys::SecretString;
+
+use crate::transport::mqtt::{BrokerUrl, MqttClient, MqttSettings};
+
+/// `pdsno bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// MQTT throughput and latency through a broker.
+    Mqtt(MqttBenchArgs),
+}
+
+/// `pdsno bench mqtt` arguments.
+#[derive(Debug, Args)]
+pub struct MqttBenchArgs {
+    /// Broker URL.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub url: String,
+    /// User name.
+    #[arg(long, env = "PDSNO_BENCH_MQTT_USER")]
+    pub user: Option<String>,
+    /// Password (prefer the environment variable).
+    #[arg(long, env = "PDSNO_BENCH_MQTT_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Messages in the throughput run.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Payload bytes per message (at least 16).
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// QoS of publish and subscription.
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// Most messages published but not yet received.
+    #[arg(long, default_value_t = 1000)]
+    pub window: usize,
+    /// Messages in the unloaded latency run (one in flight at a time).
+    #[arg(long, default_value_t = 2000)]
+    pub latency_messages: usize,
+}
+
+/// Runs a bench subcommand.
+pub fn run(cmd: &BenchCommand) -> ExitCode {
+    crate::logging::init();
+    match cmd {
+        BenchCommand::Mqtt(a) => crate::runtime::block_on(async move {
+            match mqtt(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i]
+}
+
+async fn client(a: &MqttBenchArgs, id: String) -> Result<MqttClient, String> {
+    let url = BrokerUrl::parse(&a.url)?;
+    let mut s = MqttSettings::new(url, id);
+    s.username = a.user.clone();
+    s.password = a.password.clone().map(SecretString::new);
+    s.max_inflight = 100;
+    s.outbox_limit = a.window.max(1) * 2;
+    s.handler_queue = a.window.max(1) * 2;
+    let (c, _task) = MqttClient::start(s)?;
+    c.wait_connected(Duration::from_secs(10)).await?;
+    Ok(c)
+}
+
+/// One run: publishes `n` messages keeping at most `window` in flight (published, not
+/// received); returns the elapsed time and each message's one-way latency.
+async fn one_run(
+    publ: &MqttClient,
+    rx: &mut tokio::sync::mpsc::Receiver<crate::transport::mqtt::Message>,
+    topic: &str,
+    a: &MqttBenchArgs,
+    n: usize,
+    window: usize,
+    base: Instant,
+) -> Result<(Duration, Vec<Duration>), String> {
+    let payload_len = a.payload.max(16);
+    let mut lat = Vec::with_capacity(n);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut received = 0usize;
+    while received < n {
+        while sent < n && sent - received < window {
+            let mut p = vec![0u8; payload_len];
+            p[..8].copy_from_slice(&(sent as u64).to_be_bytes());
+            p[8..16].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
+            publ.publish(topic.to_owned(), p, a.qos, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            sent += 1;
+        }
+        let m = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .map_err(|_| format!("stalled: {received} of {n} received after 30 s"))?
+            .ok_or("subscription closed")?;
+        if m.payload.len() >= 16 {
+            let mut t = [0u8; 8];
+            t.copy_from_slice(&m.payload[8..16]);
+            let sent_at = Duration::from_nanos(u64::from_be_bytes(t));
+            lat.push(base.elapsed().saturating_sub(sent_at));
+            received += 1;
+        }
+    }
+    Ok((start.elapsed(), lat))
+}
+
+async fn mqtt(a: &MqttBenchArgs) -> Result<(), String> {
+    let tag = hex_tag();
+    let topic = format!("pdsno/bench/{tag}");
+    let sub = client(a, format!("bench-sub-{tag}")).await?;
+    let publ = client(a, format!("bench-pub-{tag}")).await?;
+    let mut rx = sub
+        .subscribe(topic.clone(), a.qos)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Wait until the subscription is live.
+    loop {
+        publ.publish_confirmed(topic.clone(), vec![0u8; 4], 1, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        if tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
+    while rx.try_recv().is_ok() {}
+    let base = Instant::now();
+    let (_, mut unloaded) = one_run(
+        &publ,
+        &mut rx,
+        &topic,
+        a,
+        a.latency_messages.max(1),
+        1,
+        base,
+    )
+    .await?;
+    unloaded.sort();
+    let (elapsed, mut loaded) = one_run(
+        &publ,
+        &mut rx,
+        &topic,
+        a,
+        a.messages.max(1),
+        a.window.max(1),
+        base,
+    )
+    .await?;
+    loaded.sort();
+    let rate = a.messages as f64 / elapsed.as_secs_f64();
+    println!(
+        "mqtt.bench broker={} qos={} payload={}B",
+        a.url,
+        a.qos,
+        a.payload.max(16)
+    );
+    println!(
+        "mqtt.latency_unloaded n={} p50 {:.3} ms p99 {:.3} ms",
+        unloaded.len(),
+        percentile(&unloaded, 0.5).as_secs_f64() * 1e3,
+        percentile(&unloaded, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "mqtt.throughput n={} window={} {:.0} msg/s, latency p50 {:.3} ms p99 {:.3} ms",
+        a.messages,
+        a.window,
+        rate,
+        percentile(&loaded, 0.5).as_secs_f64() * 1e3,
+        percentile(&loaded, 0.99).as_secs_f64() * 1e3
+    );
+    publ.shutdown().await;
+    sub.shutdown().await;
+    Ok(())
+}
+
+fn hex_tag() -> String {
+    let b = pdsno_shared::ids::random_bytes_32();
+    b[..4].iter().map(|x| format!("{x:02x}")).collect()
+}

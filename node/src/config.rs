@@ -1,0 +1,520 @@
+//! Node configuration: one typed tree from a TOML file, environment variables and flags.
+//!
+//! Precedence: command-line flag, then its `PDSNO_*` environment variable, then the file
+//! (`--config`), then defaults that run a lab on loopback. Unknown keys in the file are
+//! errors. Secrets (bootstrap secret, shared signing secret, bootstrap token) come from
+//! files or the environment; the file format has no field holding a secret itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use pdsno_broker::OperatorAccount;
+use pdsno_shared::ids::{self, Role};
+use pdsno_shared::keys::{HmacKey, PublicKey, SecretString};
+use serde::Deserialize;
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where the NIB and identity key live.
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    pub listen_grpc: Option<SocketAddr>,
+    /// REST compat listen address.
+    pub listen_rest: Option<SocketAddr>,
+    /// Embedded broker MQTT 3.1.1 listen address (global controller).
+    pub listen_mqtt: Option<SocketAddr>,
+    /// Embedded broker MQTT 5 listen address.
+    pub listen_mqtt_v5: Option<SocketAddr>,
+    /// Run the embedded broker (global controller; default true).
+    pub embedded_broker: Option<bool>,
+    /// External broker URL (`mqtt://host:port`, `mqtts://...`).
+    pub mqtt_url: Option<String>,
+    /// The parent's gRPC URL (regional and local controllers).
+    pub parent: Option<String>,
+    /// This controller's region.
+    pub region: Option<String>,
+    /// Temporary id used until admission.
+    pub temp_id: Option<String>,
+    /// File holding the bootstrap token.
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// File holding the bootstrap secret (parents mint and check tokens with it).
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// File holding the shared message-signing secret (network key = its SHA-256).
+    pub secret_file: Option<PathBuf>,
+    /// Regions children may join (global controller).
+    pub regions: Option<Vec<String>>,
+    /// Accept the original PDSNO's insecure challenge answer.
+    pub legacy_compat: Option<bool>,
+    /// Most active children of one role per region.
+    pub quota_per_region: Option<u64>,
+    /// Temp ids or public keys refused at admission.
+    pub blocklist: Option<Vec<String>>,
+    /// The global controller's public key (base64): pin it instead of trusting the first
+    /// admission.
+    pub root_public_key: Option<String>,
+    /// Operator accounts of the embedded broker.
+    pub mqtt_users: Option<Vec<UserEntry>>,
+}
+
+/// An operator account in the file: a name and an Argon2 PHC hash (never a password).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// Account name.
+    pub name: String,
+    /// `$argon2id$...` hash.
+    pub password_hash: String,
+}
+
+/// Flags shared by `pdsno global|regional|local`; each also reads a `PDSNO_*` variable.
+#[derive(Debug, Default, Args)]
+pub struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "PDSNO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (NIB and identity key).
+    #[arg(long, env = "PDSNO_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "PDSNO_LISTEN_GRPC", value_name = "ADDR")]
+    pub listen_grpc: Option<SocketAddr>,
+    /// REST compatibility listen address.
+    #[arg(long, env = "PDSNO_LISTEN_REST", value_name = "ADDR")]
+    pub listen_rest: Option<SocketAddr>,
+    /// Embedded broker MQTT 3.1.1 listen address (global controller).
+    #[arg(long, env = "PDSNO_LISTEN_MQTT", value_name = "ADDR")]
+    pub listen_mqtt: Option<SocketAddr>,
+    /// Embedded broker MQTT 5 listen address (global controller).
+    #[arg(long, env = "PDSNO_LISTEN_MQTT_V5", value_name = "ADDR")]
+    pub listen_mqtt_v5: Option<SocketAddr>,
+    /// Do not run the embedded broker (use --mqtt-url).
+    #[arg(long, env = "PDSNO_NO_EMBEDDED_BROKER")]
+    pub no_embedded_broker: bool,
+    /// External MQTT broker URL.
+    #[arg(long, env = "PDSNO_MQTT_URL", value_name = "URL")]
+    pub mqtt_url: Option<String>,
+    /// The parent's gRPC URL (`http://127.0.0.1:50051`).
+    #[arg(long, env = "PDSNO_PARENT", value_name = "URL")]
+    pub parent: Option<String>,
+    /// This controller's region.
+    #[arg(long, env = "PDSNO_REGION")]
+    pub region: Option<String>,
+    /// Temporary id used until admission.
+    #[arg(long, env = "PDSNO_TEMP_ID")]
+    pub temp_id: Option<String>,
+    /// Bootstrap token for admission (single use).
+    #[arg(long, env = "PDSNO_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
+    /// File holding the bootstrap token.
+    #[arg(long, env = "PDSNO_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// File holding the bootstrap secret (or PDSNO_BOOTSTRAP_SECRET holds the secret).
+    #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE", value_name = "FILE")]
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// Shared message-signing secret (network key = its SHA-256). Prefer the variable.
+    #[arg(long, env = "PDSNO_MESSAGE_SIGNING_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// File holding the shared message-signing secret.
+    #[arg(long, env = "PDSNO_MESSAGE_SIGNING_SECRET_FILE", value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Regions children may join, comma-separated (global controller).
+    #[arg(long, env = "PDSNO_REGIONS", value_delimiter = ',')]
+    pub regions: Option<Vec<String>>,
+    /// Accept the original PDSNO's challenge answer (insecure; warns on each use).
+    #[arg(long, env = "PDSNO_LEGACY_COMPAT")]
+    pub legacy_compat: bool,
+    /// Most active children of one role per region.
+    #[arg(long, env = "PDSNO_QUOTA_PER_REGION")]
+    pub quota_per_region: Option<u64>,
+    /// Temp ids or public keys refused at admission, comma-separated.
+    #[arg(long, env = "PDSNO_BLOCKLIST", value_delimiter = ',')]
+    pub blocklist: Option<Vec<String>>,
+    /// The global controller's public key (base64) to pin.
+    #[arg(long, env = "PDSNO_ROOT_PUBLIC_KEY")]
+    pub root_public_key: Option<String>,
+    /// Embedded broker operator account NAME:PASSWORD (repeatable).
+    #[arg(long = "user", value_name = "NAME:PASSWORD")]
+    pub users: Vec<String>,
+}
+
+/// The resolved configuration of one node.
+pub struct NodeConfig {
+    /// The tier.
+    pub role: Role,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen_grpc: SocketAddr,
+    /// REST listen address.
+    pub listen_rest: SocketAddr,
+    /// Embedded broker 3.1.1 address.
+    pub listen_mqtt: SocketAddr,
+    /// Embedded broker 5 address.
+    pub listen_mqtt_v5: Option<SocketAddr>,
+    /// Run the embedded broker (global only).
+    pub embedded_broker: bool,
+    /// External broker.
+    pub mqtt_url: Option<String>,
+    /// Parent URL.
+    pub parent: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Temp id.
+    pub temp_id: Option<String>,
+    /// Bootstrap token.
+    pub bootstrap_token: Option<SecretString>,
+    /// Bootstrap secret.
+    pub bootstrap_secret: Option<SecretString>,
+    /// Shared network key.
+    pub network_key: Option<HmacKey>,
+    /// Allowed regions.
+    pub regions: Vec<String>,
+    /// Legacy challenge answers.
+    pub legacy_compat: bool,
+    /// Quota.
+    pub quota_per_region: u64,
+    /// Blocklist.
+    pub blocklist: Vec<String>,
+    /// Pinned root key.
+    pub root_public_key: Option<PublicKey>,
+    /// Operator accounts.
+    pub users: Vec<OperatorAccount>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("role", &self.role)
+            .field("data_dir", &self.data_dir)
+            .field("listen_grpc", &self.listen_grpc)
+            .field("listen_rest", &self.listen_rest)
+            .field("parent", &self.parent)
+            .field("region", &self.region)
+            .field("temp_id", &self.temp_id)
+            .field(
+                "bootstrap_token",
+                &self.bootstrap_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field(
+                "bootstrap_secret",
+                &self.bootstrap_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("network_key", &self.network_key)
+            .field("regions", &self.regions)
+            .field("legacy_compat", &self.legacy_compat)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration error, naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The key (file key or flag).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err(key, format!("{}: {e}", path.display())))?;
+    let s = text.trim_end_matches(['\n', '\r']).to_owned();
+    if s.is_empty() {
+        return Err(err(key, format!("{} is empty", path.display())));
+    }
+    Ok(SecretString::new(s))
+}
+
+/// Default ports per tier (gRPC, REST).
+fn default_ports(role: Role) -> (u16, u16) {
+    match role {
+        Role::Global => (50051, 8001),
+        Role::Regional => (50052, 8002),
+        Role::Local => (50053, 8003),
+    }
+}
+
+/// Reads and parses a config file.
+///
+/// # Errors
+/// A [`ConfigError`] with the TOML key path and position.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("config", format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_owned();
+        let key = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("{} line {line}", path.display())
+            }
+            None => path.display().to_string(),
+        };
+        err(&key, msg)
+    })
+}
+
+impl NodeConfig {
+    /// Resolves flags (and their variables) over the file over defaults, and checks the
+    /// result.
+    ///
+    /// # Errors
+    /// The first problem, with its key.
+    pub fn resolve(role: Role, a: &NodeArgs) -> Result<Self, ConfigError> {
+        let file = match &a.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let (grpc_port, rest_port) = default_ports(role);
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let region = a.region.clone().or(file.region);
+        if let Some(r) = &region
+            && !ids::is_valid_region(r)
+        {
+            return Err(err(
+                "region",
+                format!("{r:?} is not a valid region name (1-64 of [A-Za-z0-9_.-])"),
+            ));
+        }
+        let temp_id = a.temp_id.clone().or(file.temp_id);
+        if let Some(t) = &temp_id
+            && !ids::is_valid_controller_id(t)
+        {
+            return Err(err(
+                "temp_id",
+                format!("{t:?} is not a valid controller id (1-128 of [A-Za-z0-9_.-])"),
+            ));
+        }
+        let bootstrap_token = match (
+            &a.bootstrap_token,
+            a.bootstrap_token_file
+                .as_ref()
+                .or(file.bootstrap_token_file.as_ref()),
+        ) {
+            (Some(t), _) => Some(SecretString::new(t.trim())),
+            (None, Some(p)) => Some(read_secret("bootstrap_token_file", p)?),
+            (None, None) => None,
+        };
+        let bootstrap_secret = match a
+            .bootstrap_secret_file
+            .as_ref()
+            .or(file.bootstrap_secret_file.as_ref())
+        {
+            Some(p) => Some(read_secret("bootstrap_secret_file", p)?),
+            None => std::env::var("PDSNO_BOOTSTRAP_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(SecretString::new),
+        };
+        let network_key = match (
+            &a.secret,
+            a.secret_file.as_ref().or(file.secret_file.as_ref()),
+        ) {
+            (Some(s), _) => Some(HmacKey::from_secret_text(s)),
+            (None, Some(p)) => Some(HmacKey::from_secret_text(
+                read_secret("secret_file", p)?.expose(),
+            )),
+            (None, None) => None,
+        };
+        let regions = a.regions.clone().or(file.regions).unwrap_or_default();
+        for r in &regions {
+            if !ids::is_valid_region(r) {
+                return Err(err("regions", format!("{r:?} is not a valid region name")));
+            }
+        }
+        let root_public_key = match a.root_public_key.as_ref().or(file.root_public_key.as_ref()) {
+            Some(k) => {
+                Some(PublicKey::from_base64(k).map_err(|e| err("root_public_key", e.to_string()))?)
+            }
+            None => None,
+        };
+        let mut users = Vec::new();
+        for u in &a.users {
+            users.push(OperatorAccount::parse_flag(u).map_err(|e| err("user", e.to_string()))?);
+        }
+        for u in file.mqtt_users.unwrap_or_default() {
+            users.push(
+                OperatorAccount::with_hash(&u.name, &u.password_hash)
+                    .map_err(|e| err(&format!("mqtt_users.{}", u.name), e.to_string()))?,
+            );
+        }
+        let parent = a.parent.clone().or(file.parent);
+        let cfg = NodeConfig {
+            role,
+            data_dir: a
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("pdsno-{}", role.as_str()))),
+            listen_grpc: a
+                .listen_grpc
+                .or(file.listen_grpc)
+                .unwrap_or_else(|| loopback(grpc_port)),
+            listen_rest: a
+                .listen_rest
+                .or(file.listen_rest)
+                .unwrap_or_else(|| loopback(rest_port)),
+            listen_mqtt: a
+                .listen_mqtt
+                .or(file.listen_mqtt)
+                .unwrap_or_else(|| loopback(1883)),
+            listen_mqtt_v5: a.listen_mqtt_v5.or(file.listen_mqtt_v5),
+            embedded_broker: !a.no_embedded_broker && file.embedded_broker.unwrap_or(true),
+            mqtt_url: a.mqtt_url.clone().or(file.mqtt_url),
+            parent: parent.clone().or_else(|| match role {
+                Role::Global => None,
+                Role::Regional => Some("http://127.0.0.1:50051".into()),
+                Role::Local => Some("http://127.0.0.1:50052".into()),
+            }),
+            region,
+            temp_id,
+            bootstrap_token,
+            bootstrap_secret,
+            network_key,
+            regions,
+            legacy_compat: a.legacy_compat || file.legacy_compat.unwrap_or(false),
+            quota_per_region: a.quota_per_region.or(file.quota_per_region).unwrap_or(10),
+            blocklist: a.blocklist.clone().or(file.blocklist).unwrap_or_default(),
+            root_public_key,
+            users,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        match self.role {
+            Role::Global => {
+                if self.bootstrap_secret.is_none() {
+                    return Err(err(
+                        "bootstrap_secret_file",
+                        "the global controller needs a bootstrap secret (--bootstrap-secret-file or PDSNO_BOOTSTRAP_SECRET)",
+                    ));
+                }
+                if !self.embedded_broker && self.mqtt_url.is_none() {
+                    return Err(err(
+                        "mqtt_url",
+                        "without the embedded broker, give --mqtt-url",
+                    ));
+                }
+            }
+            Role::Regional | Role::Local => {
+                if self.region.is_none() {
+                    return Err(err("region", "required for regional and local controllers"));
+                }
+                if let Some(p) = &self.parent
+                    && !(p.starts_with("http://") || p.starts_with("https://"))
+                {
+                    return Err(err(
+                        "parent",
+                        format!("{p:?} must be an http:// or https:// gRPC URL"),
+                    ));
+                }
+                if self.role == Role::Regional && self.bootstrap_secret.is_none() {
+                    return Err(err(
+                        "bootstrap_secret_file",
+                        "a regional controller needs a bootstrap secret to admit its local controllers",
+                    ));
+                }
+            }
+        }
+        if let Some(u) = &self.mqtt_url {
+            crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("mqtt_url", e))?;
+        }
+        if self.listen_grpc == self.listen_rest && self.listen_grpc.port() != 0 {
+            return Err(err("listen_rest", "must differ from listen_grpc"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: NodeArgs,
+    }
+
+    fn args(v: &[&str]) -> NodeArgs {
+        T::parse_from(std::iter::once("t").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("bootstrap.secret");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let file = dir.path().join("rc.toml");
+        std::fs::write(
+            &file,
+            format!("region = \"zone-A\"\nlisten_grpc = \"127.0.0.1:6000\"\nbootstrap_secret_file = \"{}\"\nquota_per_region = 3\n", secret.display()),
+        )
+        .expect("write");
+        let cfg = NodeConfig::resolve(
+            Role::Regional,
+            &args(&[
+                "--config",
+                file.to_str().expect("utf-8"),
+                "--listen-grpc",
+                "127.0.0.1:6001",
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.listen_grpc.port(), 6001, "flag wins");
+        assert_eq!(cfg.quota_per_region, 3, "file value");
+        assert_eq!(
+            cfg.bootstrap_secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            cfg.parent.as_deref(),
+            Some("http://127.0.0.1:50051"),
+            "default"
+        );
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+
+        std::fs::write(&file, "region = \"zone-A\"\nregoin = \"typo\"\n").expect("write");
+        let e = NodeConfig::resolve(
+            Role::Regional,
+            &args(&["--config", file.to_str().expect("utf-8")]),
+        )
+        .expect_err("error");
+        assert!(
+            e.to_string().contains("regoin") && e.to_string().contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn checks_name_the_key() {
+        let e =
+            NodeConfig::resolve(Role::Regional, &args(&["--region", "zone/A"])).expect_err("error");
+        assert_eq!(e.key, "region");
+        let e = NodeConfig::resolve(Role::Local, &args(&[])).expect_err("error");
+        assert_eq!(e.key, "region");
+        let e = NodeConfig::resolve(
+            Role::Local,
+            &args(&["--region", "zone-A", "--parent", "127.0.0.1:1"]),
+        )
+        .expect_err("error");
+        assert_eq!(e.key, "parent");
+    }
+}

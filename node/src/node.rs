@@ -1,0 +1,435 @@
+//! Running a controller of any tier: open the NIB and identity, get admitted (children),
+//! start the servers, report readiness, and stop cleanly on cancellation.
+//!
+//! A node prints a few machine-readable lines on stdout for operators, the demo and tests:
+//! - `admitted id=ID parent=PARENT temp_id=TEMP elapsed_ms=N` (first start of a child) or
+//!   `restored id=ID parent=PARENT` (a restarted child keeps its identity);
+//! - `mqtt v4|v5 ADDR` for each embedded broker listener;
+//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR`.
+//!
+//! Logs go to stderr.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pdsno_broker::{BrokerConfig, BrokerHandle, EmbeddedBroker, ListenerConfig, Version};
+use pdsno_shared::ids::{GLOBAL_CONTROLLER_ID, Role};
+use pdsno_shared::json::Value;
+use pdsno_shared::keys::{IdentityKey, PublicKey};
+use pdsno_shared::payload::admission::Metadata;
+use pdsno_shared::time::{Clock, SystemClock};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::child::{self, Admission, ChildConfig, ChildError};
+use crate::admission::{Authority, AuthorityConfig, IssuerChain};
+use crate::config::NodeConfig;
+use crate::inbound::{Inbound, InboundParts};
+use crate::nib::{Nib, StateKey};
+use crate::transport::parent::{Backoff, ParentLink};
+use crate::transport::{grpc, rest};
+
+/// Why a node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Startup failed (data directory, NIB, identity, sockets).
+    #[error("{0}")]
+    Startup(String),
+    /// The parent refused us or gave us something we cannot trust.
+    #[error(transparent)]
+    Admission(ChildError),
+}
+
+impl NodeError {
+    /// The process exit code for this error: 3 for a refused admission, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            NodeError::Admission(_) => 3,
+            NodeError::Startup(_) => 1,
+        }
+    }
+}
+
+fn startup(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Startup(e.to_string())
+}
+
+/// Writes a report line on stdout (line-buffered, so it is visible at once).
+fn say(line: &str) {
+    println!("{line}");
+}
+
+/// This node's identity and where it sits in the tree.
+struct Identity {
+    id: String,
+    parent: Option<(String, PublicKey)>,
+    chain: Option<IssuerChain>,
+}
+
+fn restore(nib: &Nib, role: Role) -> Result<Option<Identity>, NodeError> {
+    let Some(id) = nib.state_str(StateKey::AssignedId).map_err(startup)? else {
+        return Ok(None);
+    };
+    if nib.state_str(StateKey::Role).map_err(startup)?.as_deref() != Some(role.as_str()) {
+        return Err(startup(format!(
+            "the data directory belongs to controller {id} of another tier; use a separate --data-dir"
+        )));
+    }
+    let parent = match (
+        nib.state_str(StateKey::ParentId).map_err(startup)?,
+        nib.state_str(StateKey::ParentPublicKey).map_err(startup)?,
+    ) {
+        (Some(pid), Some(pk)) => Some((pid, PublicKey::from_base64(&pk).map_err(startup)?)),
+        _ => None,
+    };
+    let chain = chain_of(nib, role)?;
+    Ok(Some(Identity { id, parent, chain }))
+}
+
+/// For a regional controller: the chain it shows its children.
+fn chain_of(nib: &Nib, role: Role) -> Result<Option<IssuerChain>, NodeError> {
+    if role != Role::Regional {
+        return Ok(None);
+    }
+    let cert = nib.state(StateKey::Certificate).map_err(startup)?;
+    let deleg = nib.state(StateKey::DelegationCredential).map_err(startup)?;
+    let root = nib.state_str(StateKey::RootPublicKey).map_err(startup)?;
+    match (cert, deleg, root) {
+        (Some(certificate), Some(delegation_credential), Some(root)) => Ok(Some(IssuerChain {
+            certificate,
+            delegation_credential,
+            root_public_key: PublicKey::from_base64(&root).map_err(startup)?,
+        })),
+        _ => Err(startup(
+            "incomplete admission state in the NIB (certificate, delegation credential or root key missing)",
+        )),
+    }
+}
+
+fn persist(nib: &Nib, cfg: &NodeConfig, a: &Admission) -> Result<(), NodeError> {
+    let mut values = vec![
+        (StateKey::AssignedId, Value::from(a.assigned_id.as_str())),
+        (StateKey::Role, Value::from(cfg.role.as_str())),
+        (StateKey::Region, Value::from(cfg.region.clone())),
+        (StateKey::TempId, Value::from(cfg.temp_id.clone())),
+        (StateKey::Certificate, a.certificate.clone()),
+        (StateKey::ParentId, Value::from(a.parent_id.as_str())),
+        (
+            StateKey::ParentPublicKey,
+            Value::from(a.parent_public_key.to_base64()),
+        ),
+        (
+            StateKey::RootPublicKey,
+            Value::from(a.root_public_key.to_base64()),
+        ),
+    ];
+    if let Some(d) = &a.delegation_credential {
+        values.push((StateKey::DelegationCredential, d.clone()));
+    }
+    if let Some(c) = &a.chain {
+        values.push((StateKey::Chain, c.clone()));
+    }
+    nib.set_state(&values).map_err(startup)
+}
+
+async fn admit(
+    cfg: &NodeConfig,
+    nib: &Nib,
+    identity: &IdentityKey,
+    clock: &Arc<dyn Clock>,
+    cancel: &CancellationToken,
+) -> Result<Identity, NodeError> {
+    let parent_url = cfg
+        .parent
+        .as_deref()
+        .ok_or_else(|| startup("no --parent to be admitted by"))?;
+    let temp_id = cfg
+        .temp_id
+        .clone()
+        .ok_or_else(|| startup("not admitted yet: --temp-id is required"))?;
+    let token = cfg
+        .bootstrap_token
+        .clone()
+        .ok_or_else(|| startup("not admitted yet: --bootstrap-token (or its file) is required"))?;
+    let region = cfg
+        .region
+        .clone()
+        .ok_or_else(|| startup("--region is required"))?;
+    let link = ParentLink::new(parent_url).map_err(startup)?;
+    let child_cfg = ChildConfig {
+        temp_id: temp_id.clone(),
+        role: cfg.role,
+        region,
+        bootstrap_token: token,
+        network_key: cfg.network_key.clone(),
+        metadata: Metadata {
+            hostname: std::env::var("HOSTNAME").unwrap_or_default(),
+            ip_address: cfg.listen_grpc.ip().to_string(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: match cfg.role {
+                Role::Regional => vec![
+                    "discovery".into(),
+                    "approval".into(),
+                    "policy_enforcement".into(),
+                ],
+                _ => vec!["discovery".into()],
+            },
+            extra: Default::default(),
+        },
+        root_public_key: cfg.root_public_key,
+    };
+    let started = Instant::now();
+    let backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let mut attempt = 0u32;
+    let admission = loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return Err(startup("stopped before admission")),
+            r = child::admit(&link, &child_cfg, identity, clock) => r,
+        };
+        match r {
+            Ok(a) => break a,
+            Err(e) if e.is_retryable() => {
+                attempt += 1;
+                let wait = backoff.delay(attempt);
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::info!(parent = %parent_url, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "admission not done yet, retrying");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(startup("stopped before admission")),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(NodeError::Admission(e)),
+        }
+    };
+    persist(nib, cfg, &admission)?;
+    say(&format!(
+        "admitted id={} parent={} temp_id={} elapsed_ms={}",
+        admission.assigned_id,
+        admission.parent_id,
+        temp_id,
+        started.elapsed().as_millis()
+    ));
+    tracing::info!(id = %admission.assigned_id, parent = %admission.parent_id, "admitted");
+    Ok(Identity {
+        id: admission.assigned_id.clone(),
+        parent: Some((admission.parent_id.clone(), admission.parent_public_key)),
+        chain: chain_of(nib, cfg.role)?,
+    })
+}
+
+fn global_identity(nib: &Nib) -> Result<Identity, NodeError> {
+    match nib.state_str(StateKey::AssignedId).map_err(startup)? {
+        Some(id) if id == GLOBAL_CONTROLLER_ID => {}
+        Some(other) => {
+            return Err(startup(format!(
+                "the data directory belongs to controller {other}; use a separate --data-dir"
+            )));
+        }
+        None => nib
+            .set_state(&[
+                (StateKey::AssignedId, GLOBAL_CONTROLLER_ID.into()),
+                (StateKey::Role, Role::Global.as_str().into()),
+            ])
+            .map_err(startup)?,
+    }
+    Ok(Identity {
+        id: GLOBAL_CONTROLLER_ID.to_owned(),
+        parent: None,
+        chain: None,
+    })
+}
+
+async fn start_broker(cfg: &NodeConfig) -> Result<BrokerHandle, NodeError> {
+    let mut bc = BrokerConfig {
+        listeners: vec![ListenerConfig {
+            name: "v4".into(),
+            addr: cfg.listen_mqtt,
+            version: Version::V311,
+            tls: None,
+        }],
+        ..Default::default()
+    };
+    if let Some(v5) = cfg.listen_mqtt_v5 {
+        bc.listeners.push(ListenerConfig {
+            name: "v5".into(),
+            addr: v5,
+            version: Version::V5,
+            tls: None,
+        });
+    }
+    bc.operators = cfg.users.clone();
+    let broker = EmbeddedBroker::start(bc, None).await.map_err(startup)?;
+    for l in broker.listeners() {
+        let v = match l.version {
+            Version::V311 => "v4",
+            Version::V5 => "v5",
+        };
+        say(&format!("mqtt {v} {}", l.addr));
+    }
+    Ok(broker)
+}
+
+/// Runs the node until `cancel` fires.
+///
+/// # Errors
+/// [`NodeError`] when startup or admission fails.
+pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let nib = Arc::new(Nib::open(cfg.data_dir.join("nib.db")).map_err(startup)?);
+    let (identity, created) = crate::identity::load_or_create(&cfg.data_dir).map_err(startup)?;
+    if created {
+        tracing::info!(public_key = %identity.public().to_base64(), "created the identity key");
+    }
+    let identity = Arc::new(identity);
+
+    let me = match cfg.role {
+        Role::Global => global_identity(&nib)?,
+        Role::Regional | Role::Local => match restore(&nib, cfg.role)? {
+            Some(me) => {
+                say(&format!(
+                    "restored id={} parent={}",
+                    me.id,
+                    me.parent.as_ref().map_or("-", |p| p.0.as_str())
+                ));
+                me
+            }
+            None => admit(&cfg, &nib, &identity, &clock, &cancel).await?,
+        },
+    };
+
+    let broker = match (cfg.role, cfg.embedded_broker) {
+        (Role::Global, true) => Some(start_broker(&cfg).await?),
+        _ => None,
+    };
+
+    let authority = match cfg.role {
+        Role::Local => None,
+        role => {
+            let secret = cfg
+                .bootstrap_secret
+                .clone()
+                .ok_or_else(|| startup("no bootstrap secret"))?;
+            let mut ac = AuthorityConfig::new(
+                vec![if role == Role::Global {
+                    Role::Regional
+                } else {
+                    Role::Local
+                }],
+                secret,
+            );
+            ac.regions = cfg.regions.clone();
+            ac.served_region = if role == Role::Regional {
+                cfg.region.clone()
+            } else {
+                None
+            };
+            ac.quota_per_region = cfg.quota_per_region;
+            ac.legacy_compat = cfg.legacy_compat;
+            ac.blocklist = cfg.blocklist.clone();
+            if cfg.legacy_compat {
+                tracing::warn!(
+                    "legacy compatibility is on: challenge answers that prove nothing are accepted (with a warning each time)"
+                );
+            }
+            Some(Arc::new(Authority::new(
+                me.id.clone(),
+                ac,
+                identity.clone(),
+                nib.clone(),
+                clock.clone(),
+                me.chain.clone(),
+            )))
+        }
+    };
+
+    let inbound = Arc::new(
+        Inbound::new(InboundParts {
+            id: me.id.clone(),
+            role: cfg.role,
+            region: cfg.region.clone(),
+            nib: nib.clone(),
+            identity: identity.clone(),
+            network_key: cfg.network_key.clone(),
+            authority,
+            parent: me.parent.clone(),
+            clock: clock.clone(),
+            replay_capacity: pdsno_shared::signing::DEFAULT_REPLAY_CAPACITY,
+        })
+        .map_err(startup)?,
+    );
+
+    let grpc_listener = grpc::bind(cfg.listen_grpc).await.map_err(startup)?;
+    let rest_listener = tokio::net::TcpListener::bind(cfg.listen_rest)
+        .await
+        .map_err(|e| {
+            startup(format!(
+                "cannot listen for REST on {}: {e}",
+                cfg.listen_rest
+            ))
+        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(startup)?;
+    let rest_addr = rest_listener.local_addr().map_err(startup)?;
+
+    let servers = tokio_util::task::TaskTracker::new();
+    {
+        let c = cancel.clone();
+        let api = grpc::GrpcApi::new(inbound.clone());
+        servers.spawn(async move {
+            if let Err(e) =
+                grpc::serve(grpc_listener, api, async move { c.cancelled().await }).await
+            {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+    }
+    {
+        let c = cancel.clone();
+        let ib = inbound.clone();
+        servers.spawn(async move {
+            if let Err(e) = rest::serve(rest_listener, ib, async move { c.cancelled().await }).await
+            {
+                tracing::error!(error = %e, "REST server stopped");
+            }
+        });
+    }
+    // Expired nonces are swept in the background.
+    {
+        let c = cancel.clone();
+        let ib = inbound.clone();
+        servers.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                        let ib = ib.clone();
+                        let _ = tokio::task::spawn_blocking(move || ib.purge_expired_nonces()).await;
+                    }
+                }
+            }
+        });
+    }
+    servers.close();
+
+    say(&format!(
+        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}",
+        me.id,
+        cfg.role.as_str()
+    ));
+    tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, "controller ready");
+
+    cancel.cancelled().await;
+    tracing::info!(id = %me.id, "shutting down");
+    if tokio::time::timeout(Duration::from_secs(5), servers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("servers did not stop within 5 s");
+    }
+    if let Some(b) = broker {
+        b.shutdown().await;
+    }
+    Ok(())
+}

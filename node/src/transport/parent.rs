@@ -1,0 +1,285 @@
+//! The outgoing gRPC link to a parent: pooled HTTP/2 connection, per-request timeouts, and
+//! retries with exponential backoff and jitter on connection errors only (a child that
+//! starts before its parent waits instead of failing). Application errors are never
+//! retried.
+
+use std::time::Duration;
+
+use pdsno_shared::envelope::Envelope;
+use pdsno_shared::grpc::{TypedMessage, pb};
+use rand::RngExt;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a call to the parent failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// Could not reach the parent (connection refused, reset, DNS, ...): worth retrying.
+    #[error("parent unreachable: {0}")]
+    Unavailable(String),
+    /// The parent answered with an error status.
+    #[error("parent refused the call ({code:?}): {message}")]
+    Status {
+        /// The gRPC code.
+        code: Code,
+        /// The parent's message.
+        message: String,
+    },
+    /// The parent's answer is not a valid envelope.
+    #[error("invalid answer from the parent: {0}")]
+    BadReply(String),
+    /// The URL is unusable.
+    #[error("invalid parent URL {0:?}")]
+    BadUrl(String),
+}
+
+impl LinkError {
+    /// True for connection errors (the only ones retried).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LinkError::Unavailable(_))
+    }
+}
+
+fn from_status(s: tonic::Status) -> LinkError {
+    match s.code() {
+        Code::Unavailable => LinkError::Unavailable(s.message().to_owned()),
+        code => LinkError::Status {
+            code,
+            message: s.message().to_owned(),
+        },
+    }
+}
+
+/// A connection to a parent's gRPC endpoint.
+#[derive(Clone, Debug)]
+pub struct ParentLink {
+    url: String,
+    channel: Channel,
+}
+
+impl ParentLink {
+    /// A lazily connecting link to `url` (`http://host:port`).
+    ///
+    /// # Errors
+    /// [`LinkError::BadUrl`] for an unusable URL.
+    pub fn new(url: &str) -> Result<Self, LinkError> {
+        let ep = Endpoint::from_shared(url.to_owned())
+            .map_err(|_| LinkError::BadUrl(url.to_owned()))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(15))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        Ok(ParentLink {
+            url: url.to_owned(),
+            channel: ep.connect_lazy(),
+        })
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The parent's self-description.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn info(&self) -> Result<pb::NodeInfo, LinkError> {
+        let mut c = pb::node_client::NodeClient::new(self.channel.clone());
+        c.get_info(pb::InfoRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(from_status)
+    }
+
+    /// VALIDATION_REQUEST → CHALLENGE or VALIDATION_RESULT.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn request_validation(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        let msg = pb::ValidationRequest::from_envelope(env)
+            .map_err(|e| LinkError::BadReply(e.to_string()))?;
+        let mut c = pb::admission_client::AdmissionClient::new(self.channel.clone());
+        let step = c
+            .request_validation(msg)
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        match step.step {
+            Some(pb::admission_step::Step::Challenge(ch)) => ch
+                .into_envelope()
+                .map_err(|e| LinkError::BadReply(e.to_string())),
+            Some(pb::admission_step::Step::Result(r)) => r
+                .into_envelope()
+                .map_err(|e| LinkError::BadReply(e.to_string())),
+            None => Err(LinkError::BadReply("empty admission step".into())),
+        }
+    }
+
+    /// CHALLENGE_RESPONSE → VALIDATION_RESULT.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn respond_to_challenge(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        let msg = pb::ChallengeResponse::from_envelope(env)
+            .map_err(|e| LinkError::BadReply(e.to_string()))?;
+        let mut c = pb::admission_client::AdmissionClient::new(self.channel.clone());
+        let r = c
+            .respond_to_challenge(msg)
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        r.into_envelope()
+            .map_err(|e| LinkError::BadReply(e.to_string()))
+    }
+
+    /// Any other request/response envelope; `None` when the parent accepted without reply.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn exchange(&self, env: &Envelope) -> Result<Option<Envelope>, LinkError> {
+        let mut c = pb::messaging_client::MessagingClient::new(self.channel.clone());
+        let r = c
+            .exchange(pb::Envelope::from_envelope(env))
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        if r.header.is_none() && r.message_type.is_empty() {
+            return Ok(None);
+        }
+        r.into_envelope()
+            .map(Some)
+            .map_err(|e| LinkError::BadReply(e.to_string()))
+    }
+}
+
+/// Backoff settings for retries.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (1-based): exponential, full jitter in
+    /// the upper half.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = self.initial.as_millis().max(1) as u64;
+        let cap = self.max.as_millis().max(1) as u64;
+        let exp = base
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+            .min(cap);
+        Duration::from_millis(rand::rng().random_range(exp / 2..=exp))
+    }
+}
+
+/// Runs `op` until it succeeds, fails with a non-retryable error, or `deadline` passes,
+/// sleeping per `backoff` between connection failures.
+///
+/// # Errors
+/// The last error.
+pub async fn retry<T, F, Fut>(
+    what: &str,
+    backoff: Backoff,
+    deadline: Option<Duration>,
+    mut op: F,
+) -> Result<T, LinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LinkError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                attempt += 1;
+                let wait = backoff.delay(attempt);
+                if deadline.is_some_and(|d| start.elapsed() + wait > d) {
+                    return Err(e);
+                }
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::info!(%what, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "waiting for the parent");
+                }
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 1..10 {
+            let d = b.delay(attempt);
+            let exp = (100u64 << (attempt - 1)).min(2000);
+            assert!(
+                d >= Duration::from_millis(exp / 2) && d <= Duration::from_millis(exp),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_only_connection_errors() {
+        let mut calls = 0;
+        let r: Result<(), _> = retry("x", Backoff::default(), None, || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(LinkError::Unavailable("refused".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!((r, calls), (Ok(()), 3));
+        let mut calls = 0;
+        let r: Result<(), _> = retry("x", Backoff::default(), None, || {
+            calls += 1;
+            async {
+                Err(LinkError::Status {
+                    code: Code::InvalidArgument,
+                    message: "no".into(),
+                })
+            }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1, "application errors are not retried");
+        let r: Result<(), _> = retry(
+            "x",
+            Backoff::default(),
+            Some(Duration::from_secs(1)),
+            || async { Err(LinkError::Unavailable("down".into())) },
+        )
+        .await;
+        assert!(
+            matches!(r, Err(LinkError::Unavailable(_))),
+            "gives up at the deadline"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! REST compatibility endpoints (PROTOCOL.md §4): the original PDSNO JSON wire format, so
+//! Python controllers and scripts work unchanged.
+//!
+//! - `POST /message/{type}`: body = envelope. 400 for a body that is not an envelope (with a
+//!   `detail` saying why), 413 above the size limit, 401 for a missing or failing
+//!   signature, 400 for another recipient or a body type that differs from the path, 404
+//!   for a type this controller does not handle. The reply is an envelope or
+//!   `{"status":"accepted"}`. No error is ever a 500 with a stack trace.
+//! - `GET /health`: `{"status":"healthy","controller_id":...,"timestamp":...}`.
+//! - `GET /info`: `{"controller_id":...,"registered_handlers":[...],"host":...,"port":...}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use pdsno_shared::envelope::{Envelope, MessageType};
+use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::time::format_iso;
+use tokio::net::TcpListener;
+
+use crate::inbound::{Inbound, InboundError, Reply};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+#[derive(Clone)]
+struct Ctx {
+    inbound: Arc<Inbound>,
+    addr: SocketAddr,
+}
+
+/// A JSON response with our canonical (ASCII, sorted) encoding.
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json::to_canonical_string(v),
+    )
+        .into_response()
+}
+
+fn detail(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut m = Map::new();
+    m.insert("detail".into(), Value::String(msg.into()));
+    json_response(status, &Value::Object(m))
+}
+
+fn error_response(e: InboundError) -> Response {
+    let status = match &e {
+        InboundError::BadRequest(_)
+        | InboundError::WrongRecipient { .. }
+        | InboundError::TypeMismatch { .. } => StatusCode::BAD_REQUEST,
+        InboundError::Unsigned | InboundError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+        InboundError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        InboundError::NoHandler(_) => StatusCode::NOT_FOUND,
+        InboundError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+    };
+    detail(status, e.to_string())
+}
+
+async fn message(
+    State(ctx): State<Ctx>,
+    Path(kind): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return detail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body larger than {MAX_BODY} bytes"),
+            );
+        }
+        Err(rej) => {
+            return detail(
+                StatusCode::BAD_REQUEST,
+                format!("Cannot read the request body: {}", rej.body_text()),
+            );
+        }
+    };
+    let Some(path_type) = MessageType::from_path_segment(&kind) else {
+        return detail(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Unknown message type {:?}",
+                kind.chars().take(64).collect::<String>()
+            ),
+        );
+    };
+    let env = match Envelope::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => return detail(StatusCode::BAD_REQUEST, format!("Invalid message: {e}")),
+    };
+    let inbound = ctx.inbound.clone();
+    let handled = tokio::task::spawn_blocking(move || inbound.handle(env, Some(path_type))).await;
+    match handled {
+        Err(_) => detail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The handler failed; see the controller's log",
+        ),
+        Ok(Err(e)) => error_response(e),
+        Ok(Ok(Reply::Envelope(e))) => json_response(StatusCode::OK, &e.to_value()),
+        Ok(Ok(Reply::Accepted)) => {
+            let mut m = Map::new();
+            m.insert("status".into(), "accepted".into());
+            json_response(StatusCode::OK, &Value::Object(m))
+        }
+    }
+}
+
+async fn health(State(ctx): State<Ctx>) -> Response {
+    let mut m = Map::new();
+    m.insert("status".into(), "healthy".into());
+    m.insert("controller_id".into(), ctx.inbound.id().into());
+    m.insert("timestamp".into(), format_iso(chrono::Utc::now()).into());
+    json_response(StatusCode::OK, &Value::Object(m))
+}
+
+async fn info(State(ctx): State<Ctx>) -> Response {
+    let mut m = Map::new();
+    m.insert("controller_id".into(), ctx.inbound.id().into());
+    m.insert(
+        "registered_handlers".into(),
+        Value::Array(
+            ctx.inbound
+                .handled_types()
+                .iter()
+                .map(|t| Value::from(t.as_str()))
+                .collect(),
+        ),
+    );
+    m.insert("host".into(), ctx.addr.ip().to_string().into());
+    m.insert("port".into(), i64::from(ctx.addr.port()).into());
+    m.insert("role".into(), ctx.inbound.role().as_str().into());
+    m.insert(
+        "public_key".into(),
+        ctx.inbound.public_key().to_base64().into(),
+    );
+    json_response(StatusCode::OK, &Value::Object(m))
+}
+
+async fn not_found() -> Response {
+    detail(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn method_not_allowed() -> Response {
+    detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+/// The REST router of a node listening on `addr`.
+pub fn router(inbound: Arc<Inbound>, addr: SocketAddr) -> Router {
+    Router::new()
+        .route("/message/{kind}", post(message))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Ctx { inbound, addr })
+}
+
+/// Serves REST on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When the server fails.
+pub async fn serve(
+    listener: TcpListener,
+    inbound: Arc<Inbound>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    axum::serve(listener, router(inbound, addr))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
