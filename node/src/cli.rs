@@ -25,6 +25,8 @@ pub enum Command {
     Regional(crate::config::NodeArgs),
     /// Run a local controller (admitted by its regional controller).
     Local(crate::config::NodeArgs),
+    /// Run a whole GC + RC + LC topology locally, show it, and stop it.
+    Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child.
     Token(cmd::token::TokenArgs),
     /// Sign one JSON envelope read from stdin and print it.
@@ -61,6 +63,7 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Regional(a) => cmd::tier::run(pdsno_shared::ids::Role::Regional, &a),
         Command::Local(a) => cmd::tier::run(pdsno_shared::ids::Role::Local, &a),
         Command::Token(a) => cmd::token::run(&a),
+        Command::Demo(a) => cmd::demo::run(&a),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
         Command::Broker(a) => cmd::broker::run(&a),

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod demo;
 pub mod envelope_tools;
 pub mod tier;
 pub mod token;

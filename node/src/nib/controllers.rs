@@ -153,10 +153,12 @@ impl Nib {
             return Err(AdmitError::TokenAlreadyUsed);
         }
         let kind = rec.role.as_str();
+        // One sequence per role and region: `regional_cntl_zone-B_1` is zone B's first RC.
+        let seq_kind = format!("{kind}/{}", rec.region);
         let last: Option<i64> = tx
             .query_row(
                 "SELECT last FROM id_sequences WHERE kind = ?1",
-                params![kind],
+                params![seq_kind],
                 |r| r.get(0),
             )
             .optional()?;
@@ -177,7 +179,7 @@ impl Nib {
         }
         tx.execute(
             "INSERT INTO id_sequences (kind, last) VALUES (?1, ?2) ON CONFLICT(kind) DO UPDATE SET last = excluded.last",
-            params![kind, seq],
+            params![seq_kind, seq],
         )?;
         let cert = certificate(&assigned_id).map_err(AdmitError::Certificate)?;
         let when = format_iso(now);
