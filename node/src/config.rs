@@ -57,6 +57,8 @@ pub struct FileConfig {
     pub root_public_key: Option<String>,
     /// Operator accounts of the embedded broker.
     pub mqtt_users: Option<Vec<UserEntry>>,
+    /// Seconds an admission challenge stays valid (default 30).
+    pub challenge_ttl_secs: Option<u64>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -138,6 +140,13 @@ pub struct NodeArgs {
     /// Embedded broker operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub users: Vec<String>,
+    /// Seconds an admission challenge stays valid.
+    #[arg(
+        long = "challenge-ttl",
+        env = "PDSNO_CHALLENGE_TTL",
+        value_name = "SECS"
+    )]
+    pub challenge_ttl_secs: Option<u64>,
 }
 
 /// The resolved configuration of one node.
@@ -182,6 +191,8 @@ pub struct NodeConfig {
     pub root_public_key: Option<PublicKey>,
     /// Operator accounts.
     pub users: Vec<OperatorAccount>,
+    /// Admission challenge lifetime.
+    pub challenge_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -388,6 +399,12 @@ impl NodeConfig {
             blocklist: a.blocklist.clone().or(file.blocklist).unwrap_or_default(),
             root_public_key,
             users,
+            challenge_ttl: std::time::Duration::from_secs(
+                a.challenge_ttl_secs
+                    .or(file.challenge_ttl_secs)
+                    .unwrap_or(30)
+                    .clamp(1, 600),
+            ),
         };
         cfg.check()?;
         Ok(cfg)

@@ -329,6 +329,8 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
             ac.quota_per_region = cfg.quota_per_region;
             ac.legacy_compat = cfg.legacy_compat;
             ac.blocklist = cfg.blocklist.clone();
+            ac.challenge_ttl = chrono::Duration::from_std(cfg.challenge_ttl)
+                .unwrap_or(chrono::Duration::seconds(30));
             if cfg.legacy_compat {
                 tracing::warn!(
                     "legacy compatibility is on: challenge answers that prove nothing are accepted (with a warning each time)"

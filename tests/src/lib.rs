@@ -351,3 +351,168 @@ pub fn run(program: &str, args: &[&str], timeout: Duration) -> (Option<i32>, Str
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A running controller process and what it reported.
+pub struct NodeProc {
+    /// The process.
+    pub proc: Proc,
+    /// Its id.
+    pub id: String,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// REST address.
+    pub rest: SocketAddr,
+    /// Embedded broker (MQTT 3.1.1), for the global controller.
+    pub mqtt: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+impl NodeProc {
+    /// `http://` URL of the gRPC endpoint.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+}
+
+/// `key=value` from a report line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split(' ').find_map(|kv| {
+        kv.strip_prefix(key)
+            .and_then(|v| v.strip_prefix('='))
+            .map(str::to_owned)
+    })
+}
+
+/// A lab: a temporary directory holding data directories and a bootstrap secret shared by
+/// every parent.
+pub struct Lab {
+    /// The directory.
+    pub dir: tempfile::TempDir,
+    /// The bootstrap secret file.
+    pub secret_file: PathBuf,
+    /// The bootstrap secret.
+    pub secret: String,
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Lab {
+    /// A fresh lab.
+    pub fn new() -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = "lab-bootstrap-secret-0123456789".to_owned();
+        let secret_file = dir.path().join("bootstrap.secret");
+        std::fs::write(&secret_file, format!("{secret}\n")).expect("write secret");
+        Lab {
+            dir,
+            secret_file,
+            secret,
+        }
+    }
+
+    /// A bootstrap token minted with the lab secret.
+    pub fn token(&self, temp_id: &str, region: &str, kind: &str) -> String {
+        pdsno_shared::bootstrap::bootstrap_token(self.secret.as_bytes(), temp_id, region, kind)
+    }
+
+    /// The data directory of node `name`.
+    pub fn data(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Spawns `pdsno <tier>` with the lab's data directory for `name`, free ports and the
+    /// bootstrap secret; does not wait.
+    pub fn spawn(&self, tier: &str, name: &str, extra: &[&str]) -> Proc {
+        let data = self.data(name);
+        let secret = self.secret_file.display().to_string();
+        let data_s = data.display().to_string();
+        let mut args = vec![
+            tier,
+            "--data-dir",
+            &data_s,
+            "--bootstrap-secret-file",
+            &secret,
+        ];
+        // Free ports unless the caller pins one.
+        let mut defaults = vec![
+            ("--listen-grpc", "127.0.0.1:0"),
+            ("--listen-rest", "127.0.0.1:0"),
+        ];
+        if tier == "global" {
+            defaults.push(("--listen-mqtt", "127.0.0.1:0"));
+        }
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend_from_slice(&[flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
+        Proc::pdsno(name, &args, &[])
+    }
+
+    /// Waits for `ready` and returns the node.
+    pub fn ready(&self, mut proc: Proc, name: &str) -> NodeProc {
+        let line = proc.wait_line(Duration::from_secs(60), |l| l.starts_with("ready "));
+        let mqtt = proc
+            .lines()
+            .iter()
+            .find(|l| l.starts_with("mqtt v4 "))
+            .map(|l| listening_addr(l));
+        let addr = |k: &str| {
+            field(&line, k)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+        };
+        NodeProc {
+            id: field(&line, "id").unwrap_or_default(),
+            grpc: addr("grpc"),
+            rest: addr("rest"),
+            mqtt,
+            data_dir: self.data(name),
+            proc,
+        }
+    }
+
+    /// Starts the global controller (regions zone-A, zone-B unless `extra` says otherwise).
+    pub fn global(&self, extra: &[&str]) -> NodeProc {
+        let mut args = if extra.contains(&"--regions") {
+            vec![]
+        } else {
+            vec!["--regions", "zone-A,zone-B"]
+        };
+        args.extend_from_slice(extra);
+        let p = self.spawn("global", "global", &args);
+        self.ready(p, "global")
+    }
+
+    /// Starts a child of `parent` whose temp id is `name`, with a valid token.
+    pub fn child(
+        &self,
+        tier: &str,
+        name: &str,
+        parent: &NodeProc,
+        region: &str,
+        extra: &[&str],
+    ) -> NodeProc {
+        let token = self.token(name, region, tier);
+        let url = parent.grpc_url();
+        let mut args = vec![
+            "--parent",
+            &url,
+            "--region",
+            region,
+            "--temp-id",
+            name,
+            "--bootstrap-token",
+            &token,
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(tier, name, &args);
+        self.ready(p, name)
+    }
+}
