@@ -516,3 +516,87 @@ impl Lab {
         self.ready(p, name)
     }
 }
+
+/// A Python interpreter with `grpcio`, `grpcio-reflection` and `protobuf`: `$PDSNO_PYTHON`
+/// if set, else a virtual environment under `target/` created on first use (from PyPI).
+///
+/// # Panics
+/// When no such interpreter can be provided.
+pub fn python_with_grpc() -> PathBuf {
+    if let Some(p) = std::env::var_os("PDSNO_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join("target").join("pyvenv-grpc");
+    let py = venv.join("bin").join("python");
+    let works = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(&py) {
+        return py;
+    }
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(
+        status.success(),
+        "cannot create a Python virtual environment at {}",
+        venv.display()
+    );
+    let status = Command::new(venv.join("bin").join("pip"))
+        .args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "grpcio",
+            "grpcio-reflection",
+            "protobuf",
+        ])
+        .status()
+        .expect("pip install");
+    assert!(
+        status.success(),
+        "pip install grpcio grpcio-reflection protobuf failed"
+    );
+    assert!(works(&py), "the virtual environment cannot import grpc");
+    py
+}
+
+/// Runs a Python script from `tests/python/` with `args`; returns its stdout lines parsed as
+/// JSON objects.
+///
+/// # Panics
+/// When the script fails or prints something that is not JSON.
+pub fn python_json_lines(
+    python: &Path,
+    script: &str,
+    args: &[&str],
+) -> Vec<pdsno_shared::json::Value> {
+    let path = workspace_root().join("tests").join("python").join(script);
+    let out = Command::new(python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            pdsno_shared::json::parse(l.as_bytes())
+                .unwrap_or_else(|e| panic!("{script} printed non-JSON {l:?}: {e}"))
+        })
+        .collect()
+}
