@@ -588,3 +588,28 @@ async fn broker_restart_loses_no_buffered_qos1_message_and_resubscribes() {
     }
     assert!(publ.stats().connects >= 2 && sub.stats().connects >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_is_an_error_returned_to_the_caller() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let err = EmbeddedBroker::start(BrokerConfig::plain(addr, None), None)
+        .await
+        .expect_err("port in use");
+    assert!(
+        matches!(err, pdsno_broker::BrokerError::Bind { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    // The same through `pdsno broker`: a clear message and a failing exit code.
+    let (code, _, stderr) = run(
+        pdsno_tests::pdsno_bin().to_str().expect("utf-8"),
+        &["broker", "--listen", &addr.to_string(), "--allow-anonymous"],
+        T,
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}

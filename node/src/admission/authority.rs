@@ -151,10 +151,76 @@ struct Pending {
     expires_at: DateTime<Utc>,
     admission_key: HmacKey,
     used: bool,
+    /// Still counted as outstanding (unused and not yet swept as expired).
+    outstanding: bool,
 }
 
 /// Tombstones are kept this long after a challenge expires.
 const TOMBSTONE: Duration = Duration::minutes(5);
+/// Most tombstones kept (oldest dropped first).
+const MAX_TOMBSTONES: usize = 16_384;
+
+/// Challenges in issue order: `fresh` (within their lifetime), then `old` (expired
+/// tombstones). Issue order is expiry order, so sweeping and eviction are O(1) amortized.
+#[derive(Default)]
+struct Challenges {
+    map: HashMap<String, Pending>,
+    fresh: std::collections::VecDeque<String>,
+    old: std::collections::VecDeque<String>,
+    outstanding: usize,
+}
+
+impl Challenges {
+    fn sweep(&mut self, now: DateTime<Utc>) {
+        while let Some(id) = self.fresh.front() {
+            match self.map.get_mut(id) {
+                Some(p) if p.expires_at >= now => break,
+                Some(p) => {
+                    if p.outstanding {
+                        p.outstanding = false;
+                        self.outstanding -= 1;
+                    }
+                }
+                None => {}
+            }
+            if let Some(id) = self.fresh.pop_front() {
+                self.old.push_back(id);
+            }
+        }
+        while let Some(id) = self.old.front() {
+            let stale = self
+                .map
+                .get(id)
+                .is_none_or(|p| p.expires_at + TOMBSTONE < now);
+            if !stale && self.old.len() <= MAX_TOMBSTONES {
+                break;
+            }
+            if let Some(id) = self.old.pop_front() {
+                self.map.remove(&id);
+            }
+        }
+    }
+
+    fn insert(&mut self, id: String, p: Pending) {
+        self.outstanding += 1;
+        self.fresh.push_back(id.clone());
+        self.map.insert(id, p);
+    }
+
+    /// Marks a challenge used; returns its data if it was unused.
+    fn take(&mut self, id: &str) -> Option<&Pending> {
+        let p = self.map.get_mut(id)?;
+        if p.used {
+            return None;
+        }
+        p.used = true;
+        if p.outstanding {
+            p.outstanding = false;
+            self.outstanding -= 1;
+        }
+        Some(p)
+    }
+}
 
 /// The admitting parent.
 pub struct Authority {
@@ -164,7 +230,7 @@ pub struct Authority {
     nib: Arc<Nib>,
     clock: Arc<dyn Clock>,
     chain: Option<IssuerChain>,
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: Mutex<Challenges>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -206,11 +272,11 @@ impl Authority {
             nib,
             clock,
             chain,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Challenges::default()),
         }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Challenges> {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -229,7 +295,7 @@ impl Authority {
                 .map(admission_key),
             T::ChallengeResponse => {
                 let id = env.payload.get("challenge_id")?.as_str()?;
-                self.pending().get(id).map(|p| p.admission_key.clone())
+                self.pending().map.get(id).map(|p| p.admission_key.clone())
             }
             _ => None,
         }
@@ -346,12 +412,8 @@ impl Authority {
         let expires_at = now + self.cfg.challenge_ttl;
         {
             let mut pending = self.pending();
-            pending.retain(|_, p| now <= p.expires_at + TOMBSTONE);
-            let live = pending
-                .values()
-                .filter(|p| !p.used && now <= p.expires_at)
-                .count();
-            if live >= self.cfg.max_pending || pending.len() >= self.cfg.max_pending * 4 {
+            pending.sweep(now);
+            if pending.outstanding >= self.cfg.max_pending {
                 return Err(AdmissionError::Busy);
             }
             pending.insert(
@@ -364,6 +426,7 @@ impl Authority {
                     request: req,
                     expires_at,
                     used: false,
+                    outstanding: true,
                 },
             );
         }
@@ -388,20 +451,16 @@ impl Authority {
         // Take the challenge: single use whatever the outcome.
         let taken = {
             let mut pending = self.pending();
-            match pending.get_mut(&resp.challenge_id) {
-                None => None,
-                Some(p) if p.used => None,
-                Some(p) => {
-                    p.used = true;
-                    Some((
-                        p.temp_id.clone(),
-                        p.nonce,
-                        p.request.clone(),
-                        p.token.clone(),
-                        p.expires_at,
-                    ))
-                }
-            }
+            pending.sweep(now);
+            pending.take(&resp.challenge_id).map(|p| {
+                (
+                    p.temp_id.clone(),
+                    p.nonce,
+                    p.request.clone(),
+                    p.token.clone(),
+                    p.expires_at,
+                )
+            })
         };
         let Some((temp_id, nonce, req, token, expires_at)) = taken else {
             return Ok(self.refuse(&resp.temp_id, reason::UNKNOWN_CHALLENGE, now));
@@ -569,10 +628,9 @@ impl Authority {
     /// Challenges currently outstanding (for status and tests).
     pub fn pending_challenges(&self) -> usize {
         let now = self.clock.now();
-        self.pending()
-            .values()
-            .filter(|p| !p.used && now <= p.expires_at)
-            .count()
+        let mut pending = self.pending();
+        pending.sweep(now);
+        pending.outstanding
     }
 
     /// How long a challenge lives.

@@ -18,6 +18,34 @@ use crate::transport::mqtt::{BrokerUrl, MqttClient, MqttSettings};
 pub enum BenchCommand {
     /// MQTT throughput and latency through a broker.
     Mqtt(MqttBenchArgs),
+    /// Full admission handshakes per second against a parent's gRPC endpoint.
+    Admission(AdmissionBenchArgs),
+}
+
+/// `pdsno bench admission` arguments.
+#[derive(Debug, Args)]
+pub struct AdmissionBenchArgs {
+    /// The parent's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub url: String,
+    /// File holding the parent's bootstrap secret (or PDSNO_BOOTSTRAP_SECRET).
+    #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE")]
+    pub bootstrap_secret_file: Option<std::path::PathBuf>,
+    /// Region to ask for.
+    #[arg(long, default_value = "zone-A")]
+    pub region: String,
+    /// Child type to ask for (`regional` against a GC, `local` against an RC).
+    #[arg(long, default_value = "regional")]
+    pub kind: String,
+    /// Concurrent clients, comma-separated runs.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    pub conns: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Stop after this many admissions in total (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max: usize,
 }
 
 /// `pdsno bench mqtt` arguments.
@@ -55,6 +83,15 @@ pub fn run(cmd: &BenchCommand) -> ExitCode {
     match cmd {
         BenchCommand::Mqtt(a) => crate::runtime::block_on(async move {
             match mqtt(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+        BenchCommand::Admission(a) => crate::runtime::block_on(async move {
+            match admission(a).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -201,4 +238,111 @@ async fn mqtt(a: &MqttBenchArgs) -> Result<(), String> {
 fn hex_tag() -> String {
     let b = pdsno_shared::ids::random_bytes_32();
     b[..4].iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
+    use crate::admission::child::{ChildConfig, admit};
+    use pdsno_shared::bootstrap::bootstrap_token;
+    use pdsno_shared::ids::Role;
+    use pdsno_shared::keys::IdentityKey;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let secret = match &a.bootstrap_secret_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        None => std::env::var("PDSNO_BOOTSTRAP_SECRET")
+            .map_err(|_| "give --bootstrap-secret-file or set PDSNO_BOOTSTRAP_SECRET".to_owned())?,
+    };
+    let role = Role::parse(&a.kind).ok_or("--kind is regional or local")?;
+    let clock: Arc<dyn pdsno_shared::time::Clock> = Arc::new(pdsno_shared::time::SystemClock);
+    let total = Arc::new(AtomicUsize::new(0));
+    let mut best = (0.0f64, 0usize, Duration::ZERO, Duration::ZERO);
+    for &conns in &a.conns {
+        let stop_at = Instant::now() + Duration::from_secs(a.duration.max(1));
+        let mut tasks = Vec::new();
+        for w in 0..conns.max(1) {
+            let link =
+                crate::transport::parent::ParentLink::new(&a.url).map_err(|e| e.to_string())?;
+            let (secret, region, clock, total, max) = (
+                secret.clone(),
+                a.region.clone(),
+                clock.clone(),
+                total.clone(),
+                a.max,
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0usize;
+                let mut first_error = None;
+                let mut n = 0u64;
+                while Instant::now() < stop_at && (max == 0 || total.load(Ordering::Relaxed) < max)
+                {
+                    let temp = format!("temp-bench-{}-{w}-{n}", hex_tag());
+                    n += 1;
+                    let token = bootstrap_token(secret.as_bytes(), &temp, &region, role.as_str());
+                    let cfg = ChildConfig {
+                        temp_id: temp,
+                        role,
+                        region: region.clone(),
+                        bootstrap_token: SecretString::new(token),
+                        network_key: None,
+                        metadata: Default::default(),
+                        root_public_key: None,
+                    };
+                    let identity = IdentityKey::generate();
+                    let t = Instant::now();
+                    // The chain check needs an RC's chain; a GC result carries none for
+                    // locals, so count any APPROVED answer.
+                    match admit(&link, &cfg, &identity, &clock).await {
+                        Ok(_) => {
+                            lat.push(t.elapsed());
+                            total.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                (lat, errors, first_error)
+            }));
+        }
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        let mut first_error = None;
+        for t in tasks {
+            let (l, e, f) = t.await.map_err(|e| e.to_string())?;
+            lat.extend(l);
+            errors += e;
+            if first_error.is_none() {
+                first_error = f;
+            }
+        }
+        lat.sort();
+        let rate = lat.len() as f64 / a.duration.max(1) as f64;
+        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        println!(
+            "grpc.handshake conns={conns} {rate:.0} ops/s p50 {:.2} ms p99 {:.2} ms ok={} errors={errors}{}",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            lat.len(),
+            first_error
+                .map(|e| format!(" first_error={e}"))
+                .unwrap_or_default()
+        );
+        if rate > best.0 {
+            best = (rate, conns, p50, p99);
+        }
+    }
+    println!(
+        "grpc.handshake.best {:.0} ops/s with {} conns (p50 {:.2} ms, p99 {:.2} ms)",
+        best.0,
+        best.1,
+        best.2.as_secs_f64() * 1e3,
+        best.3.as_secs_f64() * 1e3
+    );
+    Ok(())
 }

@@ -172,7 +172,7 @@ pub async fn serve(
         )
         .add_service(pb::node_server::NodeServer::new(api).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await
