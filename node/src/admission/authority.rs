@@ -175,13 +175,11 @@ impl Challenges {
         while let Some(id) = self.fresh.front() {
             match self.map.get_mut(id) {
                 Some(p) if p.expires_at >= now => break,
-                Some(p) => {
-                    if p.outstanding {
-                        p.outstanding = false;
-                        self.outstanding -= 1;
-                    }
+                Some(p) if p.outstanding => {
+                    p.outstanding = false;
+                    self.outstanding -= 1;
                 }
-                None => {}
+                _ => {}
             }
             if let Some(id) = self.fresh.pop_front() {
                 self.old.push_back(id);
