@@ -154,6 +154,78 @@ pub(crate) struct Shared {
     pub(crate) inner_v4: SocketAddr,
     pub(crate) inner_v5: SocketAddr,
     pub(crate) secret: Zeroizing<String>,
+    /// Live sessions by client id (a client id can have a session per listener briefly,
+    /// while rumqttd takes one over).
+    pub(crate) sessions:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, CancellationToken)>>>,
+    pub(crate) next_session: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn register(&self, client_id: &str, token: CancellationToken) -> u64 {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let mut g = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.entry(client_id.to_owned()).or_default().push((id, token));
+        id
+    }
+
+    pub(crate) fn unregister(&self, client_id: &str, id: u64) {
+        let mut g = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = g.get_mut(client_id) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                g.remove(client_id);
+            }
+        }
+    }
+}
+
+/// A cloneable control handle of a running broker.
+#[derive(Clone)]
+pub struct BrokerControl {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BrokerControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerControl").finish_non_exhaustive()
+    }
+}
+
+impl BrokerControl {
+    /// Closes every session of `client_id` (MQTT 5 clients get DISCONNECT 0x98,
+    /// administrative action); returns how many were closed.
+    pub fn disconnect(&self, client_id: &str) -> usize {
+        let g = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.get(client_id).map_or(0, |v| {
+            for (_, t) in v {
+                t.cancel();
+            }
+            v.len()
+        })
+    }
+
+    /// Client ids with a live session.
+    pub fn connected_clients(&self) -> Vec<String> {
+        let g = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<String> = g.keys().cloned().collect();
+        v.sort();
+        v
+    }
 }
 
 /// A listener as bound.
@@ -180,6 +252,7 @@ pub struct BrokerHandle {
     tracker: TaskTracker,
     stats: Arc<Stats>,
     inner: inner::Inner,
+    shared: Arc<Shared>,
 }
 
 fn load_tls(name: &str, files: &TlsFiles) -> Result<TlsAcceptor, BrokerError> {
@@ -252,6 +325,8 @@ impl EmbeddedBroker {
             inner_v4: inner.v4,
             inner_v5: inner.v5,
             secret: inner.secret.clone(),
+            sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next_session: AtomicU64::new(1),
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -281,6 +356,7 @@ impl EmbeddedBroker {
             tracker,
             stats,
             inner,
+            shared,
         })
     }
 }
@@ -384,6 +460,13 @@ impl BrokerHandle {
             .iter()
             .find(|l| l.version == version && l.tls)
             .map(|l| l.addr)
+    }
+
+    /// A control handle (disconnect clients) that outlives borrows of this handle.
+    pub fn control(&self) -> BrokerControl {
+        BrokerControl {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Current counters.

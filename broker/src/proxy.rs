@@ -222,6 +222,7 @@ pub(crate) async fn serve<S>(
     }
     stats.connected.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
+    let session = shared.register(&connect.client_id, cancel.clone());
     tracing::debug!(%peer, client_id = %connect.client_id, ?principal, version = %connect.version, "client connected");
 
     // 4. Pump.
@@ -234,6 +235,7 @@ pub(crate) async fn serve<S>(
         &cancel,
     )
     .await;
+    shared.unregister(&connect.client_id, session);
     stats.active.fetch_sub(1, Ordering::Relaxed);
     match &end {
         End::Violation(v) => {
@@ -249,9 +251,12 @@ pub(crate) async fn serve<S>(
             stats.violations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, client_id = %connect.client_id, "closed a client that stalled inside a packet");
         }
-        End::Shutdown if connect.version == Version::V5 => {
-            // 0x8B: server shutting down.
-            let _ = client.write_all(&codec::disconnect_v5(0x8B)).await;
+        End::Shutdown => {
+            tracing::info!(%peer, client_id = %connect.client_id, "closing the session (shutdown or revocation)");
+            if connect.version == Version::V5 {
+                // 0x8B: server shutting down.
+                let _ = client.write_all(&codec::disconnect_v5(0x8B)).await;
+            }
         }
         End::Io(e) => {
             tracing::debug!(%peer, client_id = %connect.client_id, error = %e, "client connection failed")

@@ -25,6 +25,12 @@ pub enum Command {
     Regional(crate::config::NodeArgs),
     /// Run a local controller (admitted by its regional controller).
     Local(crate::config::NodeArgs),
+    /// Pairwise keys: list them, rotate one.
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
+    /// Controllers: revoke one.
+    #[command(subcommand)]
+    Controller(cmd::keys::ControllerCommand),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child.
@@ -64,6 +70,8 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Local(a) => cmd::tier::run(pdsno_shared::ids::Role::Local, &a),
         Command::Token(a) => cmd::token::run(&a),
         Command::Demo(a) => cmd::demo::run(&a),
+        Command::Keys(c) => cmd::keys::keys(&c),
+        Command::Controller(c) => cmd::keys::controller(&c),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
         Command::Broker(a) => cmd::broker::run(&a),

@@ -59,6 +59,16 @@ pub struct FileConfig {
     pub mqtt_users: Option<Vec<UserEntry>>,
     /// Seconds an admission challenge stays valid (default 30).
     pub challenge_ttl_secs: Option<u64>,
+    /// Seconds between heartbeats to the parent (default 10).
+    pub heartbeat_interval_secs: Option<f64>,
+    /// Seconds between scheduled pairwise key rotations (default 86400).
+    pub key_rotation_secs: Option<u64>,
+    /// Seconds a superseded key still verifies (default 600).
+    pub key_grace_secs: Option<u64>,
+    /// The gRPC URL others should use to reach this node (default: the bound address).
+    pub advertise_grpc: Option<String>,
+    /// The MQTT URL the global controller hands to admitted controllers.
+    pub advertise_mqtt: Option<String>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -147,6 +157,28 @@ pub struct NodeArgs {
         value_name = "SECS"
     )]
     pub challenge_ttl_secs: Option<u64>,
+    /// Seconds between heartbeats to the parent.
+    #[arg(
+        long = "heartbeat-interval",
+        env = "PDSNO_HEARTBEAT_INTERVAL",
+        value_name = "SECS"
+    )]
+    pub heartbeat_interval_secs: Option<f64>,
+    /// Seconds between scheduled pairwise key rotations.
+    #[arg(long = "key-rotation", env = "PDSNO_KEY_ROTATION", value_name = "SECS")]
+    pub key_rotation_secs: Option<u64>,
+    /// Seconds a superseded key still verifies.
+    #[arg(long = "key-grace", env = "PDSNO_KEY_GRACE", value_name = "SECS")]
+    pub key_grace_secs: Option<u64>,
+    /// The gRPC URL others should use to reach this node.
+    #[arg(long, env = "PDSNO_ADVERTISE_GRPC", value_name = "URL")]
+    pub advertise_grpc: Option<String>,
+    /// The MQTT URL the global controller hands to admitted controllers.
+    #[arg(long, env = "PDSNO_ADVERTISE_MQTT", value_name = "URL")]
+    pub advertise_mqtt: Option<String>,
+    /// Validate the configuration and exit (0 if valid, else the first error).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// The resolved configuration of one node.
@@ -193,6 +225,16 @@ pub struct NodeConfig {
     pub users: Vec<OperatorAccount>,
     /// Admission challenge lifetime.
     pub challenge_ttl: std::time::Duration,
+    /// Heartbeat period.
+    pub heartbeat_interval: std::time::Duration,
+    /// Scheduled key rotation period.
+    pub key_rotation: std::time::Duration,
+    /// Grace period of superseded keys.
+    pub key_grace: std::time::Duration,
+    /// Advertised gRPC URL.
+    pub advertise_grpc: Option<String>,
+    /// Advertised MQTT URL.
+    pub advertise_mqtt: Option<String>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -237,7 +279,24 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+thread_local! {
+    /// Set while checking a configuration: missing secret files become notes.
+    static CHECK_NOTES: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
 fn read_secret(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let checking = CHECK_NOTES.with(|n| n.borrow().is_some());
+    if checking && !path.exists() {
+        CHECK_NOTES.with(|n| {
+            if let Some(v) = n.borrow_mut().as_mut() {
+                v.push(format!(
+                    "{key}: {} does not exist yet (the node needs it to start)",
+                    path.display()
+                ));
+            }
+        });
+        return Ok(SecretString::new("placeholder-for-check-only"));
+    }
     let text =
         std::fs::read_to_string(path).map_err(|e| err(key, format!("{}: {e}", path.display())))?;
     let s = text.trim_end_matches(['\n', '\r']).to_owned();
@@ -277,6 +336,20 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 impl NodeConfig {
+    /// Validates a configuration without starting anything: returns notes about secret
+    /// files that do not exist yet (they are not errors of the configuration itself).
+    ///
+    /// # Errors
+    /// The first problem, with its key.
+    pub fn check_only(role: Role, a: &NodeArgs) -> Result<Vec<String>, ConfigError> {
+        CHECK_NOTES.with(|n| *n.borrow_mut() = Some(Vec::new()));
+        let r = NodeConfig::resolve(role, a);
+        let notes = CHECK_NOTES
+            .with(|n| n.borrow_mut().take())
+            .unwrap_or_default();
+        r.map(|_| notes)
+    }
+
     /// Resolves flags (and their variables) over the file over defaults, and checks the
     /// result.
     ///
@@ -405,6 +478,33 @@ impl NodeConfig {
                     .unwrap_or(30)
                     .clamp(1, 600),
             ),
+            heartbeat_interval: {
+                let secs = a
+                    .heartbeat_interval_secs
+                    .or(file.heartbeat_interval_secs)
+                    .unwrap_or(10.0);
+                if !(0.01..=3600.0).contains(&secs) {
+                    return Err(err(
+                        "heartbeat_interval_secs",
+                        "must be between 0.01 and 3600 seconds",
+                    ));
+                }
+                std::time::Duration::from_secs_f64(secs)
+            },
+            key_rotation: std::time::Duration::from_secs(
+                a.key_rotation_secs
+                    .or(file.key_rotation_secs)
+                    .unwrap_or(86_400)
+                    .max(1),
+            ),
+            key_grace: std::time::Duration::from_secs(
+                a.key_grace_secs
+                    .or(file.key_grace_secs)
+                    .unwrap_or(600)
+                    .max(1),
+            ),
+            advertise_grpc: a.advertise_grpc.clone().or(file.advertise_grpc),
+            advertise_mqtt: a.advertise_mqtt.clone().or(file.advertise_mqtt),
         };
         cfg.check()?;
         Ok(cfg)
@@ -448,6 +548,17 @@ impl NodeConfig {
         }
         if let Some(u) = &self.mqtt_url {
             crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("mqtt_url", e))?;
+        }
+        if let Some(u) = &self.advertise_mqtt {
+            crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("advertise_mqtt", e))?;
+        }
+        if let Some(u) = &self.advertise_grpc
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err(
+                "advertise_grpc",
+                format!("{u:?} must be an http:// or https:// URL"),
+            ));
         }
         if self.listen_grpc == self.listen_rest && self.listen_grpc.port() != 0 {
             return Err(err("listen_rest", "must differ from listen_grpc"));

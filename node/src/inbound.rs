@@ -15,17 +15,12 @@ use std::sync::Arc;
 
 use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::Map;
-use pdsno_shared::keys::{HmacKey, IdentityKey, KeyRing, PublicKey};
-use pdsno_shared::signing::{self, Verified, Verifier, VerifyError, VerifyKeys};
-use pdsno_shared::time::Clock;
+use pdsno_shared::keys::{HmacKey, PublicKey};
+use pdsno_shared::signing::{self, Verifier, VerifyError};
 
 use crate::admission::{AdmissionError, Authority, RequestOutcome};
-use crate::nib::{Nib, SqliteNonceStore};
-
-/// Ring key id of the shared network key (never announced on the wire).
-const NETWORK_KEY_ID: &str = "network";
-/// Ring key id of an admission key (never announced on the wire).
-const ADMISSION_KEY_ID: &str = "admission";
+use crate::nib::SqliteNonceStore;
+use crate::trust::{ADMISSION_KEY_ID, Trust};
 
 /// Why an inbound message was not handled. Each maps to one HTTP status / gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +34,10 @@ pub enum InboundError {
     /// Verification failed (401 / UNAUTHENTICATED).
     #[error("Invalid message signature: {0}")]
     BadSignature(VerifyError),
-    /// Our replay store is full or failed (503 / UNAVAILABLE).
+    /// Authenticated, but not allowed (403 / PERMISSION_DENIED).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Our replay store is full or failed, or a dependency is down (503 / UNAVAILABLE).
     #[error("Service unavailable: {0}")]
     Unavailable(String),
     /// Addressed to someone else (400 / INVALID_ARGUMENT).
@@ -87,57 +85,21 @@ pub enum Reply {
     Accepted,
 }
 
-enum SignWith {
-    Hmac(HmacKey),
-    Identity,
-}
-
 /// The shared receive path of one node.
 pub struct Inbound {
-    id: String,
-    role: pdsno_shared::ids::Role,
-    region: Option<String>,
+    trust: Arc<Trust>,
     verifier: Verifier<SqliteNonceStore>,
-    network_key: Option<HmacKey>,
-    nib: Arc<Nib>,
-    identity: Arc<IdentityKey>,
     authority: Option<Arc<Authority>>,
-    parent: Option<(String, PublicKey)>,
-    clock: Arc<dyn Clock>,
     handlers: HashMap<MessageType, Handler>,
 }
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbound")
-            .field("id", &self.id)
+            .field("id", &self.trust.me)
             .field("handlers", &self.handled_types())
             .finish_non_exhaustive()
     }
-}
-
-/// Everything [`Inbound::new`] needs.
-pub struct InboundParts {
-    /// This node's id.
-    pub id: String,
-    /// Its role.
-    pub role: pdsno_shared::ids::Role,
-    /// Its region.
-    pub region: Option<String>,
-    /// The NIB (replay store, controllers).
-    pub nib: Arc<Nib>,
-    /// The identity key (signs replies to admitted controllers).
-    pub identity: Arc<IdentityKey>,
-    /// The shared network key, if the deployment uses one.
-    pub network_key: Option<HmacKey>,
-    /// The admission authority (parents only).
-    pub authority: Option<Arc<Authority>>,
-    /// The parent's id and pinned key (children only).
-    pub parent: Option<(String, PublicKey)>,
-    /// The clock.
-    pub clock: Arc<dyn Clock>,
-    /// Most live nonces in the replay cache.
-    pub replay_capacity: usize,
 }
 
 impl Inbound {
@@ -145,19 +107,16 @@ impl Inbound {
     ///
     /// # Errors
     /// When the replay store cannot be opened.
-    pub fn new(p: InboundParts) -> Result<Self, String> {
-        let store = SqliteNonceStore::new(p.nib.clone()).map_err(|e| e.to_string())?;
+    pub fn new(
+        trust: Arc<Trust>,
+        authority: Option<Arc<Authority>>,
+        replay_capacity: usize,
+    ) -> Result<Self, String> {
+        let store = SqliteNonceStore::new(trust.nib.clone()).map_err(|e| e.to_string())?;
         Ok(Inbound {
-            id: p.id,
-            role: p.role,
-            region: p.region,
-            verifier: Verifier::new(store).with_capacity(p.replay_capacity),
-            network_key: p.network_key,
-            nib: p.nib,
-            identity: p.identity,
-            authority: p.authority,
-            parent: p.parent,
-            clock: p.clock,
+            trust,
+            verifier: Verifier::new(store).with_capacity(replay_capacity),
+            authority,
             handlers: HashMap::new(),
         })
     }
@@ -167,24 +126,29 @@ impl Inbound {
         self.handlers.insert(t, h);
     }
 
+    /// The node's keys.
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
     /// This node's id.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.trust.me
     }
 
     /// This node's role.
     pub fn role(&self) -> pdsno_shared::ids::Role {
-        self.role
+        self.trust.role
     }
 
     /// This node's region.
     pub fn region(&self) -> Option<&str> {
-        self.region.as_deref()
+        self.trust.region.as_deref()
     }
 
     /// The identity public key.
     pub fn public_key(&self) -> PublicKey {
-        self.identity.public()
+        self.trust.identity.public()
     }
 
     /// The message types handled here, sorted.
@@ -207,81 +171,11 @@ impl Inbound {
                 ))
     }
 
-    /// The Ed25519 key of a sender we know: an active admitted child, or our parent.
-    fn identity_of(&self, sender: &str) -> Option<PublicKey> {
-        if let Some((pid, pk)) = &self.parent
-            && pid == sender
-        {
-            return Some(*pk);
-        }
-        let row = self.nib.controller(sender).ok().flatten()?;
-        if row.status != "active" {
-            return None;
-        }
-        row.public_key
-            .as_deref()
-            .and_then(|k| PublicKey::from_base64(k).ok())
-    }
-
-    fn verify(&self, env: &Envelope) -> Result<Verified, InboundError> {
-        let now = self.clock.now();
-        let mut ring = KeyRing::new(pdsno_shared::keys::DEFAULT_GRACE);
-        ring.set_announce_key_id(false);
-        if let Some(k) = &self.network_key {
-            ring.add(Some(NETWORK_KEY_ID.into()), k.clone(), now);
-        }
-        if let Some(a) = &self.authority
-            && let Some(k) = a.admission_key_for(env)
-        {
-            ring.add(Some(ADMISSION_KEY_ID.into()), k, now);
-        }
-        let ed = self.identity_of(&env.sender_id);
-        let keys = VerifyKeys {
-            hmac: (!ring.is_empty()).then_some(&ring),
-            ed25519: ed.as_ref(),
-        };
-        let v = self.verifier.verify(env, keys, None, now).map_err(|e| {
-            if e.is_internal() {
-                InboundError::Unavailable(e.to_string())
-            } else {
-                InboundError::BadSignature(e)
-            }
-        })?;
-        Ok(v)
-    }
-
-    fn reply_key(&self, v: &Verified, env: &Envelope) -> SignWith {
-        if v.algorithm == signing::ED25519 {
-            return SignWith::Identity;
-        }
-        match v.key_id.as_deref() {
-            Some(ADMISSION_KEY_ID) => self
-                .authority
-                .as_ref()
-                .and_then(|a| a.admission_key_for(env))
-                .map_or(SignWith::Identity, SignWith::Hmac),
-            _ => self
-                .network_key
-                .clone()
-                .map_or(SignWith::Identity, SignWith::Hmac),
-        }
-    }
-
     /// Drops replay-cache entries whose messages can no longer pass the freshness check.
     pub fn purge_expired_nonces(&self) {
         use pdsno_shared::replay::NonceStore;
-        if let Err(e) = self.verifier.store().purge_expired(self.clock.now()) {
+        if let Err(e) = self.verifier.store().purge_expired(self.trust.clock.now()) {
             tracing::warn!(error = %e, "cannot purge the replay cache");
-        }
-    }
-
-    /// Signs an outgoing envelope as this node: with the network key when the deployment
-    /// has one, else with the identity key.
-    pub fn sign_outgoing(&self, env: &mut Envelope) {
-        let now = self.clock.now();
-        match &self.network_key {
-            Some(k) => signing::sign_hmac(env, k, None, now),
-            None => signing::sign_ed25519(env, &self.identity, None, now),
         }
     }
 
@@ -298,11 +192,24 @@ impl Inbound {
         if env.signature.is_none() {
             return Err(InboundError::Unsigned);
         }
-        let verified = self.verify(&env)?;
-        if env.recipient_id != self.id {
+        let admission: Option<HmacKey> = self
+            .authority
+            .as_ref()
+            .and_then(|a| a.admission_key_for(&env));
+        let verified = self
+            .trust
+            .verify(&self.verifier, &env, admission.clone(), None)
+            .map_err(|e| {
+                if e.is_internal() {
+                    InboundError::Unavailable(e.to_string())
+                } else {
+                    InboundError::BadSignature(e)
+                }
+            })?;
+        if env.recipient_id != self.trust.me {
             return Err(InboundError::WrongRecipient {
                 recipient: env.recipient_id.clone(),
-                me: self.id.clone(),
+                me: self.trust.me.clone(),
             });
         }
         if let Some(path) = path_type
@@ -316,14 +223,8 @@ impl Inbound {
         if !self.handles(env.message_type) {
             return Err(InboundError::NoHandler(env.message_type));
         }
-        let sign_with = self.reply_key(&verified, &env);
-        let reply = match env.message_type {
-            MessageType::ValidationRequest | MessageType::ChallengeResponse
-                if self.authority.is_some() =>
-            {
-                let Some(auth) = &self.authority else {
-                    return Err(InboundError::NoHandler(env.message_type));
-                };
+        let reply = match (env.message_type, &self.authority) {
+            (MessageType::ValidationRequest | MessageType::ChallengeResponse, Some(auth)) => {
                 let map_err = |e: AdmissionError| match e {
                     AdmissionError::BadPayload { .. } => InboundError::BadRequest(e.to_string()),
                     AdmissionError::Busy => InboundError::Busy(e.to_string()),
@@ -344,7 +245,7 @@ impl Inbound {
                     )
                 }
             }
-            t => match self.handlers.get(&t) {
+            (t, _) => match self.handlers.get(&t) {
                 Some(h) => h(&env)?,
                 None => return Err(InboundError::NoHandler(t)),
             },
@@ -352,13 +253,14 @@ impl Inbound {
         match reply {
             HandlerReply::Accepted => Ok(Reply::Accepted),
             HandlerReply::Reply(t, payload) => {
-                let mut out = env.reply(t, self.id.clone(), payload, self.clock.now());
-                let now = self.clock.now();
-                match sign_with {
-                    SignWith::Hmac(k) => signing::sign_hmac(&mut out, &k, None, now),
-                    SignWith::Identity => {
-                        signing::sign_ed25519(&mut out, &self.identity, None, now)
+                let now = self.trust.clock.now();
+                let mut out = env.reply(t, self.trust.me.clone(), payload, now);
+                match (verified.key_id.as_deref(), admission) {
+                    // An unadmitted child can only check our answer with its admission key.
+                    (Some(ADMISSION_KEY_ID), Some(k)) => {
+                        signing::sign_hmac(&mut out, &k, None, now)
                     }
+                    _ => self.trust.sign_for(&env.sender_id, &mut out),
                 }
                 Ok(Reply::Envelope(Box::new(out)))
             }

@@ -4,14 +4,18 @@
 //! family), [`nib`] (the SQLite state store), [`transport`] (MQTT client; gRPC and REST
 //! follow), [`runtime`] and [`logging`].
 
+pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod credentials;
 pub mod identity;
 pub mod inbound;
+pub mod keys;
 pub mod logging;
 pub mod nib;
 pub mod node;
 pub mod runtime;
 pub mod transport;
+pub mod trust;

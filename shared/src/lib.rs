@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod ids;
 pub mod json;
 pub mod keys;
+pub mod keyx;
 pub mod payload;
 pub mod replay;
 pub mod signing;

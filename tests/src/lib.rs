@@ -49,6 +49,31 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// A free port below the kernel's ephemeral range (32768+ on Linux), for a server that must
+/// start after a client already tries to reach it: a client retrying towards an ephemeral
+/// port can end up connected to itself and hold the port.
+///
+/// # Panics
+/// When no port can be found.
+pub fn free_port_for_late_server() -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    for i in 0..1000u64 {
+        let port = 20_000
+            + ((seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i * 7919))
+                % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
 /// Lines a child printed, shared with the reader thread.
 #[derive(Default)]
 struct Lines {

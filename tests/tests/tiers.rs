@@ -16,7 +16,7 @@ use pdsno_shared::keys::{HmacKey, IdentityKey, KeyRing, base64_encode};
 use pdsno_shared::replay::MemoryNonceStore;
 use pdsno_shared::signing::{Verifier, VerifyKeys, sign_hmac};
 use pdsno_shared::time::format_iso;
-use pdsno_tests::{Lab, NodeProc, Proc, field, free_port};
+use pdsno_tests::{Lab, NodeProc, Proc, field};
 
 /// A child played by the test itself, speaking the wire protocol directly.
 struct RawChild {
@@ -177,7 +177,10 @@ async fn global_regional_local_admission_end_to_end() {
         )
     );
     assert!(ri.handlers.contains(&"VALIDATION_REQUEST".to_owned()));
-    assert!(li.handlers.is_empty());
+    assert!(
+        !li.handlers.contains(&"VALIDATION_REQUEST".to_owned()),
+        "a local controller admits nobody"
+    );
     // The GC recorded the RC with its key and a signed event chain; the LC pinned the RC.
     let gc_nib = Nib::open(gc.data_dir.join("nib.db")).expect("open GC NIB");
     let row = gc_nib
@@ -197,9 +200,17 @@ async fn global_regional_local_admission_end_to_end() {
         )
     );
     let gc_key = pdsno_shared::keys::PublicKey::from_base64(&gi.public_key).expect("key");
-    assert_eq!(
-        pdsno_node::nib::verify_chain(&gc_nib.conn(), &gc_key).expect("db"),
-        Ok(1)
+    let n = pdsno_node::nib::verify_chain(&gc_nib.conn(), &gc_key)
+        .expect("db")
+        .expect("the chain verifies");
+    assert!(n >= 1);
+    assert!(
+        gc_nib
+            .events(0, 100)
+            .expect("events")
+            .iter()
+            .any(|e| e.event_type == "CONTROLLER_VALIDATED"
+                && e.subject.as_deref() == Some("regional_cntl_zone-A_1"))
     );
     let lc_nib = Nib::open(lc.data_dir.join("nib.db")).expect("open LC NIB");
     use pdsno_node::nib::StateKey;
@@ -469,7 +480,7 @@ async fn restarts_keep_identities_and_never_reissue_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_started_before_its_parent_waits_and_retries() {
     let lab = Lab::new();
-    let port = free_port();
+    let port = pdsno_tests::free_port_for_late_server();
     let url = format!("http://127.0.0.1:{port}");
     let token = lab.token("temp-early", "zone-A", "regional");
     let early = lab.spawn(

@@ -4,5 +4,6 @@ pub mod bench;
 pub mod broker;
 pub mod demo;
 pub mod envelope_tools;
+pub mod keys;
 pub mod tier;
 pub mod token;

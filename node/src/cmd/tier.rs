@@ -9,6 +9,21 @@ use crate::config::{NodeArgs, NodeConfig};
 
 /// Runs a controller of `role` until SIGINT/SIGTERM.
 pub fn run(role: Role, args: &NodeArgs) -> ExitCode {
+    if args.check_config {
+        return match NodeConfig::check_only(role, args) {
+            Ok(notes) => {
+                for n in notes {
+                    println!("note: {n}");
+                }
+                println!("configuration OK ({} controller)", role.as_str());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     crate::logging::init();
     let cfg = match NodeConfig::resolve(role, args) {
         Ok(c) => c,

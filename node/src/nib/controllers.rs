@@ -294,6 +294,49 @@ impl Nib {
             .optional()?)
     }
 
+    /// A controller's metadata (JSON object), if the controller exists.
+    ///
+    /// # Errors
+    /// On an SQLite failure or corrupt JSON.
+    pub fn controller_metadata(&self, id: &str) -> Result<Option<Map>, NibError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT metadata FROM controllers WHERE controller_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match text {
+            None => Ok(None),
+            Some(t) => match json::parse(t.as_bytes()) {
+                Ok(Value::Object(m)) => Ok(Some(m)),
+                _ => Err(NibError::Corrupt(format!("metadata of {id}"))),
+            },
+        }
+    }
+
+    /// Records (or refreshes) a controller admitted by one of our children, so this node
+    /// knows the whole tree below it. The row is active; an existing revoked row stays
+    /// revoked.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn register_descendant(
+        &self,
+        row: &ControllerRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), NibError> {
+        self.conn().execute(
+            "INSERT INTO controllers (controller_id, role, region, status, temp_id, public_key, certificate, validated_by, validated_at)
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(controller_id) DO UPDATE SET public_key = excluded.public_key, certificate = excluded.certificate,
+                 version = controllers.version + 1 WHERE controllers.status != 'revoked'",
+            params![row.controller_id, row.role, row.region, row.temp_id, row.public_key, row.certificate, row.validated_by, format_iso(now)],
+        )?;
+        Ok(())
+    }
+
     /// Every controller, by id.
     ///
     /// # Errors

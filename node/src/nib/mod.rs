@@ -9,7 +9,9 @@
 //! commits. Set `PDSNO_SQLITE_SYNC=FULL` to fsync every commit.
 
 mod controllers;
+mod credentials;
 mod events;
+mod pair_keys;
 mod replay;
 mod state;
 
@@ -20,7 +22,9 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 pub use controllers::{AdmitError, AdmitRecord, Admitted, Conflict, ControllerRow, token_hash};
+pub use credentials::credential_hash;
 pub use events::{BrokenLink, Event, EventRow, GENESIS_HASH, verify_chain};
+pub use pair_keys::{KeyState, StoredKey};
 pub use replay::SqliteNonceStore;
 pub use state::StateKey;
 
@@ -115,6 +119,26 @@ const MIGRATIONS: &[&str] = &[
          BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
      CREATE TRIGGER events_no_delete BEFORE DELETE ON events
          BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;",
+    // 3: pairwise keys, issued MQTT credentials, pending rotation requests
+    "CREATE TABLE pair_keys (
+         key_id     TEXT PRIMARY KEY,
+         peer_id    TEXT NOT NULL,
+         material   BLOB NOT NULL,
+         state      TEXT NOT NULL,
+         created_at TEXT NOT NULL,
+         retires_at TEXT,
+         version    INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX pair_keys_by_peer ON pair_keys(peer_id);
+     CREATE TABLE mqtt_credentials (
+         controller_id TEXT PRIMARY KEY,
+         secret_hash   TEXT NOT NULL,
+         issued_at     TEXT NOT NULL
+     );
+     CREATE TABLE rotation_requests (
+         peer_id      TEXT PRIMARY KEY,
+         requested_at TEXT NOT NULL
+     );",
 ];
 
 /// An open NIB.
@@ -137,7 +161,14 @@ impl Nib {
                 source,
             })?;
         }
+        let existed = path.exists();
         let mut conn = Connection::open(&path)?;
+        // The NIB holds key material: readable by the owner only.
+        #[cfg(unix)]
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match std::env::var("PDSNO_SQLITE_SYNC").ok().as_deref() {

@@ -28,6 +28,12 @@ pub enum StateKey {
     RootPublicKey,
     /// For a local controller: the chain its parent presented (JSON object).
     Chain,
+    /// Our MQTT credential (hex), issued by the global controller.
+    MqttCredential,
+    /// The broker URL the global controller suggested.
+    MqttUrl,
+    /// Our gRPC URL, as children and tools should reach it.
+    GrpcUrl,
 }
 
 impl StateKey {
@@ -43,6 +49,9 @@ impl StateKey {
             StateKey::ParentPublicKey => "parent_public_key",
             StateKey::RootPublicKey => "root_public_key",
             StateKey::Chain => "chain",
+            StateKey::MqttCredential => "mqtt_credential",
+            StateKey::MqttUrl => "mqtt_url",
+            StateKey::GrpcUrl => "grpc_url",
         }
     }
 }

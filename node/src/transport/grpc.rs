@@ -24,6 +24,7 @@ pub fn status_of(e: InboundError) -> Status {
         | InboundError::WrongRecipient { .. }
         | InboundError::TypeMismatch { .. } => Status::invalid_argument(msg),
         InboundError::Unsigned | InboundError::BadSignature(_) => Status::unauthenticated(msg),
+        InboundError::Forbidden(_) => Status::permission_denied(msg),
         InboundError::Unavailable(_) => Status::unavailable(msg),
         InboundError::NoHandler(_) => Status::unimplemented(msg),
         InboundError::Busy(_) => Status::resource_exhausted(msg),
@@ -107,6 +108,20 @@ impl pb::messaging_server::Messaging for GrpcApi {
 }
 
 #[tonic::async_trait]
+impl pb::key_exchange_server::KeyExchange for GrpcApi {
+    async fn exchange(
+        &self,
+        req: Request<pb::KeyAgreement>,
+    ) -> Result<Response<pb::KeyAgreement>, Status> {
+        let env = req.into_inner().into_envelope().map_err(convert_err)?;
+        let reply = self.run_expect(env).await?;
+        Ok(Response::new(
+            pb::KeyAgreement::from_envelope(&reply).map_err(|_| Status::internal("bad reply"))?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
 impl pb::node_server::Node for GrpcApi {
     async fn get_info(
         &self,
@@ -134,6 +149,7 @@ impl pb::node_server::Node for GrpcApi {
 pub async fn serve(
     listener: TcpListener,
     api: GrpcApi,
+    admin: crate::admin::AdminApi,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -170,7 +186,14 @@ pub async fn serve(
             pb::messaging_server::MessagingServer::new(api.clone())
                 .max_decoding_message_size(MAX_MESSAGE),
         )
+        .add_service(
+            pb::key_exchange_server::KeyExchangeServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
         .add_service(pb::node_server::NodeServer::new(api).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(
+            pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,

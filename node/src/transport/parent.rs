@@ -134,6 +134,19 @@ impl ParentLink {
             .map_err(|e| LinkError::BadReply(e.to_string()))
     }
 
+    /// A key agreement step (KEY_EXCHANGE_INIT or KEY_ROTATION_REQUEST) and its answer.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn key_exchange(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        let msg =
+            pb::KeyAgreement::from_envelope(env).map_err(|e| LinkError::BadReply(e.to_string()))?;
+        let mut c = pb::key_exchange_client::KeyExchangeClient::new(self.channel.clone());
+        let r = c.exchange(msg).await.map_err(from_status)?.into_inner();
+        r.into_envelope()
+            .map_err(|e| LinkError::BadReply(e.to_string()))
+    }
+
     /// Any other request/response envelope; `None` when the parent accepted without reply.
     ///
     /// # Errors

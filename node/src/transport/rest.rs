@@ -57,6 +57,7 @@ fn error_response(e: InboundError) -> Response {
         | InboundError::WrongRecipient { .. }
         | InboundError::TypeMismatch { .. } => StatusCode::BAD_REQUEST,
         InboundError::Unsigned | InboundError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+        InboundError::Forbidden(_) => StatusCode::FORBIDDEN,
         InboundError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         InboundError::NoHandler(_) => StatusCode::NOT_FOUND,
         InboundError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,

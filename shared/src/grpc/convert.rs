@@ -440,6 +440,65 @@ impl TypedMessage for pb::ValidationResult {
     }
 }
 
+impl pb::KeyAgreement {
+    /// The message for a key agreement envelope (any of its four types).
+    ///
+    /// # Errors
+    /// [`ConvertError::WrongType`] for other types.
+    pub fn from_envelope(e: &Envelope) -> Result<Self, ConvertError> {
+        use MessageType as T;
+        if !matches!(
+            e.message_type,
+            T::KeyExchangeInit | T::KeyExchangeResponse | T::KeyRotationRequest | T::KeyRotationAck
+        ) {
+            return Err(ConvertError::WrongType {
+                expected: T::KeyExchangeInit,
+                got: e.message_type,
+            });
+        }
+        let mut m = e.payload.clone();
+        Ok(pb::KeyAgreement {
+            header: Some(header_of(e)),
+            message_type: e.message_type.as_str().to_owned(),
+            initiator_id: take_str(&mut m, "initiator_id"),
+            responder_id: take_str(&mut m, "responder_id"),
+            public_key: take_str(&mut m, "public_key"),
+            key_id: take_str(&mut m, "key_id"),
+            exchange_id: take_str(&mut m, "exchange_id"),
+            timestamp: take_str(&mut m, "timestamp"),
+            signature: take_str(&mut m, "signature"),
+            extra_json: extra_text(&m),
+        })
+    }
+
+    /// Back to an envelope.
+    ///
+    /// # Errors
+    /// A [`ConvertError`] naming the problem.
+    pub fn into_envelope(self) -> Result<Envelope, ConvertError> {
+        use MessageType as T;
+        let t: MessageType = self.message_type.parse().map_err(EnvelopeError::from)?;
+        if !matches!(
+            t,
+            T::KeyExchangeInit | T::KeyExchangeResponse | T::KeyRotationRequest | T::KeyRotationAck
+        ) {
+            return Err(ConvertError::WrongType {
+                expected: T::KeyExchangeInit,
+                got: t,
+            });
+        }
+        let mut m = parse_extra(&self.extra_json, "extra_json")?;
+        put_str(&mut m, "initiator_id", self.initiator_id)?;
+        put_str(&mut m, "responder_id", self.responder_id)?;
+        put_str(&mut m, "public_key", self.public_key)?;
+        put_str(&mut m, "key_id", self.key_id)?;
+        put_str(&mut m, "exchange_id", self.exchange_id)?;
+        put_str(&mut m, "timestamp", self.timestamp)?;
+        put_str(&mut m, "signature", self.signature)?;
+        envelope_of(self.header, t, m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,6 +596,28 @@ mod tests {
         let mut g = pb::Envelope::from_envelope(&e);
         g.header = None;
         assert_eq!(g.into_envelope().err(), Some(ConvertError::MissingHeader));
+    }
+
+    #[test]
+    fn key_agreements_round_trip() {
+        for t in [
+            MessageType::KeyExchangeInit,
+            MessageType::KeyExchangeResponse,
+            MessageType::KeyRotationRequest,
+            MessageType::KeyRotationAck,
+        ] {
+            let e = signed(
+                t,
+                r#"{"initiator_id":"a","responder_id":"b","public_key":"p","key_id":"k","exchange_id":"x","timestamp":"t","signature":"s","mqtt_credential":"00"}"#,
+            );
+            let back = pb::KeyAgreement::from_envelope(&e)
+                .expect("to proto")
+                .into_envelope()
+                .expect("back");
+            assert_eq!(back.to_json(), e.to_json());
+        }
+        let e = signed(MessageType::Heartbeat, "{}");
+        assert!(pb::KeyAgreement::from_envelope(&e).is_err());
     }
 
     #[test]

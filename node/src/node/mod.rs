@@ -9,24 +9,35 @@
 //!
 //! Logs go to stderr.
 
+pub mod children;
+pub mod workers;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pdsno_broker::{BrokerConfig, BrokerHandle, EmbeddedBroker, ListenerConfig, Version};
+use pdsno_shared::envelope::MessageType;
 use pdsno_shared::ids::{GLOBAL_CONTROLLER_ID, Role};
 use pdsno_shared::json::Value;
 use pdsno_shared::keys::{IdentityKey, PublicKey};
 use pdsno_shared::payload::admission::Metadata;
 use pdsno_shared::time::{Clock, SystemClock};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::child::{self, Admission, ChildConfig, ChildError};
 use crate::admission::{Authority, AuthorityConfig, IssuerChain};
 use crate::config::NodeConfig;
-use crate::inbound::{Inbound, InboundParts};
+use crate::credentials::MqttCredentials;
+use crate::inbound::Inbound;
+use crate::keys::PairKeys;
+use crate::keys::exchange::CredentialSource;
 use crate::nib::{Nib, StateKey};
 use crate::transport::parent::{Backoff, ParentLink};
 use crate::transport::{grpc, rest};
+use crate::trust::Trust;
+use children::Children;
+use workers::{HeartbeatStats, ParentSide};
 
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +147,7 @@ async fn admit(
     nib: &Nib,
     identity: &IdentityKey,
     clock: &Arc<dyn Clock>,
+    grpc_url: &str,
     cancel: &CancellationToken,
 ) -> Result<Identity, NodeError> {
     let parent_url = cfg
@@ -173,7 +185,11 @@ async fn admit(
                 ],
                 _ => vec!["discovery".into()],
             },
-            extra: Default::default(),
+            extra: {
+                let mut m = pdsno_shared::json::Map::new();
+                m.insert("grpc_url".into(), grpc_url.into());
+                m
+            },
         },
         root_public_key: cfg.root_public_key,
     };
@@ -242,7 +258,10 @@ fn global_identity(nib: &Nib) -> Result<Identity, NodeError> {
     })
 }
 
-async fn start_broker(cfg: &NodeConfig) -> Result<BrokerHandle, NodeError> {
+async fn start_broker(
+    cfg: &NodeConfig,
+    creds: &Arc<MqttCredentials>,
+) -> Result<BrokerHandle, NodeError> {
     let mut bc = BrokerConfig {
         listeners: vec![ListenerConfig {
             name: "v4".into(),
@@ -261,7 +280,9 @@ async fn start_broker(cfg: &NodeConfig) -> Result<BrokerHandle, NodeError> {
         });
     }
     bc.operators = cfg.users.clone();
-    let broker = EmbeddedBroker::start(bc, None).await.map_err(startup)?;
+    let broker = EmbeddedBroker::start(bc, Some(creds.broker_check()))
+        .await
+        .map_err(startup)?;
     for l in broker.listeners() {
         let v = match l.version {
             Version::V311 => "v4",
@@ -270,6 +291,29 @@ async fn start_broker(cfg: &NodeConfig) -> Result<BrokerHandle, NodeError> {
         say(&format!("mqtt {v} {}", l.addr));
     }
     Ok(broker)
+}
+
+fn advertised(cfg: &NodeConfig, addr: std::net::SocketAddr) -> String {
+    if let Some(u) = &cfg.advertise_grpc {
+        return u.clone();
+    }
+    if addr.ip().is_unspecified() {
+        tracing::warn!(%addr, "listening on all interfaces: children and tools are told 127.0.0.1; set --advertise-grpc");
+        return format!("http://127.0.0.1:{}", addr.port());
+    }
+    format!("http://{addr}")
+}
+
+fn advertised_mqtt(cfg: &NodeConfig, broker: &BrokerHandle) -> Option<String> {
+    if let Some(u) = &cfg.advertise_mqtt {
+        return Some(u.clone());
+    }
+    let a = broker.plain_addr(Version::V311)?;
+    Some(if a.ip().is_unspecified() {
+        format!("mqtt://127.0.0.1:{}", a.port())
+    } else {
+        format!("mqtt://{a}")
+    })
 }
 
 /// Runs the node until `cancel` fires.
@@ -284,6 +328,21 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
         tracing::info!(public_key = %identity.public().to_base64(), "created the identity key");
     }
     let identity = Arc::new(identity);
+    let admin_key = crate::admin::load_or_create_key(&cfg.data_dir).map_err(startup)?;
+
+    // Bind first: a busy port fails fast, and children learn our real address.
+    let grpc_listener = grpc::bind(cfg.listen_grpc).await.map_err(startup)?;
+    let rest_listener = tokio::net::TcpListener::bind(cfg.listen_rest)
+        .await
+        .map_err(|e| {
+            startup(format!(
+                "cannot listen for REST on {}: {e}",
+                cfg.listen_rest
+            ))
+        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(startup)?;
+    let rest_addr = rest_listener.local_addr().map_err(startup)?;
+    let grpc_url = advertised(&cfg, grpc_addr);
 
     let me = match cfg.role {
         Role::Global => global_identity(&nib)?,
@@ -296,14 +355,59 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
                 ));
                 me
             }
-            None => admit(&cfg, &nib, &identity, &clock, &cancel).await?,
+            None => admit(&cfg, &nib, &identity, &clock, &grpc_url, &cancel).await?,
         },
     };
+    nib.set_state(&[(StateKey::GrpcUrl, Value::from(grpc_url.as_str()))])
+        .map_err(startup)?;
 
-    let broker = match (cfg.role, cfg.embedded_broker) {
-        (Role::Global, true) => Some(start_broker(&cfg).await?),
+    let pair_keys = Arc::new(
+        PairKeys::load(
+            nib.clone(),
+            chrono::Duration::from_std(cfg.key_grace).unwrap_or(chrono::Duration::minutes(10)),
+        )
+        .map_err(startup)?,
+    );
+    let trust = Arc::new(Trust {
+        me: me.id.clone(),
+        role: cfg.role,
+        region: cfg.region.clone(),
+        identity: identity.clone(),
+        network_key: cfg.network_key.clone(),
+        pair_keys,
+        nib: nib.clone(),
+        parent: me.parent.clone(),
+        clock: clock.clone(),
+    });
+
+    let parent_side = match (&me.parent, &cfg.parent) {
+        (Some((id, key)), Some(url)) => Some(ParentSide {
+            id: id.clone(),
+            key: *key,
+            link: ParentLink::new(url).map_err(startup)?,
+        }),
         _ => None,
     };
+
+    // The GC's broker authenticates controllers with the credentials it issued.
+    let (broker, credentials) = match (cfg.role, cfg.embedded_broker) {
+        (Role::Global, true) => {
+            let creds = Arc::new(MqttCredentials::load(nib.clone()).map_err(startup)?);
+            (Some(start_broker(&cfg, &creds).await?), Some(creds))
+        }
+        (Role::Global, false) => (
+            None,
+            Some(Arc::new(
+                MqttCredentials::load(nib.clone()).map_err(startup)?,
+            )),
+        ),
+        _ => (None, None),
+    };
+    let mqtt_url = broker
+        .as_ref()
+        .and_then(|b| advertised_mqtt(&cfg, b))
+        .or_else(|| cfg.advertise_mqtt.clone())
+        .or_else(|| cfg.mqtt_url.clone());
 
     let authority = match cfg.role {
         Role::Local => None,
@@ -347,41 +451,75 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
         }
     };
 
-    let inbound = Arc::new(
-        Inbound::new(InboundParts {
-            id: me.id.clone(),
-            role: cfg.role,
-            region: cfg.region.clone(),
-            nib: nib.clone(),
-            identity: identity.clone(),
-            network_key: cfg.network_key.clone(),
-            authority,
-            parent: me.parent.clone(),
-            clock: clock.clone(),
-            replay_capacity: pdsno_shared::signing::DEFAULT_REPLAY_CAPACITY,
-        })
-        .map_err(startup)?,
-    );
+    let children = authority.as_ref().map(|_| {
+        Arc::new(Children::new(
+            trust.clone(),
+            credentials.clone(),
+            broker.as_ref().map(BrokerHandle::control),
+            mqtt_url.clone(),
+            parent_side.as_ref().map(|p| p.link.clone()),
+        ))
+    });
 
-    let grpc_listener = grpc::bind(cfg.listen_grpc).await.map_err(startup)?;
-    let rest_listener = tokio::net::TcpListener::bind(cfg.listen_rest)
-        .await
-        .map_err(|e| {
-            startup(format!(
-                "cannot listen for REST on {}: {e}",
-                cfg.listen_rest
-            ))
-        })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(startup)?;
-    let rest_addr = rest_listener.local_addr().map_err(startup)?;
+    let mut inbound = Inbound::new(
+        trust.clone(),
+        authority,
+        pdsno_shared::signing::DEFAULT_REPLAY_CAPACITY,
+    )
+    .map_err(startup)?;
+    {
+        let t = trust.clone();
+        let source: Option<Arc<dyn CredentialSource>> =
+            children.clone().map(|c| c as Arc<dyn CredentialSource>);
+        let handler = move |env: &pdsno_shared::envelope::Envelope| {
+            crate::keys::exchange::respond(&t, env, source.as_deref())
+        };
+        let handler = Arc::new(handler);
+        let h1 = handler.clone();
+        inbound.register(MessageType::KeyExchangeInit, Box::new(move |e| h1(e)));
+        inbound.register(
+            MessageType::KeyRotationRequest,
+            Box::new(move |e| handler(e)),
+        );
+    }
+    if let Some(c) = &children {
+        let c1 = c.clone();
+        inbound.register(MessageType::Heartbeat, Box::new(move |e| c1.heartbeat(e)));
+        if cfg.role == Role::Global {
+            let c2 = c.clone();
+            inbound.register(MessageType::SyncRequest, Box::new(move |e| c2.sync(e)));
+        }
+    }
+    let inbound = Arc::new(inbound);
 
-    let servers = tokio_util::task::TaskTracker::new();
+    let heartbeat_stats = parent_side
+        .as_ref()
+        .map(|_| Arc::new(HeartbeatStats::default()));
+    let rotate_wake = Arc::new(Notify::new());
+    let rotate_done = Arc::new(Notify::new());
+    let admin = Arc::new(crate::admin::Admin::new(
+        admin_key,
+        trust.clone(),
+        children.clone(),
+        heartbeat_stats.clone(),
+        rotate_wake.clone(),
+        rotate_done.clone(),
+    ));
+
+    let tasks = tokio_util::task::TaskTracker::new();
     {
         let c = cancel.clone();
         let api = grpc::GrpcApi::new(inbound.clone());
-        servers.spawn(async move {
+        let admin_api = crate::admin::AdminApi(admin);
+        tasks.spawn(async move {
             if let Err(e) =
-                grpc::serve(grpc_listener, api, async move { c.cancelled().await }).await
+                grpc::serve(
+                    grpc_listener,
+                    api,
+                    admin_api,
+                    async move { c.cancelled().await },
+                )
+                .await
             {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
@@ -390,7 +528,7 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
     {
         let c = cancel.clone();
         let ib = inbound.clone();
-        servers.spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = rest::serve(rest_listener, ib, async move { c.cancelled().await }).await
             {
                 tracing::error!(error = %e, "REST server stopped");
@@ -401,7 +539,7 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
     {
         let c = cancel.clone();
         let ib = inbound.clone();
-        servers.spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = c.cancelled() => return,
@@ -413,8 +551,40 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
             }
         });
     }
-    servers.close();
+    if let (Some(p), Some(stats)) = (&parent_side, &heartbeat_stats) {
+        tasks.spawn(workers::first_exchange(
+            trust.clone(),
+            p.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(workers::heartbeats(
+            trust.clone(),
+            p.clone(),
+            cfg.heartbeat_interval,
+            stats.clone(),
+            cancel.clone(),
+        ));
+    }
+    tasks.spawn(workers::rotations(
+        trust.clone(),
+        parent_side.clone(),
+        cfg.key_rotation,
+        rotate_wake,
+        rotate_done,
+        cancel.clone(),
+    ));
+    tasks.close();
 
+    let rest_url = format!("http://{rest_addr}");
+    if let Err(e) = crate::admin::write_node_file(
+        &cfg.data_dir,
+        &me.id,
+        cfg.role.as_str(),
+        &grpc_url,
+        &rest_url,
+    ) {
+        tracing::warn!(error = %e, "cannot write node.json");
+    }
     say(&format!(
         "ready id={} role={} grpc={grpc_addr} rest={rest_addr}",
         me.id,
@@ -424,11 +594,11 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
 
     cancel.cancelled().await;
     tracing::info!(id = %me.id, "shutting down");
-    if tokio::time::timeout(Duration::from_secs(5), servers.wait())
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!("servers did not stop within 5 s");
+        tracing::warn!("tasks did not stop within 5 s");
     }
     if let Some(b) = broker {
         b.shutdown().await;

@@ -1,0 +1,395 @@
+//! Operator commands against a running node (`pdsno keys rotate`, `pdsno controller
+//! revoke`, status), over the node's gRPC port.
+//!
+//! Requests are authenticated with the node's admin key, a 32-byte secret created at first
+//! start in `DATA_DIR/admin.key` (mode 0600): whoever may read the data directory may
+//! command the node. Each request carries a nonce and a time and is HMAC-signed; stale
+//! and replayed requests are refused. The node writes `DATA_DIR/node.json` with its id
+//! and addresses so tools find it without being told.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pdsno_shared::grpc::pb;
+use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::keys::HmacKey;
+use pdsno_shared::replay::{MemoryNonceStore, NonceStore, Recorded};
+use pdsno_shared::signing::{hmac_hex, hmac_verify_hex};
+use pdsno_shared::time::{format_iso, parse_iso};
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::node::children::Children;
+use crate::node::workers::HeartbeatStats;
+use crate::trust::Trust;
+
+/// File name of the admin key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// File name of the node description.
+pub const NODE_FILE: &str = "node.json";
+
+/// Loads `DIR/admin.key`, creating it (mode 0600) if absent.
+///
+/// # Errors
+/// A message for I/O failures or a malformed file.
+pub fn load_or_create_key(dir: &Path) -> Result<HmacKey, String> {
+    let path = dir.join(ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => HmacKey::from_hex(t.trim()).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = HmacKey::random();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write as _;
+            let mut f = opts
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = Zeroizing::new(hex::encode(key.expose_bytes()));
+            f.write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Reads `DIR/admin.key` (for tools).
+///
+/// # Errors
+/// A message when the file is missing or malformed.
+pub fn read_key(dir: &Path) -> Result<HmacKey, String> {
+    let path = dir.join(ADMIN_KEY_FILE);
+    let t = Zeroizing::new(
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: {e} (is this a node's data directory?)", path.display()))?,
+    );
+    HmacKey::from_hex(t.trim()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn signing_bytes(command: &str, args: &Value, nonce: &str, signed_at: &str) -> Vec<u8> {
+    let mut m = Map::new();
+    m.insert("args".into(), args.clone());
+    m.insert("command".into(), command.into());
+    m.insert("nonce".into(), nonce.into());
+    m.insert("signed_at".into(), signed_at.into());
+    json::to_canonical_bytes(&Value::Object(m))
+}
+
+/// Builds a signed request.
+pub fn request(key: &HmacKey, command: &str, args: &Value) -> pb::AdminRequest {
+    let nonce = pdsno_shared::ids::nonce_hex();
+    let signed_at = format_iso(chrono::Utc::now());
+    let signature = hmac_hex(
+        key.expose_bytes(),
+        &signing_bytes(command, args, &nonce, &signed_at),
+    );
+    pb::AdminRequest {
+        command: command.into(),
+        args_json: json::to_canonical_string(args),
+        nonce,
+        signed_at,
+        signature,
+    }
+}
+
+/// The node's side of the admin API.
+pub struct Admin {
+    key: HmacKey,
+    trust: Arc<Trust>,
+    nonces: MemoryNonceStore,
+    children: Option<Arc<Children>>,
+    heartbeat: Option<Arc<HeartbeatStats>>,
+    rotate_wake: Arc<Notify>,
+    rotate_done: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("node", &self.trust.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// The admin API of a node.
+    pub fn new(
+        key: HmacKey,
+        trust: Arc<Trust>,
+        children: Option<Arc<Children>>,
+        heartbeat: Option<Arc<HeartbeatStats>>,
+        rotate_wake: Arc<Notify>,
+        rotate_done: Arc<Notify>,
+    ) -> Self {
+        Admin {
+            key,
+            trust,
+            nonces: MemoryNonceStore::new(),
+            children,
+            heartbeat,
+            rotate_wake,
+            rotate_done,
+        }
+    }
+
+    fn authenticate(&self, r: &pb::AdminRequest) -> Result<Value, Status> {
+        let args = json::parse(r.args_json.as_bytes())
+            .map_err(|e| Status::invalid_argument(format!("args_json: {e}")))?;
+        if !hmac_verify_hex(
+            self.key.expose_bytes(),
+            &signing_bytes(&r.command, &args, &r.nonce, &r.signed_at),
+            &r.signature,
+        ) {
+            return Err(Status::unauthenticated(
+                "admin signature does not verify (wrong admin key?)",
+            ));
+        }
+        let now = chrono::Utc::now();
+        let at = parse_iso(&r.signed_at).map_err(|_| Status::unauthenticated("bad signed_at"))?;
+        if (now - at).abs() > chrono::Duration::seconds(300) {
+            return Err(Status::unauthenticated(
+                "admin request too old or future-dated",
+            ));
+        }
+        if r.nonce.is_empty() || r.nonce.len() > 128 {
+            return Err(Status::unauthenticated("bad nonce"));
+        }
+        match self
+            .nonces
+            .record(&r.nonce, at + chrono::Duration::seconds(300), now, 100_000)
+        {
+            Ok(Recorded::Fresh) => Ok(args),
+            Ok(Recorded::AlreadySeen) => Err(Status::unauthenticated("admin request replayed")),
+            _ => Err(Status::unavailable("admin replay cache full")),
+        }
+    }
+
+    async fn run(&self, command: &str, args: Value) -> Result<Value, Status> {
+        let arg = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
+        match command {
+            "status" => Ok(self.status()),
+            "keys.list" => Ok(keys_value(
+                &crate::keys::describe(&self.trust.nib)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            )),
+            "keys.rotate" => {
+                let peer =
+                    arg("peer").ok_or_else(|| Status::invalid_argument("peer is required"))?;
+                if self.trust.identity_of(&peer).is_none() {
+                    return Err(Status::not_found(format!(
+                        "{peer} is not a peer of this node"
+                    )));
+                }
+                self.trust
+                    .nib
+                    .request_rotation(&peer, chrono::Utc::now())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let wait = args.get("wait_secs").and_then(Value::as_u64).unwrap_or(0);
+                let before = self.trust.pair_keys.generation(&peer);
+                self.rotate_wake.notify_one();
+                if wait > 0 {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.min(300));
+                    while self
+                        .trust
+                        .nib
+                        .rotation_requests()
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .contains(&peer)
+                    {
+                        if tokio::time::timeout_at(deadline, self.rotate_done.notified())
+                            .await
+                            .is_err()
+                        {
+                            return Err(Status::deadline_exceeded(format!(
+                                "rotation with {peer} not done yet; it stays requested and will be retried"
+                            )));
+                        }
+                    }
+                }
+                let mut m = Map::new();
+                m.insert("peer".into(), peer.clone().into());
+                m.insert("generation_before".into(), before.into());
+                m.insert(
+                    "generation".into(),
+                    self.trust.pair_keys.generation(&peer).into(),
+                );
+                m.insert(
+                    "signing_key".into(),
+                    self.trust.pair_keys.signing_key(&peer).map(|k| k.0).into(),
+                );
+                Ok(Value::Object(m))
+            }
+            "controller.revoke" => {
+                let id = arg("id").ok_or_else(|| Status::invalid_argument("id is required"))?;
+                let children = self.children.as_ref().ok_or_else(|| {
+                    Status::failed_precondition("this node admits no controllers")
+                })?;
+                children
+                    .revoke(&id)
+                    .await
+                    .map_err(Status::failed_precondition)
+            }
+            other => Err(Status::invalid_argument(format!(
+                "unknown command {other:?}"
+            ))),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let t = &self.trust;
+        let mut m = Map::new();
+        m.insert("controller_id".into(), t.me.clone().into());
+        m.insert("role".into(), t.role.as_str().into());
+        m.insert("region".into(), t.region.clone().into());
+        m.insert(
+            "parent".into(),
+            t.parent.as_ref().map(|p| p.0.clone()).into(),
+        );
+        m.insert("keys".into(), keys_value(&t.pair_keys.list()));
+        m.insert(
+            "mqtt_credential".into(),
+            t.nib
+                .state_str(crate::nib::StateKey::MqttCredential)
+                .ok()
+                .flatten()
+                .is_some()
+                .into(),
+        );
+        if let Some(h) = &self.heartbeat {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut hb = Map::new();
+            hb.insert("sent".into(), h.sent.load(Relaxed).into());
+            hb.insert("acked".into(), h.acked.load(Relaxed).into());
+            hb.insert("failed".into(), h.failed.load(Relaxed).into());
+            m.insert("heartbeats".into(), Value::Object(hb));
+        }
+        if let Some(c) = &self.children {
+            m.insert("children".into(), c.status());
+        }
+        Value::Object(m)
+    }
+}
+
+fn keys_value(keys: &[crate::keys::KeyInfo]) -> Value {
+    let now = chrono::Utc::now();
+    Value::Array(
+        keys.iter()
+            .map(|k| {
+                let mut m = Map::new();
+                m.insert("key_id".into(), k.key_id.clone().into());
+                m.insert("peer".into(), k.peer_id.clone().into());
+                m.insert("state".into(), k.state.into());
+                m.insert("created_at".into(), format_iso(k.created_at).into());
+                m.insert("age_secs".into(), (now - k.created_at).num_seconds().into());
+                m.insert("retires_at".into(), k.retires_at.map(format_iso).into());
+                Value::Object(m)
+            })
+            .collect(),
+    )
+}
+
+/// The gRPC face of [`Admin`].
+#[derive(Clone)]
+pub struct AdminApi(pub Arc<Admin>);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn command(
+        &self,
+        req: Request<pb::AdminRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let r = req.into_inner();
+        let args = self.0.authenticate(&r)?;
+        tracing::info!(command = %r.command, "admin command");
+        let result = self.0.run(&r.command, args).await?;
+        Ok(Response::new(pb::AdminResponse {
+            result_json: json::to_canonical_string(&result),
+        }))
+    }
+}
+
+/// Writes `DIR/node.json`.
+///
+/// # Errors
+/// A message on I/O failure.
+pub fn write_node_file(
+    dir: &Path,
+    id: &str,
+    role: &str,
+    grpc: &str,
+    rest: &str,
+) -> Result<(), String> {
+    let mut m = Map::new();
+    m.insert("controller_id".into(), id.into());
+    m.insert("role".into(), role.into());
+    m.insert("grpc".into(), grpc.into());
+    m.insert("rest".into(), rest.into());
+    m.insert("pid".into(), u64::from(std::process::id()).into());
+    let path = dir.join(NODE_FILE);
+    std::fs::write(&path, json::to_pretty_string(&Value::Object(m)) + "\n")
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The gRPC URL of the node whose data directory is `dir` (from its `node.json`).
+///
+/// # Errors
+/// A message when the file is missing or malformed.
+pub fn node_url(dir: &Path) -> Result<String, String> {
+    let path: PathBuf = dir.join(NODE_FILE);
+    let t = std::fs::read(&path).map_err(|e| {
+        format!(
+            "{}: {e} (is the node running? else pass --connect)",
+            path.display()
+        )
+    })?;
+    let v = json::parse(&t).map_err(|e| format!("{}: {e}", path.display()))?;
+    v.get("grpc")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{}: no grpc address", path.display()))
+}
+
+/// Sends an admin command to a node.
+///
+/// # Errors
+/// A message for the operator.
+pub async fn call(
+    url: &str,
+    key: &HmacKey,
+    command: &str,
+    args: &Value,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|_| format!("invalid URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut c = pb::admin_client::AdminClient::new(ch);
+    let r = c
+        .command(request(key, command, args))
+        .await
+        .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?;
+    json::parse(r.into_inner().result_json.as_bytes()).map_err(|e| e.to_string())
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::DeadlineExceeded => "timed out",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}

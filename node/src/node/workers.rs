@@ -1,0 +1,188 @@
+//! Background tasks of a node: the first key exchange with the parent, heartbeats,
+//! rotations (scheduled and asked for), and expiry of old keys.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pdsno_shared::envelope::{Envelope, MessageType};
+use pdsno_shared::json::{Map, Value};
+use pdsno_shared::keys::PublicKey;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::exchange;
+use crate::transport::parent::{Backoff, ParentLink};
+use crate::trust::Trust;
+
+/// Heartbeat counters of a child.
+#[derive(Debug, Default)]
+pub struct HeartbeatStats {
+    /// Sent.
+    pub sent: AtomicU64,
+    /// Accepted by the parent.
+    pub acked: AtomicU64,
+    /// Refused or lost.
+    pub failed: AtomicU64,
+}
+
+/// The parent as a child sees it.
+#[derive(Clone, Debug)]
+pub struct ParentSide {
+    /// Parent id.
+    pub id: String,
+    /// Its pinned key.
+    pub key: PublicKey,
+    /// Its gRPC link.
+    pub link: ParentLink,
+}
+
+/// Runs the first key exchange with the parent until it succeeds (or cancellation).
+pub async fn first_exchange(trust: Arc<Trust>, parent: ParentSide, cancel: CancellationToken) {
+    if trust.pair_keys.signing_key(&parent.id).is_some() {
+        return;
+    }
+    let backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let mut attempt = 0;
+    loop {
+        match exchange::initiate(&trust, &parent.link, &parent.id, &parent.key, false).await {
+            Ok(kid) => {
+                println!("key id={kid} peer={}", parent.id);
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                let wait = backoff.delay(attempt);
+                if attempt == 1 || u32::is_power_of_two(attempt) {
+                    tracing::warn!(parent = %parent.id, attempt, error = %e, "key exchange with the parent failed; retrying");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sends a HEARTBEAT to the parent every `interval`.
+pub async fn heartbeats(
+    trust: Arc<Trust>,
+    parent: ParentSide,
+    interval: Duration,
+    stats: Arc<HeartbeatStats>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let n = stats.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut p = Map::new();
+        p.insert("status".into(), "online".into());
+        p.insert("seq".into(), Value::from(n));
+        let mut env = Envelope::new(
+            MessageType::Heartbeat,
+            trust.me.clone(),
+            parent.id.clone(),
+            p,
+            trust.clock.now(),
+        );
+        trust.sign_for(&parent.id, &mut env);
+        match parent.link.exchange(&env).await {
+            Ok(_) => {
+                stats.acked.fetch_add(1, Ordering::Relaxed);
+                if failing {
+                    tracing::info!(parent = %parent.id, "heartbeats accepted again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                if !failing {
+                    tracing::warn!(parent = %parent.id, error = %e, "heartbeat refused or lost");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// How to reach a peer for a rotation.
+fn link_for(
+    trust: &Trust,
+    parent: Option<&ParentSide>,
+    peer: &str,
+) -> Option<(ParentLink, PublicKey)> {
+    if let Some(p) = parent
+        && p.id == peer
+    {
+        return Some((p.link.clone(), p.key));
+    }
+    let key = trust.identity_of(peer)?;
+    let url = trust
+        .nib
+        .controller_metadata(peer)
+        .ok()
+        .flatten()?
+        .get("grpc_url")?
+        .as_str()?
+        .to_owned();
+    ParentLink::new(&url).ok().map(|l| (l, key))
+}
+
+/// Performs rotations: scheduled ones (a child rotates its key with its parent every
+/// `period`) and those an operator asked for (kept in the NIB until done). Also expires
+/// keys past their grace period.
+pub async fn rotations(
+    trust: Arc<Trust>,
+    parent: Option<ParentSide>,
+    period: Duration,
+    wake: Arc<Notify>,
+    done: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let period = chrono::Duration::from_std(period).unwrap_or(chrono::Duration::days(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = trust.clock.now();
+        let t = trust.clone();
+        let _ = tokio::task::spawn_blocking(move || t.pair_keys.expire(now)).await;
+        if let Some(p) = &parent
+            && trust
+                .pair_keys
+                .current_age(&p.id, now)
+                .is_some_and(|age| age >= period)
+            && let Err(e) = trust.nib.request_rotation(&p.id, now)
+        {
+            tracing::warn!(error = %e, "cannot schedule a key rotation");
+        }
+        let requests = trust.nib.rotation_requests().unwrap_or_default();
+        for peer in requests {
+            let Some((link, key)) = link_for(&trust, parent.as_ref(), &peer) else {
+                tracing::warn!(%peer, "cannot rotate: the peer is unknown or has no gRPC address");
+                continue;
+            };
+            let rotation = trust.pair_keys.generation(&peer) > 0;
+            match exchange::initiate(&trust, &link, &peer, &key, rotation).await {
+                Ok(kid) => {
+                    let _ = trust.nib.rotation_done(&peer);
+                    println!("key id={kid} peer={peer}");
+                    done.notify_waiters();
+                }
+                Err(e) => tracing::warn!(%peer, error = %e, "key rotation failed; will retry"),
+            }
+        }
+    }
+}

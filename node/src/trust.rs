@@ -1,0 +1,136 @@
+//! Who signs with what, and which keys verify whom, for one node.
+//!
+//! Signing a message for a peer: the current pairwise key shared with it (named by
+//! `key_id`), else the shared network key (compat deployments), else the node's Ed25519
+//! identity key. Verifying a message from a sender: its pairwise keys (current, pending,
+//! retiring within grace), the network key, and its Ed25519 identity key if it is our
+//! parent or an active child. Revoked controllers have neither keys nor an active row, so
+//! nothing of theirs verifies.
+
+use std::sync::Arc;
+
+use pdsno_shared::envelope::Envelope;
+use pdsno_shared::ids::Role;
+use pdsno_shared::keys::{DEFAULT_GRACE, HmacKey, IdentityKey, KeyRing, PublicKey};
+use pdsno_shared::replay::NonceStore;
+use pdsno_shared::signing::{self, Verified, Verifier, VerifyError, VerifyKeys};
+use pdsno_shared::time::Clock;
+
+use crate::keys::PairKeys;
+use crate::nib::Nib;
+
+/// Ring key id of the shared network key (internal; never announced on the wire).
+pub const NETWORK_KEY_ID: &str = "network";
+/// Ring key id of an admission key (internal; never announced on the wire).
+pub const ADMISSION_KEY_ID: &str = "admission";
+
+/// The keys of one node and the rules for using them.
+pub struct Trust {
+    /// This node's id.
+    pub me: String,
+    /// Its role.
+    pub role: Role,
+    /// Its region.
+    pub region: Option<String>,
+    /// Its identity key.
+    pub identity: Arc<IdentityKey>,
+    /// The shared network key, if the deployment has one.
+    pub network_key: Option<HmacKey>,
+    /// Pairwise keys.
+    pub pair_keys: Arc<PairKeys>,
+    /// The NIB.
+    pub nib: Arc<Nib>,
+    /// The parent's id and pinned key (children).
+    pub parent: Option<(String, PublicKey)>,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust")
+            .field("me", &self.me)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trust {
+    /// The Ed25519 key of a sender we know: our parent, or an active controller we admitted.
+    pub fn identity_of(&self, sender: &str) -> Option<PublicKey> {
+        if let Some((pid, pk)) = &self.parent
+            && pid == sender
+        {
+            return Some(*pk);
+        }
+        let row = self.nib.controller(sender).ok().flatten()?;
+        if row.status != "active" {
+            return None;
+        }
+        row.public_key
+            .as_deref()
+            .and_then(|k| PublicKey::from_base64(k).ok())
+    }
+
+    /// True when `sender` is an active controller we admitted (or that our children
+    /// registered with us).
+    pub fn is_active_child(&self, sender: &str) -> bool {
+        self.nib
+            .controller(sender)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.status == "active")
+    }
+
+    /// Verifies `env` from its sender with every key that may have signed it (plus
+    /// `admission`, an unadmitted child's key); a pending pairwise key used by the peer is
+    /// promoted.
+    ///
+    /// # Errors
+    /// The verification failure.
+    pub fn verify<S: NonceStore>(
+        &self,
+        verifier: &Verifier<S>,
+        env: &Envelope,
+        admission: Option<HmacKey>,
+        expected_sender: Option<&str>,
+    ) -> Result<Verified, VerifyError> {
+        let now = self.clock.now();
+        let mut ring = self
+            .pair_keys
+            .verify_ring(&env.sender_id, now)
+            .unwrap_or_else(|| KeyRing::new(DEFAULT_GRACE));
+        ring.set_announce_key_id(false);
+        if let Some(k) = &self.network_key {
+            ring.add(Some(NETWORK_KEY_ID.into()), k.clone(), now);
+        }
+        if let Some(k) = admission {
+            ring.add(Some(ADMISSION_KEY_ID.into()), k, now);
+        }
+        let ed = self.identity_of(&env.sender_id);
+        let keys = VerifyKeys {
+            hmac: (!ring.is_empty()).then_some(&ring),
+            ed25519: ed.as_ref(),
+        };
+        let v = verifier.verify(env, keys, expected_sender, now)?;
+        if let Some(kid) = v.key_id.as_deref()
+            && kid != NETWORK_KEY_ID
+            && kid != ADMISSION_KEY_ID
+        {
+            self.pair_keys.confirm(&env.sender_id, kid, now);
+        }
+        Ok(v)
+    }
+
+    /// Signs a message for `peer` (see the module docs for the key chosen).
+    pub fn sign_for(&self, peer: &str, env: &mut Envelope) {
+        let now = self.clock.now();
+        if let Some((kid, key)) = self.pair_keys.signing_key(peer) {
+            signing::sign_hmac(env, &key, Some(&kid), now);
+        } else if let Some(k) = &self.network_key {
+            signing::sign_hmac(env, k, None, now);
+        } else {
+            signing::sign_ed25519(env, &self.identity, None, now);
+        }
+    }
+}
