@@ -69,6 +69,13 @@ pub struct FileConfig {
     pub advertise_grpc: Option<String>,
     /// The MQTT URL the global controller hands to admitted controllers.
     pub advertise_mqtt: Option<String>,
+    /// User name on an external broker (default: the controller id).
+    pub mqtt_username: Option<String>,
+    /// File holding the password on an external broker (instead of the credential the
+    /// global controller issues for its embedded broker).
+    pub mqtt_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for an `mqtts://` broker.
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -176,6 +183,15 @@ pub struct NodeArgs {
     /// The MQTT URL the global controller hands to admitted controllers.
     #[arg(long, env = "PDSNO_ADVERTISE_MQTT", value_name = "URL")]
     pub advertise_mqtt: Option<String>,
+    /// User name on an external broker (default: the controller id).
+    #[arg(long, env = "PDSNO_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// File holding the password on an external broker.
+    #[arg(long, env = "PDSNO_MQTT_PASSWORD_FILE", value_name = "FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for an mqtts:// broker.
+    #[arg(long, env = "PDSNO_MQTT_CA_FILE", value_name = "FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
     /// Validate the configuration and exit (0 if valid, else the first error).
     #[arg(long)]
     pub check_config: bool,
@@ -235,6 +251,12 @@ pub struct NodeConfig {
     pub advertise_grpc: Option<String>,
     /// Advertised MQTT URL.
     pub advertise_mqtt: Option<String>,
+    /// External broker user name.
+    pub mqtt_username: Option<String>,
+    /// External broker password.
+    pub mqtt_password: Option<SecretString>,
+    /// CA file for mqtts://.
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -505,6 +527,16 @@ impl NodeConfig {
             ),
             advertise_grpc: a.advertise_grpc.clone().or(file.advertise_grpc),
             advertise_mqtt: a.advertise_mqtt.clone().or(file.advertise_mqtt),
+            mqtt_username: a.mqtt_username.clone().or(file.mqtt_username),
+            mqtt_password: match a
+                .mqtt_password_file
+                .as_ref()
+                .or(file.mqtt_password_file.as_ref())
+            {
+                Some(p) => Some(read_secret("mqtt_password_file", p)?),
+                None => None,
+            },
+            mqtt_ca_file: a.mqtt_ca_file.clone().or(file.mqtt_ca_file),
         };
         cfg.check()?;
         Ok(cfg)

@@ -31,10 +31,42 @@ pub struct TokenArgs {
     /// The child's type.
     #[arg(long = "type", value_enum)]
     pub kind: ChildType,
+    /// Create the bootstrap secret file (32 random bytes, hex, mode 0600) if it does not
+    /// exist yet.
+    #[arg(long, requires = "bootstrap_secret_file")]
+    pub init_secret: bool,
+    /// Write the token to this file (mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
 }
 
 /// Prints the token.
 pub fn run(a: &TokenArgs) -> ExitCode {
+    if a.init_secret
+        && let Some(p) = &a.bootstrap_secret_file
+        && !p.exists()
+    {
+        let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
+        if let Err(e) = write_private(p, &secret) {
+            eprintln!("error: cannot create {}: {e}", p.display());
+            return ExitCode::from(1);
+        }
+        eprintln!("created a new bootstrap secret in {}", p.display());
+    }
     let secret = match &a.bootstrap_secret_file {
         Some(p) => match std::fs::read_to_string(p) {
             Ok(s) => s.trim_end_matches(['\n', '\r']).to_owned(),
