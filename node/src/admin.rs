@@ -268,6 +268,16 @@ impl Admin {
             hb.insert("sent".into(), h.sent.load(Relaxed).into());
             hb.insert("acked".into(), h.acked.load(Relaxed).into());
             hb.insert("failed".into(), h.failed.load(Relaxed).into());
+            hb.insert("rekeys".into(), h.rekeys.load(Relaxed).into());
+            hb.insert("parent_heard".into(), h.parent_heard.load(Relaxed).into());
+            let last = h.parent_last_ms.load(Relaxed);
+            hb.insert(
+                "parent_last_heard".into(),
+                chrono::DateTime::from_timestamp_millis(last)
+                    .filter(|_| last > 0)
+                    .map(format_iso)
+                    .into(),
+            );
             m.insert("heartbeats".into(), Value::Object(hb));
         }
         if let Some(c) = &self.children {

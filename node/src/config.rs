@@ -115,7 +115,9 @@ pub struct NodeArgs {
     /// External MQTT broker URL.
     #[arg(long, env = "PDSNO_MQTT_URL", value_name = "URL")]
     pub mqtt_url: Option<String>,
-    /// The parent's gRPC URL (`http://127.0.0.1:50051`).
+    /// The parent's gRPC URL. Default: the one this controller was admitted through, and
+    /// for a first start the parent tier's default port on loopback
+    /// (`http://127.0.0.1:50051` for a regional, `:50052` for a local controller).
     #[arg(long, env = "PDSNO_PARENT", value_name = "URL")]
     pub parent: Option<String>,
     /// This controller's region.
@@ -344,17 +346,30 @@ fn default_ports(role: Role) -> (u16, u16) {
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err("config", format!("{}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_owned();
-        let key = match e.span() {
-            Some(span) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!("{} line {line}", path.display())
-            }
-            None => path.display().to_string(),
-        };
-        err(&key, msg)
+    let de = toml::Deserializer::new(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // The key path of the offending value (`mqtt_users[1].hash`), and where it is.
+        let key_path = e.path().to_string();
+        let inner = e.inner();
+        let mut key = path.display().to_string();
+        if let Some(span) = inner.span() {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            key = format!("{key} line {line}");
+        }
+        if !key_path.is_empty() && key_path != "." {
+            key = format!("{key}: {key_path}");
+        }
+        err(&key, inner.message().to_owned())
     })
+}
+
+/// The parent URL a controller uses for its first admission when none is configured: the
+/// parent tier's default gRPC port on loopback.
+pub fn default_parent(role: Role) -> String {
+    match role {
+        Role::Global | Role::Regional => "http://127.0.0.1:50051".into(),
+        Role::Local => "http://127.0.0.1:50052".into(),
+    }
 }
 
 impl NodeConfig {
@@ -478,11 +493,7 @@ impl NodeConfig {
             listen_mqtt_v5: a.listen_mqtt_v5.or(file.listen_mqtt_v5),
             embedded_broker: !a.no_embedded_broker && file.embedded_broker.unwrap_or(true),
             mqtt_url: a.mqtt_url.clone().or(file.mqtt_url),
-            parent: parent.clone().or_else(|| match role {
-                Role::Global => None,
-                Role::Regional => Some("http://127.0.0.1:50051".into()),
-                Role::Local => Some("http://127.0.0.1:50052".into()),
-            }),
+            parent: parent.clone(),
             region,
             temp_id,
             bootstrap_token,
@@ -559,9 +570,6 @@ impl NodeConfig {
                 }
             }
             Role::Regional | Role::Local => {
-                if self.region.is_none() {
-                    return Err(err("region", "required for regional and local controllers"));
-                }
                 if let Some(p) = &self.parent
                     && !(p.starts_with("http://") || p.starts_with("https://"))
                 {
@@ -645,10 +653,11 @@ mod tests {
             Some("s3cret")
         );
         assert_eq!(
-            cfg.parent.as_deref(),
-            Some("http://127.0.0.1:50051"),
-            "default"
+            cfg.parent, None,
+            "decided at start: stored URL or tier default"
         );
+        assert_eq!(default_parent(Role::Regional), "http://127.0.0.1:50051");
+        assert_eq!(default_parent(Role::Local), "http://127.0.0.1:50052");
         assert!(!format!("{cfg:?}").contains("s3cret"));
 
         std::fs::write(&file, "region = \"zone-A\"\nregoin = \"typo\"\n").expect("write");
@@ -668,8 +677,9 @@ mod tests {
         let e =
             NodeConfig::resolve(Role::Regional, &args(&["--region", "zone/A"])).expect_err("error");
         assert_eq!(e.key, "region");
-        let e = NodeConfig::resolve(Role::Local, &args(&[])).expect_err("error");
-        assert_eq!(e.key, "region");
+        // A restored controller takes its region from its NIB; admission asks for one.
+        let cfg = NodeConfig::resolve(Role::Local, &args(&[])).expect("valid");
+        assert_eq!(cfg.region, None);
         let e = NodeConfig::resolve(
             Role::Local,
             &args(&["--region", "zone-A", "--parent", "127.0.0.1:1"]),

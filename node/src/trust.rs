@@ -122,6 +122,12 @@ impl Trust {
         Ok(v)
     }
 
+    /// Signs `env` with our Ed25519 identity key: what a peer can always verify, whatever
+    /// happened to the keys we share with it.
+    pub fn sign_identity(&self, env: &mut Envelope) {
+        signing::sign_ed25519(env, &self.identity, None, self.clock.now());
+    }
+
     /// Signs a message for `peer` (see the module docs for the key chosen).
     pub fn sign_for(&self, peer: &str, env: &mut Envelope) {
         let now = self.clock.now();

@@ -72,7 +72,13 @@ pub async fn initiate(
     let mut env = Envelope::new(t, trust.me.clone(), peer, Default::default(), now)
         .with_typed_payload(pending.offer())
         .map_err(|e| ExchangeError::Answer(e.to_string()))?;
-    trust.sign_for(peer, &mut env);
+    if rotation {
+        trust.sign_for(peer, &mut env);
+    } else {
+        // A first exchange (or a re-key after the peer lost our shared key) is signed with
+        // the identity key, which the peer verifies whatever state its pairwise keys are in.
+        trust.sign_identity(&mut env);
+    }
     let reply = link.key_exchange(&env).await?;
     // The answer must come from the peer, for us, signed the way we accept from it.
     let verifier = Verifier::new(MemoryNonceStore::new());
@@ -136,7 +142,44 @@ pub async fn initiate(
         tracing::warn!(error = %e, "cannot write the audit event of a key agreement");
     }
     tracing::info!(%peer, %key_id, rotation, "pairwise key agreed");
+    if let Err(e) = confirm(trust, link, peer, &key_id).await {
+        // The responder still switches as soon as it sees the key in use.
+        tracing::warn!(%peer, %key_id, error = %e, "key confirmation not delivered");
+    }
     Ok(key_id)
+}
+
+/// Key confirmation: the responder holds a new key as pending until it sees it used, so
+/// the initiator at once sends it a HEARTBEAT signed with that key (naming it in
+/// `key_confirmation`). Retried briefly on connection errors.
+async fn confirm(
+    trust: &Trust,
+    link: &ParentLink,
+    peer: &str,
+    key_id: &str,
+) -> Result<(), LinkError> {
+    let mut attempt = 0u32;
+    loop {
+        let mut p = pdsno_shared::json::Map::new();
+        p.insert("status".into(), "online".into());
+        p.insert("key_confirmation".into(), key_id.into());
+        let mut env = Envelope::new(
+            MessageType::Heartbeat,
+            trust.me.clone(),
+            peer,
+            p,
+            trust.clock.now(),
+        );
+        trust.sign_for(peer, &mut env);
+        match link.exchange(&env).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_retryable() && attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The responder's handler for KEY_EXCHANGE_INIT and KEY_ROTATION_REQUEST.

@@ -34,6 +34,8 @@ pub enum StateKey {
     MqttUrl,
     /// Our gRPC URL, as children and tools should reach it.
     GrpcUrl,
+    /// The parent's gRPC URL we were admitted through (used when none is configured).
+    ParentUrl,
 }
 
 impl StateKey {
@@ -52,6 +54,7 @@ impl StateKey {
             StateKey::MqttCredential => "mqtt_credential",
             StateKey::MqttUrl => "mqtt_url",
             StateKey::GrpcUrl => "grpc_url",
+            StateKey::ParentUrl => "parent_url",
         }
     }
 }

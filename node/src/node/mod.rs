@@ -116,12 +116,38 @@ fn chain_of(nib: &Nib, role: Role) -> Result<Option<IssuerChain>, NodeError> {
     }
 }
 
-fn persist(nib: &Nib, cfg: &NodeConfig, a: &Admission) -> Result<(), NodeError> {
+/// A restored controller keeps the region it was admitted for, and reaches its parent at
+/// the URL it was admitted through unless the configuration names another.
+fn adopt_admission_state(nib: &Nib, cfg: &mut NodeConfig) -> Result<(), NodeError> {
+    let stored = nib.state_str(StateKey::Region).map_err(startup)?;
+    match (&cfg.region, stored) {
+        (Some(configured), Some(stored)) if *configured != stored => {
+            return Err(startup(format!(
+                "region: this controller was admitted for region {stored:?}, not {configured:?}; \
+                 use a separate --data-dir for another region"
+            )));
+        }
+        (None, Some(stored)) => cfg.region = Some(stored),
+        _ => {}
+    }
+    if cfg.parent.is_none() {
+        cfg.parent = nib.state_str(StateKey::ParentUrl).map_err(startup)?;
+    }
+    if cfg.parent.is_none() {
+        return Err(startup(
+            "parent: no parent URL configured and none stored; give --parent",
+        ));
+    }
+    Ok(())
+}
+
+fn persist(nib: &Nib, cfg: &NodeConfig, parent_url: &str, a: &Admission) -> Result<(), NodeError> {
     let mut values = vec![
         (StateKey::AssignedId, Value::from(a.assigned_id.as_str())),
         (StateKey::Role, Value::from(cfg.role.as_str())),
         (StateKey::Region, Value::from(cfg.region.clone())),
         (StateKey::TempId, Value::from(cfg.temp_id.clone())),
+        (StateKey::ParentUrl, Value::from(parent_url)),
         (StateKey::Certificate, a.certificate.clone()),
         (StateKey::ParentId, Value::from(a.parent_id.as_str())),
         (
@@ -152,8 +178,9 @@ async fn admit(
 ) -> Result<Identity, NodeError> {
     let parent_url = cfg
         .parent
-        .as_deref()
-        .ok_or_else(|| startup("no --parent to be admitted by"))?;
+        .clone()
+        .unwrap_or_else(|| crate::config::default_parent(cfg.role));
+    let parent_url = parent_url.as_str();
     let temp_id = cfg
         .temp_id
         .clone()
@@ -165,7 +192,7 @@ async fn admit(
     let region = cfg
         .region
         .clone()
-        .ok_or_else(|| startup("--region is required"))?;
+        .ok_or_else(|| startup("region: required to be admitted (--region)"))?;
     let link = ParentLink::new(parent_url).map_err(startup)?;
     let child_cfg = ChildConfig {
         temp_id: temp_id.clone(),
@@ -220,7 +247,7 @@ async fn admit(
             Err(e) => return Err(NodeError::Admission(e)),
         }
     };
-    persist(nib, cfg, &admission)?;
+    persist(nib, cfg, parent_url, &admission)?;
     say(&format!(
         "admitted id={} parent={} temp_id={} elapsed_ms={}",
         admission.assigned_id,
@@ -320,7 +347,7 @@ fn advertised_mqtt(cfg: &NodeConfig, broker: &BrokerHandle) -> Option<String> {
 ///
 /// # Errors
 /// [`NodeError`] when startup or admission fails.
-pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let nib = Arc::new(Nib::open(cfg.data_dir.join("nib.db")).map_err(startup)?);
     let (identity, created) = crate::identity::load_or_create(&cfg.data_dir).map_err(startup)?;
@@ -358,6 +385,9 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
             None => admit(&cfg, &nib, &identity, &clock, &grpc_url, &cancel).await?,
         },
     };
+    if cfg.role != Role::Global {
+        adopt_admission_state(&nib, &mut cfg)?;
+    }
     nib.set_state(&[(StateKey::GrpcUrl, Value::from(grpc_url.as_str()))])
         .map_err(startup)?;
 
@@ -482,19 +512,43 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeE
             Box::new(move |e| handler(e)),
         );
     }
-    if let Some(c) = &children {
-        let c1 = c.clone();
-        inbound.register(MessageType::Heartbeat, Box::new(move |e| c1.heartbeat(e)));
-        if cfg.role == Role::Global {
-            let c2 = c.clone();
-            inbound.register(MessageType::SyncRequest, Box::new(move |e| c2.sync(e)));
-        }
-    }
-    let inbound = Arc::new(inbound);
-
     let heartbeat_stats = parent_side
         .as_ref()
         .map(|_| Arc::new(HeartbeatStats::default()));
+    // HEARTBEAT: from children (liveness), and from the parent (it confirms each key it
+    // agrees with one).
+    if children.is_some() || heartbeat_stats.is_some() {
+        let c1 = children.clone();
+        let stats = heartbeat_stats.clone();
+        let parent_id = me.parent.as_ref().map(|p| p.0.clone());
+        let clock = clock.clone();
+        inbound.register(
+            MessageType::Heartbeat,
+            Box::new(move |e| {
+                if parent_id.as_deref() == Some(e.sender_id.as_str()) {
+                    if let Some(s) = &stats {
+                        s.parent_heard(clock.now());
+                    }
+                    return Ok(crate::inbound::HandlerReply::Accepted);
+                }
+                match &c1 {
+                    Some(c) => c.heartbeat(e),
+                    None => Err(crate::inbound::InboundError::Forbidden(format!(
+                        "{} is not the parent of this controller",
+                        e.sender_id
+                    ))),
+                }
+            }),
+        );
+    }
+    if let Some(c) = &children
+        && cfg.role == Role::Global
+    {
+        let c2 = c.clone();
+        inbound.register(MessageType::SyncRequest, Box::new(move |e| c2.sync(e)));
+    }
+    let inbound = Arc::new(inbound);
+
     let rotate_wake = Arc::new(Notify::new());
     let rotate_done = Arc::new(Notify::new());
     let admin = Arc::new(crate::admin::Admin::new(

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::exchange;
-use crate::transport::parent::{Backoff, ParentLink};
+use crate::transport::parent::{Backoff, LinkError, ParentLink};
 use crate::trust::Trust;
 
 /// Heartbeat counters of a child.
@@ -24,6 +24,21 @@ pub struct HeartbeatStats {
     pub acked: AtomicU64,
     /// Refused or lost.
     pub failed: AtomicU64,
+    /// Heartbeats received from the parent (it sends one with each key it agrees).
+    pub parent_heard: AtomicU64,
+    /// When the parent was last heard from (Unix milliseconds; 0: never).
+    pub parent_last_ms: std::sync::atomic::AtomicI64,
+    /// Re-keys after the parent stopped accepting our pairwise key.
+    pub rekeys: AtomicU64,
+}
+
+impl HeartbeatStats {
+    /// Records a heartbeat from the parent.
+    pub fn parent_heard(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.parent_heard.fetch_add(1, Ordering::Relaxed);
+        self.parent_last_ms
+            .store(at.timestamp_millis(), Ordering::Relaxed);
+    }
 }
 
 /// The parent as a child sees it.
@@ -79,6 +94,10 @@ pub async fn heartbeats(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // Consecutive refusals of a message signed with our pairwise key, and when we last
+    // re-keyed because of them.
+    let mut key_refusals = 0u32;
+    let mut last_rekey: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -109,6 +128,30 @@ pub async fn heartbeats(
                 if !failing {
                     tracing::warn!(parent = %parent.id, error = %e, "heartbeat refused or lost");
                     failing = true;
+                }
+                let key_refused = env.key_id.is_some()
+                    && matches!(&e, LinkError::Status { code, .. } if *code == tonic::Code::Unauthenticated);
+                key_refusals = if key_refused { key_refusals + 1 } else { 0 };
+                // The parent no longer knows our key (its state was restored from an older
+                // copy, a confirmation got lost past the grace period, ...): agree a new one,
+                // authenticated by the identity keys. At most every 10 s.
+                if key_refusals >= 2
+                    && last_rekey.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    last_rekey = Some(tokio::time::Instant::now());
+                    match exchange::initiate(&trust, &parent.link, &parent.id, &parent.key, false)
+                        .await
+                    {
+                        Ok(kid) => {
+                            stats.rekeys.fetch_add(1, Ordering::Relaxed);
+                            key_refusals = 0;
+                            tracing::warn!(parent = %parent.id, key_id = %kid, "the parent refused our pairwise key; agreed a new one");
+                            println!("key id={kid} peer={}", parent.id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(parent = %parent.id, error = %e, "re-key with the parent failed");
+                        }
+                    }
                 }
             }
         }
@@ -150,10 +193,18 @@ pub async fn rotations(
     cancel: CancellationToken,
 ) {
     let period = chrono::Duration::from_std(period).unwrap_or(chrono::Duration::days(1));
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+    };
+    // Per peer: failed attempts so far and when to try again.
+    let mut failures: std::collections::HashMap<String, (u32, tokio::time::Instant)> =
+        std::collections::HashMap::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = wake.notified() => {}
+            // An operator asked: try at once, whatever the backoff says.
+            _ = wake.notified() => failures.clear(),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let now = trust.clock.now();
@@ -169,7 +220,14 @@ pub async fn rotations(
             tracing::warn!(error = %e, "cannot schedule a key rotation");
         }
         let requests = trust.nib.rotation_requests().unwrap_or_default();
+        failures.retain(|p, _| requests.contains(p));
         for peer in requests {
+            if failures
+                .get(&peer)
+                .is_some_and(|(_, next)| tokio::time::Instant::now() < *next)
+            {
+                continue;
+            }
             let Some((link, key)) = link_for(&trust, parent.as_ref(), &peer) else {
                 tracing::warn!(%peer, "cannot rotate: the peer is unknown or has no gRPC address");
                 continue;
@@ -178,10 +236,21 @@ pub async fn rotations(
             match exchange::initiate(&trust, &link, &peer, &key, rotation).await {
                 Ok(kid) => {
                     let _ = trust.nib.rotation_done(&peer);
+                    failures.remove(&peer);
                     println!("key id={kid} peer={peer}");
                     done.notify_waiters();
                 }
-                Err(e) => tracing::warn!(%peer, error = %e, "key rotation failed; will retry"),
+                Err(e) => {
+                    let f = failures
+                        .entry(peer.clone())
+                        .or_insert((0, tokio::time::Instant::now()));
+                    f.0 += 1;
+                    let wait = backoff.delay(f.0);
+                    f.1 = tokio::time::Instant::now() + wait;
+                    if f.0 == 1 || f.0.is_power_of_two() {
+                        tracing::warn!(%peer, attempt = f.0, retry_in_ms = wait.as_millis() as u64, error = %e, "key rotation failed; will retry");
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,1009 @@
+//! Trust after admission between real `pdsno` processes: the pairwise key both sides
+//! derive, a man in the middle swapping ephemeral keys, rotation under traffic and across
+//! restarts, MQTT credentials on the embedded broker, and revocation.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pdsno_node::nib::{KeyState, Nib, StateKey, StoredKey};
+use pdsno_node::transport::parent::{LinkError, ParentLink};
+use pdsno_shared::envelope::{Envelope, MessageType};
+use pdsno_shared::json::{Map, Value};
+use pdsno_shared::keys::HmacKey;
+use pdsno_shared::signing::sign_hmac;
+use pdsno_tests::{Lab, NodeProc, Proc, field, run};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn nib(node: &NodeProc) -> Nib {
+    Nib::open(node.data_dir.join("nib.db")).expect("open the node's NIB")
+}
+
+/// The stored pairwise keys `node` holds for `peer`.
+fn keys_with(node: &NodeProc, peer: &str) -> Vec<StoredKey> {
+    nib(node)
+        .pair_keys()
+        .expect("pair keys")
+        .into_iter()
+        .filter(|k| k.peer_id == peer)
+        .collect()
+}
+
+fn current_key(node: &NodeProc, peer: &str) -> Option<StoredKey> {
+    keys_with(node, peer)
+        .into_iter()
+        .find(|k| k.state == KeyState::Current)
+}
+
+/// The node's status through its admin API.
+async fn status(node: &NodeProc) -> Value {
+    let key = pdsno_node::admin::read_key(&node.data_dir).expect("admin key");
+    pdsno_node::admin::call(
+        &node.grpc_url(),
+        &key,
+        "status",
+        &Value::Object(Map::new()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("status")
+}
+
+fn heartbeats(st: &Value) -> (u64, u64, u64) {
+    let h = st.get("heartbeats").expect("heartbeats");
+    let n = |k: &str| h.get(k).and_then(Value::as_u64).expect("counter");
+    (n("sent"), n("acked"), n("failed"))
+}
+
+/// The parent's view of `child` in its status.
+fn child_row(st: &Value, child: &str) -> Value {
+    st.get("children")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .find(|r| r.get("controller_id").and_then(Value::as_str) == Some(child))
+        .cloned()
+        .unwrap_or_else(|| panic!("{child} not among the children: {st:?}"))
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the CLI to completion; returns (exit code, stdout, stderr).
+fn pdsno(args: &[&str]) -> (Option<i32>, String, String) {
+    run(
+        &pdsno_tests::pdsno_bin().display().to_string(),
+        args,
+        Duration::from_secs(60),
+    )
+}
+
+/// A HEARTBEAT from `from` to `to`, signed by the caller.
+fn heartbeat(from: &str, to: &str, key: &HmacKey, key_id: &str) -> Envelope {
+    let mut p = Map::new();
+    p.insert("status".into(), "online".into());
+    let now = chrono::Utc::now();
+    let mut e = Envelope::new(MessageType::Heartbeat, from, to, p, now);
+    sign_hmac(&mut e, key, Some(key_id), now);
+    e
+}
+
+/// MQTT 3.1.1 CONNECT by hand; returns the CONNACK code and the open stream.
+fn mqtt_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    user: Option<&str>,
+    password: Option<&[u8]>,
+) -> (u8, TcpStream) {
+    fn put(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&u16::try_from(b.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut body = Vec::new();
+    put(&mut body, b"MQTT");
+    body.push(4);
+    let mut flags = 0x02;
+    if user.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&30u16.to_be_bytes());
+    put(&mut body, client_id.as_bytes());
+    if let Some(u) = user {
+        put(&mut body, u.as_bytes());
+    }
+    if let Some(p) = password {
+        put(&mut body, p);
+    }
+    assert!(body.len() < 128);
+    let mut pkt = vec![0x10, u8::try_from(body.len()).expect("short")];
+    pkt.extend_from_slice(&body);
+    let mut s = TcpStream::connect(addr).expect("connect to the broker");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&pkt).expect("send CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!(ack[..2], [0x20, 0x02], "not a CONNACK: {ack:?}");
+    (ack[3], s)
+}
+
+/// True once the broker has closed `s` (EOF or reset).
+fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+fn key_lines(p: &Proc) -> Vec<String> {
+    p.lines()
+        .into_iter()
+        .filter(|l| l.starts_with("key "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pair_derives_the_same_key_and_signs_with_it() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-a",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    let mut lc = lab.child(
+        "local",
+        "temp-lc-a1",
+        &rc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    let rc_line = rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let lc_line = lc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    assert_eq!(field(&rc_line, "peer").as_deref(), Some(gc.id.as_str()));
+    assert_eq!(field(&lc_line, "peer").as_deref(), Some(rc.id.as_str()));
+
+    for (child, parent, line) in [(&rc, &gc, &rc_line), (&lc, &rc, &lc_line)] {
+        let kid = field(line, "id").expect("key id");
+        // The name is key_{min}_{max}.N over the two controller ids.
+        let (a, b) = if child.id < parent.id {
+            (&child.id, &parent.id)
+        } else {
+            (&parent.id, &child.id)
+        };
+        assert!(
+            kid.starts_with(&format!("key_{a}_{b}")),
+            "{kid} is not named after the pair"
+        );
+        let mine = current_key(child, &parent.id).expect("the child's current key");
+        assert_eq!(mine.key_id, kid);
+        // The parent confirms the key once the child has used it; then both sign with it.
+        let deadline = Instant::now() + WAIT;
+        let theirs = loop {
+            if let Some(k) = current_key(parent, &child.id) {
+                break k;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the parent never confirmed {kid}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(theirs.key_id, kid);
+        assert_eq!(
+            theirs.key.expose_bytes(),
+            mine.key.expose_bytes(),
+            "both ends must hold the same key material"
+        );
+        // The parent sees the child's heartbeats signed with the pairwise key.
+        let cid = child.id.clone();
+        let kid2 = kid.clone();
+        eventually("heartbeats under the pairwise key", WAIT, || {
+            let cid = cid.clone();
+            let kid2 = kid2.clone();
+            async move {
+                let row = child_row(&status(parent).await, &cid);
+                row.get("last_key_id").and_then(Value::as_str) == Some(kid2.as_str())
+                    && row.get("heartbeats").and_then(Value::as_u64).unwrap_or(0) > 0
+            }
+        })
+        .await;
+        let (sent, acked, failed) = heartbeats(&status(child).await);
+        assert!(acked > 0 && acked <= sent, "sent {sent} acked {acked}");
+        assert_eq!(failed, 0, "no heartbeat may be refused");
+
+        // A message under the pair's key verifies at the parent; a different key with the
+        // same key id does not.
+        let link = ParentLink::new(&parent.grpc_url()).expect("url");
+        link.exchange(&heartbeat(&child.id, &parent.id, &mine.key, &kid))
+            .await
+            .expect("the pairwise key verifies");
+        let wrong = HmacKey::from_bytes(&[7u8; 32]).expect("key");
+        match link
+            .exchange(&heartbeat(&child.id, &parent.id, &wrong, &kid))
+            .await
+        {
+            Err(LinkError::Status { code, message }) => {
+                assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+                assert!(message.contains("Invalid signature"), "{message}");
+            }
+            other => panic!("a wrong key was accepted: {other:?}"),
+        }
+
+        // Key material is never printed: not in output, logs, or `pdsno keys list`.
+        let hex = hex::encode(mine.key.expose_bytes());
+        for p in [&gc.proc, &rc.proc, &lc.proc] {
+            assert!(!p.lines().join("\n").contains(&hex), "key on stdout");
+            assert!(!p.stderr().contains(&hex), "key in the log");
+        }
+        let dir = child.data_dir.display().to_string();
+        let (code, out, _) = pdsno(&["keys", "list", "--data-dir", &dir]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains(&kid) && out.contains("current"), "{out}");
+        assert!(!out.contains(&hex));
+        let (code, out, _) = pdsno(&["keys", "list", "--data-dir", &dir, "--json"]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains(&kid) && !out.contains(&hex), "{out}");
+    }
+}
+
+/// A gRPC proxy between a regional controller and the GC that forwards everything, and
+/// swaps the X25519 public key in key agreements (re-signing the envelope with the network
+/// key, which an insider of a shared-key deployment has).
+mod mitm {
+    use super::*;
+    use pdsno_shared::grpc::{TypedMessage, pb};
+    use tonic::{Request, Response, Status};
+
+    pub(crate) const PASS: u8 = 0;
+    pub(crate) const SWAP_REQUEST: u8 = 1;
+    pub(crate) const SWAP_ANSWER: u8 = 2;
+
+    #[derive(Clone)]
+    pub(crate) struct Proxy {
+        pub(crate) upstream: ParentLink,
+        pub(crate) mode: Arc<AtomicU8>,
+        pub(crate) network_key: Arc<HmacKey>,
+        /// Key agreements tampered with.
+        pub(crate) tampered: Arc<AtomicU64>,
+        /// Upstream refusals of tampered agreements naming the identity signature.
+        pub(crate) identity_refusals: Arc<AtomicU64>,
+        /// Other upstream refusals (message texts).
+        pub(crate) other_refusals: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    fn status_of(e: LinkError) -> Status {
+        match e {
+            LinkError::Status { code, message } => Status::new(code, message),
+            other => Status::unavailable(other.to_string()),
+        }
+    }
+
+    impl Proxy {
+        fn swap(&self, msg: pb::KeyAgreement) -> Result<pb::KeyAgreement, Status> {
+            let mut env = msg
+                .into_envelope()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let attacker = pdsno_shared::keys::base64_encode(&pdsno_shared::ids::random_bytes_32());
+            env.payload.insert("public_key".into(), attacker.into());
+            sign_hmac(&mut env, &self.network_key, None, chrono::Utc::now());
+            self.tampered.fetch_add(1, Ordering::SeqCst);
+            pb::KeyAgreement::from_envelope(&env).map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::key_exchange_server::KeyExchange for Proxy {
+        async fn exchange(
+            &self,
+            r: Request<pb::KeyAgreement>,
+        ) -> Result<Response<pb::KeyAgreement>, Status> {
+            let mode = self.mode.load(Ordering::SeqCst);
+            let mut msg = r.into_inner();
+            if mode == SWAP_REQUEST {
+                msg = self.swap(msg)?;
+            }
+            let env = msg
+                .into_envelope()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let answer = match self.upstream.key_exchange(&env).await {
+                Ok(a) => a,
+                Err(e) => {
+                    if let LinkError::Status { message, .. } = &e {
+                        if mode == SWAP_REQUEST && message.contains("identity signature") {
+                            self.identity_refusals.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            self.other_refusals
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(message.clone());
+                        }
+                    }
+                    return Err(status_of(e));
+                }
+            };
+            let out = pb::KeyAgreement::from_envelope(&answer)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let out = if mode == SWAP_ANSWER {
+                self.swap(out)?
+            } else {
+                out
+            };
+            Ok(Response::new(out))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::node_server::Node for Proxy {
+        async fn get_info(
+            &self,
+            _r: Request<pb::InfoRequest>,
+        ) -> Result<Response<pb::NodeInfo>, Status> {
+            self.upstream
+                .info()
+                .await
+                .map(Response::new)
+                .map_err(status_of)
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::admission_server::Admission for Proxy {
+        async fn request_validation(
+            &self,
+            r: Request<pb::ValidationRequest>,
+        ) -> Result<Response<pb::AdmissionStep>, Status> {
+            let env = r
+                .into_inner()
+                .into_envelope()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let step = self
+                .upstream
+                .request_validation(&env)
+                .await
+                .map_err(status_of)?;
+            let step = match step.message_type {
+                MessageType::Challenge => pb::admission_step::Step::Challenge(
+                    pb::Challenge::from_envelope(&step)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                ),
+                _ => pb::admission_step::Step::Result(
+                    pb::ValidationResult::from_envelope(&step)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                ),
+            };
+            Ok(Response::new(pb::AdmissionStep { step: Some(step) }))
+        }
+
+        async fn respond_to_challenge(
+            &self,
+            r: Request<pb::ChallengeResponse>,
+        ) -> Result<Response<pb::ValidationResult>, Status> {
+            let env = r
+                .into_inner()
+                .into_envelope()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let res = self
+                .upstream
+                .respond_to_challenge(&env)
+                .await
+                .map_err(status_of)?;
+            Ok(Response::new(
+                pb::ValidationResult::from_envelope(&res)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            ))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::messaging_server::Messaging for Proxy {
+        async fn exchange(
+            &self,
+            r: Request<pb::Envelope>,
+        ) -> Result<Response<pb::Envelope>, Status> {
+            let env = r
+                .into_inner()
+                .into_envelope()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let reply = self.upstream.exchange(&env).await.map_err(status_of)?;
+            Ok(Response::new(match reply {
+                Some(e) => pb::Envelope::from_envelope(&e),
+                None => pb::Envelope::default(),
+            }))
+        }
+    }
+
+    pub(crate) async fn serve(p: Proxy) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(pb::node_server::NodeServer::new(p.clone()))
+                .add_service(pb::admission_server::AdmissionServer::new(p.clone()))
+                .add_service(pb::messaging_server::MessagingServer::new(p.clone()))
+                .add_service(pb::key_exchange_server::KeyExchangeServer::new(p))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        addr
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_man_in_the_middle_swapping_ephemeral_keys_is_detected() {
+    let lab = Lab::new();
+    let secret = "shared-network-secret-for-the-lab";
+    let gc = lab.global(&["--secret", secret]);
+    let proxy = mitm::Proxy {
+        upstream: ParentLink::new(&gc.grpc_url()).expect("url"),
+        mode: Arc::new(AtomicU8::new(mitm::SWAP_REQUEST)),
+        network_key: Arc::new(HmacKey::from_secret_text(secret)),
+        tampered: Arc::default(),
+        identity_refusals: Arc::default(),
+        other_refusals: Arc::default(),
+    };
+    let addr = mitm::serve(proxy.clone()).await;
+    let token = lab.token("temp-rc-m", "zone-A", "regional");
+    let url = format!("http://{addr}");
+    let p = lab.spawn(
+        "regional",
+        "temp-rc-m",
+        &[
+            "--parent",
+            &url,
+            "--region",
+            "zone-A",
+            "--temp-id",
+            "temp-rc-m",
+            "--bootstrap-token",
+            &token,
+            "--secret",
+            secret,
+            "--heartbeat-interval",
+            "0.2",
+        ],
+    );
+    // Admission goes through the proxy untouched.
+    let mut rc = lab.ready(p, "temp-rc-m");
+
+    // 1. The initiator's ephemeral key is swapped: the GC refuses every attempt.
+    eventually("two refused exchanges", WAIT, || {
+        let n = proxy.identity_refusals.load(Ordering::SeqCst);
+        async move { n >= 2 }
+    })
+    .await;
+    let others = proxy
+        .other_refusals
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert!(others.is_empty(), "unexpected refusals: {others:?}");
+    assert!(keys_with(&rc, &gc.id).is_empty(), "the RC must hold no key");
+    assert!(keys_with(&gc, &rc.id).is_empty(), "the GC must hold no key");
+    assert!(key_lines(&rc.proc).is_empty());
+
+    // 2. The responder's ephemeral key is swapped: the RC refuses the answer.
+    let before = proxy.tampered.load(Ordering::SeqCst);
+    proxy.mode.store(mitm::SWAP_ANSWER, Ordering::SeqCst);
+    eventually("two tampered answers", WAIT, || {
+        let n = proxy.tampered.load(Ordering::SeqCst);
+        async move { n >= before + 2 }
+    })
+    .await;
+    // Let the RC process the last one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        keys_with(&rc, &gc.id).is_empty(),
+        "the RC accepted a forged answer"
+    );
+    assert!(key_lines(&rc.proc).is_empty());
+    // The GC agreed to keys, but only ever as pending: never confirmed, never used.
+    let gc_keys = keys_with(&gc, &rc.id);
+    assert!(!gc_keys.is_empty());
+    assert!(
+        gc_keys.iter().all(|k| k.state == KeyState::Pending),
+        "{gc_keys:?}"
+    );
+    assert!(
+        rc.proc.stderr().contains("identity signature"),
+        "the RC should say why: {}",
+        rc.proc.stderr()
+    );
+
+    // 3. Without the attacker the same two processes agree at once.
+    proxy.mode.store(mitm::PASS, Ordering::SeqCst);
+    let line = rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let kid = field(&line, "id").expect("id");
+    eventually("the GC confirms the key", WAIT, || {
+        let k = current_key(&gc, &rc.id).map(|k| k.key_id);
+        let kid = kid.clone();
+        async move { k.as_deref() == Some(kid.as_str()) }
+    })
+    .await;
+    rc.proc.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
+    let lab = Lab::new();
+    let grace = 3;
+    let g = grace.to_string();
+    let gc = lab.global(&["--key-grace", &g]);
+    let rc = lab.child(
+        "regional",
+        "temp-rc-r",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.05", "--key-grace", &g],
+    );
+    let mut rc = rc;
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let first = current_key(&rc, &gc.id).expect("first key");
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    let rc_dir = rc.data_dir.display().to_string();
+    let gc_dir = gc.data_dir.display().to_string();
+
+    let mut seen = vec![first.key_id.clone()];
+    let mut previous = first.clone();
+    for round in 0..6 {
+        // Alternate the initiator: the RC asks, then the GC asks.
+        let (dir, peer) = if round % 2 == 0 {
+            (&rc_dir, &gc.id)
+        } else {
+            (&gc_dir, &rc.id)
+        };
+        let (code, out, err) = pdsno(&["keys", "rotate", "--peer", peer, "--data-dir", dir]);
+        assert_eq!(code, Some(0), "rotate: {out} {err}");
+        assert!(out.starts_with("rotated: now signing with "), "{out}");
+        let now = current_key(&rc, &gc.id).expect("current");
+        assert!(!seen.contains(&now.key_id), "round {round}: no new key");
+        seen.push(now.key_id.clone());
+        // The key just superseded still verifies during its grace period.
+        link.exchange(&heartbeat(&rc.id, &gc.id, &previous.key, &previous.key_id))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a key in grace was refused: {e}"));
+        previous = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Heartbeats flowed the whole time, none refused.
+    let (sent, acked, failed) = heartbeats(&status(&rc).await);
+    assert_eq!(
+        failed, 0,
+        "heartbeats lost during rotation ({acked}/{sent} acked)"
+    );
+    assert!(acked >= 20, "too little traffic to mean anything: {acked}");
+
+    // After the grace period the first key (and the other superseded ones) stop verifying.
+    tokio::time::sleep(Duration::from_secs(grace + 2)).await;
+    match link
+        .exchange(&heartbeat(&rc.id, &gc.id, &first.key, &first.key_id))
+        .await
+    {
+        Err(LinkError::Status { code, message }) => {
+            assert_eq!(code, tonic::Code::Unauthenticated);
+            assert_eq!(
+                message,
+                "Invalid message signature: Invalid signature: unknown or retired key_id"
+            );
+        }
+        other => panic!("a retired key still verifies: {other:?}"),
+    }
+    // Both sides dropped the retired material; the newest key still works.
+    let gc_ids: Vec<String> = keys_with(&gc, &rc.id)
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    assert!(!gc_ids.contains(&first.key_id), "{gc_ids:?}");
+    assert!(
+        keys_with(&rc, &gc.id)
+            .iter()
+            .all(|k| k.key_id != first.key_id)
+    );
+    link.exchange(&heartbeat(&rc.id, &gc.id, &previous.key, &previous.key_id))
+        .await
+        .expect("the current key verifies");
+    let (_, _, failed) = heartbeats(&status(&rc).await);
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_happens_by_itself() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-s",
+        &gc,
+        "zone-A",
+        &["--key-rotation", "1", "--heartbeat-interval", "0.1"],
+    );
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let deadline = Instant::now() + WAIT;
+    while key_lines(&rc.proc).len() < 3 {
+        assert!(Instant::now() < deadline, "{:?}", rc.proc.lines());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, acked, failed) = heartbeats(&status(&rc).await);
+    assert_eq!(failed, 0);
+    assert!(acked > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_interrupted_by_restarts_completes() {
+    let lab = Lab::new();
+    let port = pdsno_tests::free_port_for_late_server();
+    let listen = format!("127.0.0.1:{port}");
+    let mut gc = lab.global(&["--listen-grpc", &listen]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-x",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let first = current_key(&rc, &gc.id).expect("first key");
+    let gc_id = gc.id.clone();
+
+    // The GC goes away; the operator asks for a rotation; then the RC dies too.
+    gc.proc.kill();
+    let rc_dir = rc.data_dir.display().to_string();
+    let (code, out, err) = pdsno(&[
+        "keys",
+        "rotate",
+        "--peer",
+        &gc_id,
+        "--no-wait",
+        "--data-dir",
+        &rc_dir,
+    ]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("requested"), "{out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rc.proc.kill();
+    assert_eq!(
+        nib(&rc).rotation_requests().expect("requests"),
+        vec![gc_id.clone()],
+        "the request must survive the crash"
+    );
+    assert_eq!(current_key(&rc, &gc_id).expect("key").key_id, first.key_id);
+
+    // Both come back: the rotation completes without anyone asking again.
+    let gc2 = lab.global(&["--listen-grpc", &listen]);
+    let p = lab.spawn("regional", "temp-rc-x", &["--heartbeat-interval", "0.1"]);
+    let mut rc2 = lab.ready(p, "temp-rc-x");
+    let line = rc2.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let kid = field(&line, "id").expect("id");
+    assert_ne!(kid, first.key_id);
+    assert!(nib(&rc2).rotation_requests().expect("requests").is_empty());
+    assert_eq!(current_key(&rc2, &gc_id).expect("key").key_id, kid);
+    let rc_id = rc2.id.clone();
+    let k2 = kid.clone();
+    eventually("the GC uses the new key", WAIT, || {
+        let rc_id = rc_id.clone();
+        let k2 = k2.clone();
+        let gc2 = &gc2;
+        async move {
+            child_row(&status(gc2).await, &rc_id)
+                .get("last_key_id")
+                .and_then(Value::as_str)
+                == Some(k2.as_str())
+        }
+    })
+    .await;
+    assert_eq!(
+        current_key(&gc2, &rc_id).map(|k| k.key_id).as_deref(),
+        Some(kid.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_credentials_are_issued_checked_and_revoked() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let broker = gc.mqtt.expect("embedded broker");
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-c",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    let mut lc = lab.child(
+        "local",
+        "temp-lc-c1",
+        &rc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    lc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let credential = |n: &NodeProc| -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(c) = nib(n).state_str(StateKey::MqttCredential).expect("state") {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "{} got no MQTT credential", n.id);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let rc_cred = credential(&rc);
+    let lc_cred = credential(&lc);
+    assert_ne!(rc_cred, lc_cred);
+
+    // The broker refuses anything but an issued credential presented by its controller.
+    let refused = [
+        ("no credentials", rc.id.as_str(), None, None),
+        ("user name only", rc.id.as_str(), Some(rc.id.as_str()), None),
+        (
+            "wrong password",
+            rc.id.as_str(),
+            Some(rc.id.as_str()),
+            Some(b"0000".as_slice()),
+        ),
+        (
+            "another controller's password",
+            rc.id.as_str(),
+            Some(rc.id.as_str()),
+            Some(lc_cred.as_bytes()),
+        ),
+        (
+            "client id is not the user name",
+            "someone-else",
+            Some(rc.id.as_str()),
+            Some(rc_cred.as_bytes()),
+        ),
+        (
+            "unknown controller",
+            "local_cntl_zone-A_99",
+            Some("local_cntl_zone-A_99"),
+            Some(rc_cred.as_bytes()),
+        ),
+    ];
+    for (what, cid, user, pass) in refused {
+        let (code, _s) = mqtt_connect(broker, cid, user, pass);
+        assert!(
+            code == 4 || code == 5,
+            "{what}: CONNACK {code}, expected a refusal"
+        );
+    }
+    let (code, _rc_session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
+    assert_eq!(code, 0, "the RC's issued credential");
+    let (code, mut lc_session) =
+        mqtt_connect(broker, &lc.id, Some(&lc.id), Some(lc_cred.as_bytes()));
+    assert_eq!(
+        code, 0,
+        "the LC's credential (issued by the GC at the RC's request)"
+    );
+
+    // Revoke the LC at the RC that admitted it.
+    let lc_key = current_key(&lc, &rc.id).expect("LC key");
+    let rc_dir = rc.data_dir.display().to_string();
+    let (code, out, err) = pdsno(&["controller", "revoke", &lc.id, "--data-dir", &rc_dir]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains(&format!("revoked {}", lc.id)), "{out}");
+
+    // Its live session is closed, and it cannot come back.
+    assert!(
+        closed_by_peer(&mut lc_session, Duration::from_secs(10)),
+        "the revoked controller's session stays open"
+    );
+    let (code, _s) = mqtt_connect(broker, &lc.id, Some(&lc.id), Some(lc_cred.as_bytes()));
+    assert!(
+        matches!(code, 4 | 5),
+        "a revoked credential connected: {code}"
+    );
+    // No message of it is accepted any more, whatever key it signs with.
+    assert!(
+        keys_with(&rc, &lc.id).is_empty(),
+        "the RC kept the LC's keys"
+    );
+    let link = ParentLink::new(&rc.grpc_url()).expect("url");
+    match link
+        .exchange(&heartbeat(&lc.id, &rc.id, &lc_key.key, &lc_key.key_id))
+        .await
+    {
+        Err(LinkError::Status { code, .. }) => {
+            assert!(
+                matches!(
+                    code,
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ),
+                "{code:?}"
+            );
+        }
+        other => panic!("a revoked controller's message was accepted: {other:?}"),
+    }
+    let (_, acked_then, _) = heartbeats(&status(&lc).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, acked_now, failed) = heartbeats(&status(&lc).await);
+    assert_eq!(
+        acked_now, acked_then,
+        "heartbeats still accepted after revocation"
+    );
+    assert!(failed > 0);
+    let row = child_row(&status(&rc).await, &lc.id);
+    assert_eq!(row.get("status").and_then(Value::as_str), Some("revoked"));
+
+    // The RC itself is unaffected.
+    let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
+    assert_eq!(code, 0);
+    // Revoking at the wrong node is refused with the right pointer.
+    let gc_dir = gc.data_dir.display().to_string();
+    let (code, _, err) = pdsno(&["controller", "revoke", &lc.id, "--data-dir", &gc_dir]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("revoke it there") || err.contains("no controller"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_example_config_checks() {
+    let dir = pdsno_tests::workspace_root().join("deploy/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/config") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let tier = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("name")
+            .to_owned();
+        let p = path.display().to_string();
+        let (code, out, err) = pdsno(&[&tier, "--config", &p, "--check-config"]);
+        assert_eq!(code, Some(0), "{p}: {out} {err}");
+        assert!(out.contains("configuration OK"), "{p}: {out}");
+        n += 1;
+    }
+    assert_eq!(n, 3, "one example per tier");
+
+    // And a broken one fails with the key path.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cases = [
+        (
+            "unknown key",
+            "data_dir = \"/x\"\nlisten_grcp = \"0.0.0.0:1\"\n",
+            "listen_grcp",
+        ),
+        (
+            "wrong type",
+            "data_dir = \"/x\"\nheartbeat_interval_secs = \"ten\"\n",
+            "heartbeat_interval_secs",
+        ),
+        (
+            "bad address",
+            "data_dir = \"/x\"\nlisten_grpc = \"nowhere\"\n",
+            "listen_grpc",
+        ),
+    ];
+    for (what, text, key) in cases {
+        let f = tmp.path().join("bad.toml");
+        std::fs::write(&f, text).expect("write");
+        let fp = f.display().to_string();
+        let (code, out, err) = pdsno(&["global", "--config", &fp, "--check-config"]);
+        assert_ne!(code, Some(0), "{what}: accepted: {out}");
+        assert!(
+            err.contains(key),
+            "{what}: the error must name {key}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let broker = gc.mqtt.expect("embedded broker");
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-v",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let cred = loop {
+        if let Some(c) = nib(&rc).state_str(StateKey::MqttCredential).expect("state") {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (code, mut session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
+    assert_eq!(code, 0);
+    let gc_dir = gc.data_dir.display().to_string();
+    let (code, out, err) = pdsno(&["controller", "revoke", &rc.id, "--data-dir", &gc_dir]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(closed_by_peer(&mut session, Duration::from_secs(10)));
+    let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
+    assert!(
+        matches!(code, 4 | 5),
+        "a revoked credential connected: {code}"
+    );
+    assert!(keys_with(&gc, &rc.id).is_empty());
+    let (_, a1, _) = heartbeats(&status(&rc).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, a2, failed) = heartbeats(&status(&rc).await);
+    assert_eq!(a1, a2, "heartbeats still accepted");
+    assert!(failed > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_that_lost_the_pair_key_gets_a_new_one() {
+    let lab = Lab::new();
+    let port = pdsno_tests::free_port_for_late_server();
+    let listen = format!("127.0.0.1:{port}");
+    let mut gc = lab.global(&["--listen-grpc", &listen]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-l",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.1"],
+    );
+    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let first = current_key(&rc, &gc.id).expect("key");
+    // The GC comes back from an older copy of its state: it no longer knows the key.
+    gc.proc.kill();
+    let removed = nib(&gc).delete_pair_keys(&rc.id).expect("delete");
+    assert!(removed > 0);
+    let gc = lab.global(&["--listen-grpc", &listen]);
+    // The RC notices its heartbeats are refused and agrees a new key, signed with its
+    // identity; heartbeats flow again under it.
+    let deadline = Instant::now() + WAIT;
+    while key_lines(&rc.proc).len() < 2 {
+        assert!(Instant::now() < deadline, "no re-key: {}", rc.proc.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = current_key(&rc, &gc.id).expect("new key");
+    assert_ne!(now.key_id, first.key_id);
+    let rc_id = rc.id.clone();
+    let kid = now.key_id.clone();
+    eventually("heartbeats under the new key", WAIT, || {
+        let rc_id = rc_id.clone();
+        let kid = kid.clone();
+        let gc = &gc;
+        async move {
+            child_row(&status(gc).await, &rc_id)
+                .get("last_key_id")
+                .and_then(Value::as_str)
+                == Some(kid.as_str())
+        }
+    })
+    .await;
+    let st = status(&rc).await;
+    let rekeys = st
+        .get("heartbeats")
+        .and_then(|h| h.get("rekeys"))
+        .and_then(Value::as_u64);
+    assert_eq!(rekeys, Some(1));
+}
