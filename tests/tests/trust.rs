@@ -1007,3 +1007,133 @@ async fn a_parent_that_lost_the_pair_key_gets_a_new_one() {
         .and_then(Value::as_u64);
     assert_eq!(rekeys, Some(1));
 }
+
+/// `POST path` with a JSON body over plain HTTP/1.1; returns (status, body).
+fn http_post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body).expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let status: u16 = std::str::from_utf8(&out[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, out[split + 4..].to_vec())
+}
+
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_exchange_over_the_rest_compat_route() {
+    use pdsno_shared::keys::PublicKey;
+    use pdsno_shared::keyx::{self, KeyAgreement};
+
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    // Admission over gRPC by a controller the test plays itself.
+    let child = common::RawChild::new(&lab, "temp-rest-kx", "zone-A", "regional");
+    let ch = link
+        .request_validation(&child.request(&gc.id, 0))
+        .await
+        .expect("challenge");
+    let res = link
+        .respond_to_challenge(&child.response(&ch, |_| {}))
+        .await
+        .expect("result");
+    let me = res.payload["assigned_id"]
+        .as_str()
+        .expect("assigned id")
+        .to_owned();
+    let gc_key = PublicKey::from_base64(&link.info().await.expect("info").public_key).expect("key");
+
+    // KEY_EXCHANGE_INIT over REST, signed with our identity key.
+    let key_id = keyx::key_id(&me, &gc.id, 1);
+    let now = chrono::Utc::now();
+    let pending = keyx::offer(&child.key, &me, &gc.id, &key_id, now);
+    let mut init = Envelope::new(
+        MessageType::KeyExchangeInit,
+        me.clone(),
+        gc.id.clone(),
+        Map::new(),
+        now,
+    )
+    .with_typed_payload(pending.offer())
+    .expect("payload");
+    pdsno_shared::signing::sign_ed25519(&mut init, &child.key, None, now);
+    let (status, body) = http_post(gc.rest, "/message/key_exchange_init", &init.to_json_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer_env = Envelope::from_slice(&body).expect("an envelope");
+    assert_eq!(answer_env.message_type, MessageType::KeyExchangeResponse);
+    assert_eq!(
+        answer_env.correlation_id.as_deref(),
+        Some(init.message_id.as_str())
+    );
+    let answer: KeyAgreement = answer_env.payload_as().expect("agreement");
+    let key = keyx::finish(&pending, &gc_key, &answer, chrono::Utc::now()).expect("finish");
+
+    // The same request again is a replay.
+    let (status, body) = http_post(gc.rest, "/message/key_exchange_init", &init.to_json_bytes());
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+
+    // A HEARTBEAT under the agreed key over REST: accepted, which confirms the key at the GC.
+    let hb = heartbeat(&me, &gc.id, &key, &key_id);
+    let (status, body) = http_post(gc.rest, "/message/heartbeat", &hb.to_json_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stored = current_key(&gc, &me).expect("confirmed at the GC");
+    assert_eq!(stored.key_id, key_id);
+    assert_eq!(stored.key.expose_bytes(), key.expose_bytes());
+
+    // The MQTT credential came wrapped under the new key and opens the embedded broker.
+    let wrapped = answer
+        .extra
+        .get("mqtt_credential")
+        .and_then(Value::as_str)
+        .expect("wrapped credential");
+    let secret = keyx::unwrap(&key, &key_id, "mqtt", wrapped).expect("unwrap");
+    let password = hex::encode(*secret);
+    let (code, _s) = mqtt_connect(
+        gc.mqtt.expect("broker"),
+        &me,
+        Some(&me),
+        Some(password.as_bytes()),
+    );
+    assert_eq!(code, 0);
+
+    // A tampered offer over REST is refused, naming the identity signature.
+    let mut bad = keyx::offer(
+        &child.key,
+        &me,
+        &gc.id,
+        &keyx::key_id(&me, &gc.id, 2),
+        chrono::Utc::now(),
+    )
+    .offer()
+    .clone();
+    bad.public_key = pdsno_shared::keys::base64_encode(&[9u8; 32]);
+    let now = chrono::Utc::now();
+    let mut env = Envelope::new(
+        MessageType::KeyExchangeInit,
+        me.clone(),
+        gc.id.clone(),
+        Map::new(),
+        now,
+    )
+    .with_typed_payload(&bad)
+    .expect("payload");
+    pdsno_shared::signing::sign_ed25519(&mut env, &child.key, None, now);
+    let (status, body) = http_post(gc.rest, "/message/key_exchange_init", &env.to_json_bytes());
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("identity signature"));
+}
