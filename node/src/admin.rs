@@ -65,7 +65,15 @@ pub fn load_or_create_key(dir: &Path) -> Result<HmacKey, String> {
 /// # Errors
 /// A message when the file is missing or malformed.
 pub fn read_key(dir: &Path) -> Result<HmacKey, String> {
-    let path = dir.join(ADMIN_KEY_FILE);
+    read_key_file(&dir.join(ADMIN_KEY_FILE))
+}
+
+/// Reads an admin key file (hex).
+///
+/// # Errors
+/// A message naming the file.
+pub fn read_key_file(path: &Path) -> Result<HmacKey, String> {
+    let path = path.to_path_buf();
     let t = Zeroizing::new(
         std::fs::read_to_string(&path)
             .map_err(|e| format!("{}: {e} (is this a node's data directory?)", path.display()))?,
@@ -99,6 +107,19 @@ pub fn request(key: &HmacKey, command: &str, args: &Value) -> pb::AdminRequest {
     }
 }
 
+/// The running parts of a node that operators can look at (and, for policy, change).
+#[derive(Clone)]
+pub struct RuntimeView {
+    /// The receive path (accepted/refused counts).
+    pub inbound: Arc<crate::inbound::Inbound>,
+    /// The send side (paths taken, broker connection).
+    pub outbound: Arc<crate::outbound::Outbound>,
+    /// Policy state.
+    pub policy: Arc<crate::policy::Policy>,
+    /// The outbox's delivery.
+    pub delivery: Arc<crate::discovery::delivery::Delivery>,
+}
+
 /// The node's side of the admin API.
 pub struct Admin {
     key: HmacKey,
@@ -108,6 +129,7 @@ pub struct Admin {
     heartbeat: Option<Arc<HeartbeatStats>>,
     rotate_wake: Arc<Notify>,
     rotate_done: Arc<Notify>,
+    runtime: Option<RuntimeView>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -136,7 +158,14 @@ impl Admin {
             heartbeat,
             rotate_wake,
             rotate_done,
+            runtime: None,
         }
+    }
+
+    /// Adds the running parts operators can look at.
+    pub fn with_runtime(mut self, runtime: RuntimeView) -> Self {
+        self.runtime = Some(runtime);
+        self
     }
 
     fn authenticate(&self, r: &pb::AdminRequest) -> Result<Value, Status> {
@@ -236,6 +265,96 @@ impl Admin {
                     .await
                     .map_err(Status::failed_precondition)
             }
+            "policy.set" => {
+                let rt = self
+                    .runtime
+                    .as_ref()
+                    .ok_or_else(|| Status::unavailable("not running"))?;
+                let content = args
+                    .get("content")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Status::invalid_argument("content (a JSON object) is required")
+                    })?;
+                let pol = rt.policy.clone();
+                let env = tokio::task::spawn_blocking(move || pol.set(content))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                let version = rt.policy.version();
+                println!("policy version={version} published");
+                let d = match rt.policy.topic() {
+                    Some(topic) => {
+                        crate::policy::distribute(&self.trust, &rt.outbound, &env, &topic).await
+                    }
+                    None => crate::policy::Distribution::default(),
+                };
+                let mut m = Map::new();
+                m.insert("policy_version".into(), version.into());
+                m.insert("published".into(), d.published.into());
+                m.insert("pushed".into(), (d.pushed as u64).into());
+                m.insert("unreachable".into(), (d.unreachable as u64).into());
+                Ok(Value::Object(m))
+            }
+            "policy.show" => {
+                let rt = self
+                    .runtime
+                    .as_ref()
+                    .ok_or_else(|| Status::unavailable("not running"))?;
+                let pol = rt.policy.clone();
+                let content = tokio::task::spawn_blocking(move || pol.content())
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let mut m = Map::new();
+                m.insert("policy_version".into(), rt.policy.version().into());
+                m.insert("content".into(), content.map(Value::Object).into());
+                Ok(Value::Object(m))
+            }
+            "inventory" => {
+                let t = self.trust.clone();
+                let rows = tokio::task::spawn_blocking(move || {
+                    if t.role == pdsno_shared::ids::Role::Global {
+                        t.nib.inventory().map(|rows| {
+                            rows.into_iter()
+                                .map(|r| {
+                                    let mut m = Map::new();
+                                    m.insert("mac".into(), r.mac.into());
+                                    m.insert("region".into(), r.region.into());
+                                    m.insert("rc_id".into(), r.rc_id.into());
+                                    m.insert("lc_id".into(), r.lc_id.into());
+                                    m.insert("ip".into(), r.ip.into());
+                                    m.insert("hostname".into(), r.hostname.into());
+                                    m.insert("status".into(), r.status.into());
+                                    m.insert("last_seen".into(), r.last_seen.into());
+                                    Value::Object(m)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    } else {
+                        t.nib.devices(None).map(|rows| {
+                            rows.into_iter()
+                                .map(|r| {
+                                    let mut m = Map::new();
+                                    m.insert("mac".into(), r.device.mac.into());
+                                    m.insert("region".into(), r.region.into());
+                                    m.insert("lc_id".into(), r.lc_id.into());
+                                    m.insert("ip".into(), r.device.ip.into());
+                                    m.insert("hostname".into(), r.device.hostname.into());
+                                    m.insert("status".into(), r.status.as_str().into());
+                                    m.insert("last_seen".into(), r.device.last_seen.into());
+                                    Value::Object(m)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    }
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Value::Array(rows))
+            }
             other => Err(Status::invalid_argument(format!(
                 "unknown command {other:?}"
             ))),
@@ -282,6 +401,65 @@ impl Admin {
         }
         if let Some(c) = &self.children {
             m.insert("children".into(), c.status());
+        }
+        if let Some(rt) = &self.runtime {
+            use std::sync::atomic::Ordering::Relaxed;
+            m.insert("policy_version".into(), rt.policy.version().into());
+            m.insert("received".into(), rt.inbound.stats.to_value());
+            let mut tr = Map::new();
+            tr.insert("sent".into(), rt.outbound.stats.to_value());
+            tr.insert("mqtt_connected".into(), rt.outbound.mqtt_connected().into());
+            if let Some(c) = rt.outbound.mqtt() {
+                let st = c.stats();
+                let mut mq = Map::new();
+                mq.insert("connects".into(), st.connects.into());
+                mq.insert("published".into(), st.published.into());
+                mq.insert("received".into(), st.received.into());
+                mq.insert("resent".into(), st.resent.into());
+                mq.insert("outbox_overflow".into(), st.outbox_overflow.into());
+                tr.insert("mqtt".into(), Value::Object(mq));
+            }
+            m.insert("transport".into(), Value::Object(tr));
+            let mut d = Map::new();
+            d.insert(
+                "outbox".into(),
+                t.nib.outbox_len().unwrap_or_default().into(),
+            );
+            d.insert(
+                "delivered".into(),
+                rt.delivery.delivered.load(Relaxed).into(),
+            );
+            d.insert("resent".into(), rt.delivery.resent.load(Relaxed).into());
+            d.insert(
+                "cycle".into(),
+                t.nib
+                    .state(crate::nib::StateKey::DiscoveryCycle)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Value::Null),
+            );
+            let by_lc = t.nib.active_devices_by_lc().unwrap_or_default();
+            d.insert("active_devices".into(), by_lc.values().sum::<u64>().into());
+            if t.role == pdsno_shared::ids::Role::Global {
+                let inv = t.nib.inventory().unwrap_or_default();
+                let mut per = std::collections::BTreeMap::<String, u64>::new();
+                for r in inv.iter().filter(|r| r.status == "active") {
+                    *per.entry(r.region.clone()).or_default() += 1;
+                }
+                let mut pm = Map::new();
+                for (k, v) in per {
+                    pm.insert(k, v.into());
+                }
+                d.insert("inventory_by_region".into(), Value::Object(pm));
+            }
+            m.insert("discovery".into(), Value::Object(d));
+            let mut p = Map::new();
+            p.insert(
+                "ignored_stale".into(),
+                rt.policy.ignored_stale.load(Relaxed).into(),
+            );
+            p.insert("refused".into(), rt.policy.refused.load(Relaxed).into());
+            m.insert("policy".into(), Value::Object(p));
         }
         Value::Object(m)
     }

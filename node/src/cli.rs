@@ -31,6 +31,11 @@ pub enum Command {
     /// Controllers: revoke one.
     #[command(subcommand)]
     Controller(cmd::keys::ControllerCommand),
+    /// Show a running node: the controller tree with liveness, devices, policy versions.
+    Status(cmd::ops::StatusArgs),
+    /// Policy: publish a new version (global controller), show the one in force.
+    #[command(subcommand)]
+    Policy(cmd::ops::PolicyCommand),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child.
@@ -70,6 +75,8 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Local(a) => cmd::tier::run(pdsno_shared::ids::Role::Local, &a),
         Command::Token(a) => cmd::token::run(&a),
         Command::Demo(a) => cmd::demo::run(&a),
+        Command::Status(a) => cmd::ops::status(&a),
+        Command::Policy(c) => cmd::ops::policy(&c),
         Command::Keys(c) => cmd::keys::keys(&c),
         Command::Controller(c) => cmd::keys::controller(&c),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),

@@ -76,6 +76,24 @@ pub struct FileConfig {
     pub mqtt_password_file: Option<PathBuf>,
     /// CA certificates (PEM) for an `mqtts://` broker.
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Do not use MQTT at all (everything goes over gRPC).
+    pub no_mqtt: Option<bool>,
+    /// Seconds between discovery cycles (local controllers; default 30).
+    pub discovery_interval_secs: Option<f64>,
+    /// `simulated` (default), `probe` (TCP probes + neighbour table) or `file`.
+    pub scanner: Option<String>,
+    /// The subnet this local controller scans (CIDR).
+    pub subnet: Option<String>,
+    /// Seed of the simulated scanner (default: derived from the controller id).
+    pub scan_seed: Option<u64>,
+    /// Device list for the `file` scanner (JSON array).
+    pub scan_file: Option<PathBuf>,
+    /// Cycles a device may be missed before it is reported inactive (default 3).
+    pub missed_cycles: Option<u32>,
+    /// Seconds between a regional controller's summaries to the GC (default 30).
+    pub summary_interval_secs: Option<f64>,
+    /// New devices in one report above which a spike is flagged (default 100).
+    pub spike_threshold: Option<usize>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -194,12 +212,51 @@ pub struct NodeArgs {
     /// CA certificates (PEM) for an mqtts:// broker.
     #[arg(long, env = "PDSNO_MQTT_CA_FILE", value_name = "FILE")]
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Do not use MQTT at all (everything goes over gRPC).
+    #[arg(long)]
+    pub no_mqtt: bool,
+    /// Seconds between discovery cycles (local controllers).
+    #[arg(
+        long = "discovery-interval",
+        env = "PDSNO_DISCOVERY_INTERVAL",
+        value_name = "SECS"
+    )]
+    pub discovery_interval_secs: Option<f64>,
+    /// Device scanner: simulated, probe (TCP probes + neighbour table) or file.
+    #[arg(long, env = "PDSNO_SCANNER")]
+    pub scanner: Option<String>,
+    /// The subnet to scan (CIDR).
+    #[arg(long, env = "PDSNO_SUBNET")]
+    pub subnet: Option<String>,
+    /// Seed of the simulated scanner.
+    #[arg(long, env = "PDSNO_SCAN_SEED")]
+    pub scan_seed: Option<u64>,
+    /// Device list (JSON array) for the file scanner.
+    #[arg(long, env = "PDSNO_SCAN_FILE", value_name = "FILE")]
+    pub scan_file: Option<PathBuf>,
+    /// Cycles a device may be missed before it is reported inactive.
+    #[arg(long, env = "PDSNO_MISSED_CYCLES")]
+    pub missed_cycles: Option<u32>,
+    /// Seconds between a regional controller's summaries to the GC.
+    #[arg(
+        long = "summary-interval",
+        env = "PDSNO_SUMMARY_INTERVAL",
+        value_name = "SECS"
+    )]
+    pub summary_interval_secs: Option<f64>,
+    /// New devices in one report above which a discovery spike is flagged.
+    #[arg(long, env = "PDSNO_SPIKE_THRESHOLD")]
+    pub spike_threshold: Option<usize>,
+    /// Run one discovery cycle, deliver its report, and exit (local controllers).
+    #[arg(long)]
+    pub scan_once: bool,
     /// Validate the configuration and exit (0 if valid, else the first error).
     #[arg(long)]
     pub check_config: bool,
 }
 
 /// The resolved configuration of one node.
+#[derive(Clone)]
 pub struct NodeConfig {
     /// The tier.
     pub role: Role,
@@ -259,6 +316,45 @@ pub struct NodeConfig {
     pub mqtt_password: Option<SecretString>,
     /// CA file for mqtts://.
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Use MQTT when a broker is known.
+    pub mqtt: bool,
+    /// Discovery cycle interval.
+    pub discovery_interval: std::time::Duration,
+    /// The scanner.
+    pub scanner: ScannerKind,
+    /// The subnet to scan.
+    pub subnet: Option<String>,
+    /// Simulated scanner seed.
+    pub scan_seed: Option<u64>,
+    /// File scanner input.
+    pub scan_file: Option<PathBuf>,
+    /// Misses before inactive.
+    pub missed_cycles: u32,
+    /// Summary interval.
+    pub summary_interval: std::time::Duration,
+    /// Spike threshold.
+    pub spike_threshold: usize,
+    /// One cycle and exit.
+    pub scan_once: bool,
+}
+
+/// Which device scanner a local controller uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScannerKind {
+    /// Deterministic simulated subnet (labs, the demo).
+    Simulated,
+    /// TCP connect probes and the kernel neighbour table.
+    Probe,
+    /// A JSON device list, read at each cycle.
+    File,
+}
+
+fn seconds(name: &str, v: Option<f64>, default: f64) -> Result<std::time::Duration, ConfigError> {
+    let secs = v.unwrap_or(default);
+    if !(0.01..=86_400.0).contains(&secs) {
+        return Err(err(name, "must be between 0.01 and 86400 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -548,6 +644,34 @@ impl NodeConfig {
                 None => None,
             },
             mqtt_ca_file: a.mqtt_ca_file.clone().or(file.mqtt_ca_file),
+            mqtt: !(a.no_mqtt || file.no_mqtt.unwrap_or(false)),
+            discovery_interval: seconds(
+                "discovery_interval_secs",
+                a.discovery_interval_secs.or(file.discovery_interval_secs),
+                30.0,
+            )?,
+            scanner: match a.scanner.clone().or(file.scanner).as_deref() {
+                None | Some("simulated") => ScannerKind::Simulated,
+                Some("probe") => ScannerKind::Probe,
+                Some("file") => ScannerKind::File,
+                Some(other) => {
+                    return Err(err(
+                        "scanner",
+                        format!("{other:?}: expected simulated, probe or file"),
+                    ));
+                }
+            },
+            subnet: a.subnet.clone().or(file.subnet),
+            scan_seed: a.scan_seed.or(file.scan_seed),
+            scan_file: a.scan_file.clone().or(file.scan_file),
+            missed_cycles: a.missed_cycles.or(file.missed_cycles).unwrap_or(3),
+            summary_interval: seconds(
+                "summary_interval_secs",
+                a.summary_interval_secs.or(file.summary_interval_secs),
+                30.0,
+            )?,
+            spike_threshold: a.spike_threshold.or(file.spike_threshold).unwrap_or(100),
+            scan_once: a.scan_once,
         };
         cfg.check()?;
         Ok(cfg)
@@ -560,12 +684,6 @@ impl NodeConfig {
                     return Err(err(
                         "bootstrap_secret_file",
                         "the global controller needs a bootstrap secret (--bootstrap-secret-file or PDSNO_BOOTSTRAP_SECRET)",
-                    ));
-                }
-                if !self.embedded_broker && self.mqtt_url.is_none() {
-                    return Err(err(
-                        "mqtt_url",
-                        "without the embedded broker, give --mqtt-url",
                     ));
                 }
             }
@@ -585,6 +703,19 @@ impl NodeConfig {
                     ));
                 }
             }
+        }
+        if !(1..=1000).contains(&self.missed_cycles) {
+            return Err(err("missed_cycles", "must be between 1 and 1000"));
+        }
+        if let Some(n) = &self.subnet {
+            crate::discovery::scanner::Subnet::parse(n)
+                .map_err(|e| err("subnet", e.to_string()))?;
+        }
+        if self.scanner == ScannerKind::File && self.scan_file.is_none() {
+            return Err(err("scan_file", "the file scanner needs --scan-file"));
+        }
+        if self.scan_once && self.role != Role::Local {
+            return Err(err("scan_once", "only local controllers scan"));
         }
         if let Some(u) = &self.mqtt_url {
             crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("mqtt_url", e))?;

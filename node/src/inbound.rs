@@ -85,12 +85,78 @@ pub enum Reply {
     Accepted,
 }
 
+/// Counts of what the receive path accepted and refused (by reason), for operators.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    /// Messages handled.
+    pub accepted: std::sync::atomic::AtomicU64,
+    rejected: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl InboundStats {
+    /// Counts one refusal.
+    pub fn reject(&self, reason: &'static str) {
+        *self
+            .rejected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Refusals so far, by reason.
+    pub fn rejected(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// As JSON.
+    pub fn to_value(&self) -> pdsno_shared::json::Value {
+        let mut m = Map::new();
+        m.insert(
+            "accepted".into(),
+            self.accepted
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into(),
+        );
+        let mut r = Map::new();
+        for (k, v) in self.rejected() {
+            r.insert(k.into(), v.into());
+        }
+        m.insert("rejected".into(), pdsno_shared::json::Value::Object(r));
+        pdsno_shared::json::Value::Object(m)
+    }
+}
+
+impl InboundError {
+    /// A short label for counting.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InboundError::BadRequest(_) => "malformed",
+            InboundError::Unsigned => "unsigned",
+            InboundError::BadSignature(VerifyError::Replay) => "replay",
+            InboundError::BadSignature(VerifyError::Stale { .. }) => "stale",
+            InboundError::BadSignature(_) => "bad_signature",
+            InboundError::Forbidden(_) => "forbidden",
+            InboundError::Unavailable(_) => "unavailable",
+            InboundError::WrongRecipient { .. } => "wrong_recipient",
+            InboundError::TypeMismatch { .. } => "type_mismatch",
+            InboundError::NoHandler(_) => "no_handler",
+            InboundError::Busy(_) => "busy",
+        }
+    }
+}
+
 /// The shared receive path of one node.
 pub struct Inbound {
     trust: Arc<Trust>,
     verifier: Verifier<SqliteNonceStore>,
     authority: Option<Arc<Authority>>,
     handlers: HashMap<MessageType, Handler>,
+    /// What was accepted and refused.
+    pub stats: InboundStats,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -118,6 +184,7 @@ impl Inbound {
             verifier: Verifier::new(store).with_capacity(replay_capacity),
             authority,
             handlers: HashMap::new(),
+            stats: InboundStats::default(),
         })
     }
 
@@ -189,6 +256,23 @@ impl Inbound {
         env: Envelope,
         path_type: Option<MessageType>,
     ) -> Result<Reply, InboundError> {
+        let r = self.handle_inner(env, path_type);
+        match &r {
+            Ok(_) => {
+                self.stats
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => self.stats.reject(e.reason()),
+        }
+        r
+    }
+
+    fn handle_inner(
+        &self,
+        env: Envelope,
+        path_type: Option<MessageType>,
+    ) -> Result<Reply, InboundError> {
         if env.signature.is_none() {
             return Err(InboundError::Unsigned);
         }
@@ -206,7 +290,11 @@ impl Inbound {
                     InboundError::BadSignature(e)
                 }
             })?;
-        if env.recipient_id != self.trust.me {
+        // A policy is a broadcast: pushed over gRPC when the broker is away, it still
+        // names no single recipient.
+        let broadcast = env.message_type == MessageType::PolicyUpdate
+            && env.recipient_id == crate::policy::BROADCAST;
+        if env.recipient_id != self.trust.me && !broadcast {
             return Err(InboundError::WrongRecipient {
                 recipient: env.recipient_id.clone(),
                 me: self.trust.me.clone(),

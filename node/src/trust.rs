@@ -122,6 +122,34 @@ impl Trust {
         Ok(v)
     }
 
+    /// Checks only that `env` really comes from its sender (any key it may have used),
+    /// without freshness or replay checks: for retained or broadcast content whose
+    /// receivers order it by version or session (see [`signing::authenticate`]).
+    ///
+    /// # Errors
+    /// The failing check.
+    pub fn authenticate(
+        &self,
+        env: &Envelope,
+        expected_sender: Option<&str>,
+    ) -> Result<Verified, VerifyError> {
+        let now = self.clock.now();
+        let mut ring = self
+            .pair_keys
+            .verify_ring(&env.sender_id, now)
+            .unwrap_or_else(|| KeyRing::new(DEFAULT_GRACE));
+        ring.set_announce_key_id(false);
+        if let Some(k) = &self.network_key {
+            ring.add(Some(NETWORK_KEY_ID.into()), k.clone(), now);
+        }
+        let ed = self.identity_of(&env.sender_id);
+        let keys = VerifyKeys {
+            hmac: (!ring.is_empty()).then_some(&ring),
+            ed25519: ed.as_ref(),
+        };
+        signing::authenticate(env, keys, expected_sender, now)
+    }
+
     /// Signs `env` with our Ed25519 identity key: what a peer can always verify, whatever
     /// happened to the keys we share with it.
     pub fn sign_identity(&self, env: &mut Envelope) {

@@ -230,37 +230,8 @@ impl<S: NonceStore> Verifier<S> {
         expected_sender: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Verified, VerifyError> {
-        // 1. required fields
-        let signature = env
-            .signature
-            .as_deref()
-            .ok_or(VerifyError::MissingField("signature"))?;
-        let nonce = env
-            .nonce
-            .as_deref()
-            .ok_or(VerifyError::MissingField("nonce"))?;
-        let signed_at = env
-            .signed_at
-            .as_deref()
-            .ok_or(VerifyError::MissingField("signed_at"))?;
-        if env.sender_id.is_empty() {
-            return Err(VerifyError::MissingField("sender_id"));
-        }
-        // 2. expected sender
-        if let Some(expected) = expected_sender
-            && expected != env.sender_id
-        {
-            return Err(VerifyError::SenderMismatch {
-                expected: expected.to_owned(),
-                got: env.sender_id.clone(),
-            });
-        }
-        // 3. algorithm (absent means the compat default)
-        let algorithm = match env.signature_algorithm.as_deref() {
-            None | Some(HMAC_SHA256) if keys.hmac.is_some() => HMAC_SHA256,
-            Some(ED25519) if keys.ed25519.is_some() => ED25519,
-            _ => return Err(VerifyError::UnsupportedAlgorithm),
-        };
+        // 1-3: required fields, expected sender, algorithm
+        let (signature, nonce, signed_at, algorithm) = precheck(env, keys, expected_sender)?;
         // 4. freshness
         let at = parse_iso(signed_at).map_err(|e| VerifyError::InvalidTimestamp(e.to_string()))?;
         let age = (now - at).abs();
@@ -279,24 +250,7 @@ impl<S: NonceStore> Verifier<S> {
             return Err(VerifyError::Replay);
         }
         // 6. signature
-        let canonical = env.canonical_signing_bytes();
-        let key_id = match algorithm {
-            HMAC_SHA256 => {
-                let ring = keys.hmac.ok_or(VerifyError::UnsupportedAlgorithm)?;
-                verify_hmac(ring, env.key_id.as_deref(), &canonical, signature, now)?
-            }
-            _ => {
-                let pk = keys.ed25519.ok_or(VerifyError::UnsupportedAlgorithm)?;
-                let mut sig = [0u8; 64];
-                if signature.len() != 128 || hex::decode_to_slice(signature, &mut sig).is_err() {
-                    return Err(VerifyError::BadSignature);
-                }
-                if !pk.verify(&canonical, &sig) {
-                    return Err(VerifyError::BadSignature);
-                }
-                env.key_id.clone()
-            }
-        };
+        let key_id = check_signature(env, keys, algorithm, signature, now)?;
         // 7. accept: record the nonce until the message could no longer pass step 4
         match self
             .store
@@ -307,6 +261,92 @@ impl<S: NonceStore> Verifier<S> {
             Recorded::Full => Err(VerifyError::ReplayCacheFull),
         }
     }
+}
+
+/// Steps 1-3: the fields every signed envelope needs, the expected sender, an algorithm we
+/// hold a key for. Returns (signature, nonce, signed_at, algorithm).
+fn precheck<'e>(
+    env: &'e Envelope,
+    keys: VerifyKeys<'_>,
+    expected_sender: Option<&str>,
+) -> Result<(&'e str, &'e str, &'e str, &'static str), VerifyError> {
+    let signature = env
+        .signature
+        .as_deref()
+        .ok_or(VerifyError::MissingField("signature"))?;
+    let nonce = env
+        .nonce
+        .as_deref()
+        .ok_or(VerifyError::MissingField("nonce"))?;
+    let signed_at = env
+        .signed_at
+        .as_deref()
+        .ok_or(VerifyError::MissingField("signed_at"))?;
+    if env.sender_id.is_empty() {
+        return Err(VerifyError::MissingField("sender_id"));
+    }
+    if let Some(expected) = expected_sender
+        && expected != env.sender_id
+    {
+        return Err(VerifyError::SenderMismatch {
+            expected: expected.to_owned(),
+            got: env.sender_id.clone(),
+        });
+    }
+    // absent means the compat default
+    let algorithm = match env.signature_algorithm.as_deref() {
+        None | Some(HMAC_SHA256) if keys.hmac.is_some() => HMAC_SHA256,
+        Some(ED25519) if keys.ed25519.is_some() => ED25519,
+        _ => return Err(VerifyError::UnsupportedAlgorithm),
+    };
+    Ok((signature, nonce, signed_at, algorithm))
+}
+
+/// Step 6: the signature itself. Returns the id of the ring key that matched.
+fn check_signature(
+    env: &Envelope,
+    keys: VerifyKeys<'_>,
+    algorithm: &'static str,
+    signature: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, VerifyError> {
+    let canonical = env.canonical_signing_bytes();
+    match algorithm {
+        HMAC_SHA256 => {
+            let ring = keys.hmac.ok_or(VerifyError::UnsupportedAlgorithm)?;
+            verify_hmac(ring, env.key_id.as_deref(), &canonical, signature, now)
+        }
+        _ => {
+            let pk = keys.ed25519.ok_or(VerifyError::UnsupportedAlgorithm)?;
+            let mut sig = [0u8; 64];
+            if signature.len() != 128 || hex::decode_to_slice(signature, &mut sig).is_err() {
+                return Err(VerifyError::BadSignature);
+            }
+            if !pk.verify(&canonical, &sig) {
+                return Err(VerifyError::BadSignature);
+            }
+            Ok(env.key_id.clone())
+        }
+    }
+}
+
+/// Checks only that `env` is authentic: its fields, sender, algorithm and signature —
+/// neither freshness nor replay, and nothing is recorded. For content whose receivers
+/// order it by other means, e.g. a retained policy (versions only grow) or a last will
+/// published by the broker long after it was signed. `signed_at` must still parse.
+///
+/// # Errors
+/// The first failing check.
+pub fn authenticate(
+    env: &Envelope,
+    keys: VerifyKeys<'_>,
+    expected_sender: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Verified, VerifyError> {
+    let (signature, _nonce, signed_at, algorithm) = precheck(env, keys, expected_sender)?;
+    parse_iso(signed_at).map_err(|e| VerifyError::InvalidTimestamp(e.to_string()))?;
+    let key_id = check_signature(env, keys, algorithm, signature, now)?;
+    Ok(Verified { algorithm, key_id })
 }
 
 fn verify_hmac(

@@ -31,6 +31,10 @@ pub enum Topic {
     EventsRegion(String),
     /// `pdsno/status/{controller_id}`: heartbeat and last will, QoS 0, retained.
     Status(String),
+    /// Ours: `pdsno/reply/{controller_id}`: answers to what that controller published
+    /// (e.g. `DISCOVERY_REPORT_ACK`), QoS 1, not retained. Anyone admitted may publish;
+    /// the receiver accepts only its parent's or children's signed envelopes addressed to it.
+    Reply(String),
 }
 
 /// MQTT delivery settings for a topic.
@@ -76,6 +80,9 @@ impl Topic {
             ("status", Some(id), None) if ids::is_valid_controller_id(id) => {
                 Some(Topic::Status(id.to_owned()))
             }
+            ("reply", Some(id), None) if ids::is_valid_controller_id(id) => {
+                Some(Topic::Reply(id.to_owned()))
+            }
             _ => None,
         }
     }
@@ -83,7 +90,7 @@ impl Topic {
     /// QoS and retain flag of PROTOCOL.md §5.
     pub fn delivery(&self) -> Delivery {
         match self {
-            Topic::Discovery { .. } => Delivery {
+            Topic::Discovery { .. } | Topic::Reply(_) => Delivery {
                 qos: 1,
                 retain: false,
             },
@@ -110,7 +117,8 @@ impl Topic {
     /// - regional policy: only a regional controller of that region;
     /// - system events: any assigned controller;
     /// - regional events: any controller of that region (or the global controller);
-    /// - status: only the controller named in the topic.
+    /// - status: only the controller named in the topic;
+    /// - reply: any assigned controller but the one named (it does not answer itself).
     pub fn may_publish(&self, sender_id: &str) -> bool {
         let sender = ControllerId::parse(sender_id);
         let in_region = |region: &str| {
@@ -133,6 +141,7 @@ impl Topic {
                 in_region(region) || sender.as_ref().is_some_and(|s| s.role == Role::Global)
             }
             Topic::Status(id) => id == sender_id,
+            Topic::Reply(id) => id != sender_id && sender.is_some(),
         }
     }
 }
@@ -146,6 +155,7 @@ impl fmt::Display for Topic {
             Topic::EventsSystem => write!(f, "{ROOT}/events/system"),
             Topic::EventsRegion(r) => write!(f, "{ROOT}/events/{r}"),
             Topic::Status(id) => write!(f, "{ROOT}/status/{id}"),
+            Topic::Reply(id) => write!(f, "{ROOT}/reply/{id}"),
         }
     }
 }
@@ -209,6 +219,7 @@ mod tests {
             Topic::EventsSystem,
             Topic::EventsRegion("zone-A".into()),
             Topic::Status("regional_cntl_zone-A_1".into()),
+            Topic::Reply("local_cntl_zone-A_1".into()),
         ];
         for t in all {
             assert_eq!(Topic::parse(&t.to_string()), Some(t.clone()), "{t}");
@@ -307,6 +318,12 @@ mod tests {
         assert!(Topic::EventsRegion("zone-A".into()).may_publish(lc1));
         assert!(Topic::EventsRegion("zone-A".into()).may_publish(gc));
         assert!(!Topic::EventsRegion("zone-A".into()).may_publish(lc_b));
+        assert!(Topic::Reply(lc1.into()).may_publish(rc));
+        assert!(!Topic::Reply(lc1.into()).may_publish(lc1), "not to itself");
+        assert!(
+            !Topic::Reply(lc1.into()).may_publish("temp-x"),
+            "unassigned"
+        );
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod broker;
 pub mod demo;
 pub mod envelope_tools;
 pub mod keys;
+pub mod ops;
 pub mod tier;
 pub mod token;

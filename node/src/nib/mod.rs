@@ -10,8 +10,11 @@
 
 mod controllers;
 mod credentials;
+mod discovery;
 mod events;
+mod outbox;
 mod pair_keys;
+mod policies;
 mod replay;
 mod state;
 
@@ -23,7 +26,12 @@ use rusqlite::Connection;
 
 pub use controllers::{AdmitError, AdmitRecord, Admitted, Conflict, ControllerRow, token_hash};
 pub use credentials::credential_hash;
+pub use discovery::{
+    CycleDelta, CycleParams, DeviceRow, DeviceStatus, IngestOutcome, InventoryRow, SummaryDevice,
+    SummaryWindow,
+};
 pub use events::{BrokenLink, Event, EventRow, GENESIS_HASH, verify_chain};
+pub use outbox::{OutboxItem, OutboxRow};
 pub use pair_keys::{KeyState, StoredKey};
 pub use replay::SqliteNonceStore;
 pub use state::StateKey;
@@ -138,6 +146,70 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE rotation_requests (
          peer_id      TEXT PRIMARY KEY,
          requested_at TEXT NOT NULL
+     );",
+    // 4: discovery (devices, the GC's inventory, applied reports), policies, the outbox
+    "CREATE TABLE devices (
+         mac              TEXT PRIMARY KEY,
+         ip               TEXT NOT NULL,
+         hostname         TEXT,
+         vendor           TEXT,
+         model            TEXT,
+         protocol         TEXT NOT NULL,
+         reachable        INTEGER NOT NULL,
+         rtt_ms           REAL,
+         uptime_seconds   INTEGER,
+         discovery_method TEXT NOT NULL,
+         status           TEXT NOT NULL,
+         lc_id            TEXT NOT NULL,
+         region           TEXT NOT NULL,
+         first_seen       TEXT NOT NULL,
+         last_seen        TEXT NOT NULL,
+         missed           INTEGER NOT NULL DEFAULT 0,
+         created_seq      INTEGER NOT NULL,
+         changed_seq      INTEGER NOT NULL,
+         extra            TEXT NOT NULL DEFAULT '{}',
+         version          INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX devices_by_lc ON devices(lc_id, status);
+     CREATE INDEX devices_by_change ON devices(changed_seq);
+     CREATE TABLE inventory (
+         mac        TEXT NOT NULL,
+         region     TEXT NOT NULL,
+         rc_id      TEXT NOT NULL,
+         lc_id      TEXT,
+         ip         TEXT,
+         hostname   TEXT,
+         status     TEXT NOT NULL,
+         last_seen  TEXT NOT NULL,
+         updated_at TEXT NOT NULL,
+         version    INTEGER NOT NULL DEFAULT 0,
+         PRIMARY KEY (mac, region)
+     );
+     CREATE TABLE applied_messages (
+         item_id    TEXT PRIMARY KEY,
+         sender_id  TEXT NOT NULL,
+         kind       TEXT NOT NULL,
+         applied_at TEXT NOT NULL,
+         result     TEXT NOT NULL
+     );
+     CREATE INDEX applied_by_time ON applied_messages(applied_at);
+     CREATE TABLE policies (
+         policy_id      TEXT NOT NULL,
+         policy_version INTEGER NOT NULL,
+         envelope       TEXT NOT NULL,
+         received_at    TEXT NOT NULL,
+         PRIMARY KEY (policy_id, policy_version)
+     );
+     CREATE TABLE outbox (
+         seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+         item_id      TEXT NOT NULL UNIQUE,
+         recipient    TEXT NOT NULL,
+         message_type TEXT NOT NULL,
+         topic        TEXT,
+         payload      TEXT NOT NULL,
+         created_at   TEXT NOT NULL,
+         attempts     INTEGER NOT NULL DEFAULT 0,
+         last_attempt TEXT
      );",
 ];
 

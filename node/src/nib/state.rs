@@ -36,10 +36,16 @@ pub enum StateKey {
     GrpcUrl,
     /// The parent's gRPC URL we were admitted through (used when none is configured).
     ParentUrl,
+    /// A local controller's last completed discovery cycle (number).
+    DiscoveryCycle,
+    /// Set when undelivered reports were dropped: the next report is a full snapshot.
+    DiscoveryResync,
+    /// A regional controller's last summary: the `changed_seq` it covered.
+    SummaryMark,
 }
 
 impl StateKey {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StateKey::AssignedId => "assigned_id",
             StateKey::TempId => "temp_id",
@@ -55,6 +61,9 @@ impl StateKey {
             StateKey::MqttUrl => "mqtt_url",
             StateKey::GrpcUrl => "grpc_url",
             StateKey::ParentUrl => "parent_url",
+            StateKey::DiscoveryCycle => "discovery_cycle",
+            StateKey::DiscoveryResync => "discovery_resync",
+            StateKey::SummaryMark => "summary_mark",
         }
     }
 }
@@ -90,6 +99,8 @@ impl Nib {
 
     /// Writes several state values in one transaction.
     ///
+    /// (See [`put_state`] to write inside a larger transaction.)
+    ///
     /// # Errors
     /// On an SQLite failure (nothing is written then).
     pub fn set_state(&self, values: &[(StateKey, Value)]) -> Result<(), NibError> {
@@ -105,6 +116,45 @@ impl Nib {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Writes a state value inside the caller's transaction.
+///
+/// # Errors
+/// On an SQLite failure.
+pub(crate) fn put_state(
+    conn: &rusqlite::Connection,
+    key: StateKey,
+    value: &Value,
+) -> Result<(), NibError> {
+    conn.execute(
+        "INSERT INTO node_state (key, value, version) VALUES (?1, ?2, 0)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = node_state.version + 1",
+        params![key.as_str(), json::to_canonical_string(value)],
+    )?;
+    Ok(())
+}
+
+/// Reads a state value inside the caller's transaction.
+///
+/// # Errors
+/// On an SQLite failure or a corrupt value.
+pub(crate) fn get_state(
+    conn: &rusqlite::Connection,
+    key: StateKey,
+) -> Result<Option<Value>, NibError> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT value FROM node_state WHERE key = ?1",
+            params![key.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    text.map(|t| {
+        json::parse(t.as_bytes())
+            .map_err(|e| NibError::Corrupt(format!("node_state {}: {e}", key.as_str())))
+    })
+    .transpose()
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use pdsno_shared::keyx;
 use pdsno_shared::payload::admission::Certificate;
 use pdsno_shared::replay::MemoryNonceStore;
 use pdsno_shared::signing::Verifier;
-use pdsno_shared::time::format_iso;
+use pdsno_shared::signing::VerifyError;
+use pdsno_shared::time::{format_iso, parse_iso};
 
 use crate::credentials::MqttCredentials;
 use crate::inbound::{HandlerReply, InboundError};
@@ -31,12 +32,97 @@ fn relay_purpose(controller_id: &str) -> String {
 /// What we know about a child's liveness.
 #[derive(Clone, Debug, Default)]
 pub struct Liveness {
-    /// Last heartbeat.
+    /// Signing time of the newest heartbeat.
     pub last_seen: Option<DateTime<Utc>>,
     /// Heartbeats accepted.
     pub heartbeats: u64,
     /// The key id the last heartbeat was signed with.
     pub last_key_id: Option<String>,
+    /// `online` or `offline` as the child last said (or its last will).
+    pub said: Option<String>,
+    /// The child's process session (a new one at each start).
+    pub session: Option<String>,
+    /// The newest heartbeat sequence number of that session.
+    pub seq: u64,
+    /// The child's heartbeat interval.
+    pub interval_ms: Option<u64>,
+    /// The policy version the child runs.
+    pub policy_version: Option<u64>,
+    /// Active devices the child knows of.
+    pub devices: Option<u64>,
+    /// A regional controller's own report of its children.
+    pub children: Option<Value>,
+    /// How the newest heartbeat came (`mqtt` or `grpc`).
+    pub via: &'static str,
+    /// What we last printed for it (to print transitions only).
+    reported: Option<&'static str>,
+}
+
+impl Liveness {
+    /// `online`, `offline` (said so, or its last will), `stale` (silent for three
+    /// intervals), or `unknown` (never heard).
+    pub fn state(&self, now: DateTime<Utc>) -> &'static str {
+        let Some(seen) = self.last_seen else {
+            return "unknown";
+        };
+        if self.said.as_deref() == Some("offline") {
+            return "offline";
+        }
+        let interval = self.interval_ms.unwrap_or(10_000).max(100);
+        let limit = chrono::Duration::milliseconds(i64::try_from(interval * 3).unwrap_or(i64::MAX))
+            + chrono::Duration::seconds(1);
+        if now - seen > limit {
+            "stale"
+        } else {
+            "online"
+        }
+    }
+
+    fn absorb(&mut self, env: &Envelope, via: &'static str) {
+        let p = &env.payload;
+        let at = env.signed_at.as_deref().and_then(|t| parse_iso(t).ok());
+        if let Some(t) = at
+            && self.last_seen.is_none_or(|s| t > s)
+        {
+            self.last_seen = Some(t);
+        }
+        self.heartbeats += 1;
+        self.last_key_id = env.key_id.clone();
+        self.via = via;
+        let num = |k: &str| p.get(k).and_then(Value::as_u64);
+        if let Some(s) = p.get("status").and_then(Value::as_str) {
+            self.said = Some(if s == "offline" { "offline" } else { "online" }.into());
+        }
+        if let Some(session) = p.get("session").and_then(Value::as_str) {
+            self.session = Some(session.to_owned());
+        }
+        if let Some(n) = num("seq") {
+            self.seq = n;
+        }
+        if let Some(n) = num("interval_ms") {
+            self.interval_ms = Some(n);
+        }
+        if let Some(n) = num("policy_version") {
+            self.policy_version = Some(n);
+        }
+        if let Some(n) = num("devices") {
+            self.devices = Some(n);
+        }
+        if let Some(c) = p.get("children") {
+            self.children = Some(c.clone());
+        }
+    }
+}
+
+/// What became of a status message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// Taken into account.
+    Recorded,
+    /// Not newer than what we know (a retained copy, a re-delivery, an old will).
+    Ignored,
+    /// Not from one of our children: none of our business.
+    NotMine,
 }
 
 /// The parent side of a node (GC or RC).
@@ -90,7 +176,7 @@ impl Children {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// HEARTBEAT from a child.
+    /// HEARTBEAT from a child over gRPC or REST (already verified, fresh, not a replay).
     ///
     /// # Errors
     /// [`InboundError::Forbidden`] from anyone but an active child.
@@ -103,10 +189,91 @@ impl Children {
         }
         let mut g = self.live();
         let l = g.entry(env.sender_id.clone()).or_default();
-        l.last_seen = Some(self.trust.clock.now());
-        l.heartbeats += 1;
-        l.last_key_id = env.key_id.clone();
+        // A restart shows as a new session; within one, only newer heartbeats count.
+        let session = env.payload.get("session").and_then(Value::as_str);
+        let seq = env.payload.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        if session.is_some() && session == l.session.as_deref() && seq <= l.seq && seq > 0 {
+            return Ok(HandlerReply::Accepted);
+        }
+        l.absorb(env, "grpc");
         Ok(HandlerReply::Accepted)
+    }
+
+    /// A message on `pdsno/status/{id}` (published, retained, or the broker's last will).
+    /// Only its authenticity is checked here — a retained heartbeat or a will is old by
+    /// nature — and ordering does the rest: within a session only a higher `seq` counts, a
+    /// will (`offline`) counts only for the session it was made in, and staleness is judged
+    /// from the signing time.
+    ///
+    /// # Errors
+    /// The verification failure (the caller counts it).
+    pub fn on_status(&self, env: &Envelope) -> Result<StatusOutcome, VerifyError> {
+        // Direct children only: a grandchild's status is its own parent's business (and
+        // signed with keys we do not share).
+        let direct = self
+            .trust
+            .nib
+            .controller(&env.sender_id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| {
+                r.status == "active" && r.validated_by.as_deref() == Some(self.trust.me.as_str())
+            });
+        if !direct {
+            return Ok(StatusOutcome::NotMine);
+        }
+        if env.message_type != MessageType::Heartbeat {
+            return Ok(StatusOutcome::Ignored);
+        }
+        self.trust.authenticate(env, Some(&env.sender_id))?;
+        let now = self.trust.clock.now();
+        let p = &env.payload;
+        let session = p.get("session").and_then(Value::as_str).map(str::to_owned);
+        let seq = p.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let offline = p.get("status").and_then(Value::as_str) == Some("offline");
+        let mut g = self.live();
+        let l = g.entry(env.sender_id.clone()).or_default();
+        let same_session = session.is_some() && session == l.session;
+        if offline {
+            // A will from an earlier life of the process says nothing about this one.
+            if l.session.is_some() && !same_session {
+                return Ok(StatusOutcome::Ignored);
+            }
+        } else if same_session && seq <= l.seq {
+            return Ok(StatusOutcome::Ignored);
+        } else if !same_session
+            && let (Some(t), Some(seen)) = (
+                env.signed_at.as_deref().and_then(|t| parse_iso(t).ok()),
+                l.last_seen,
+            )
+            && t <= seen
+        {
+            // An older session's retained heartbeat arriving after a newer one.
+            return Ok(StatusOutcome::Ignored);
+        }
+        l.absorb(env, "mqtt");
+        drop(g);
+        self.report_transitions(now);
+        Ok(StatusOutcome::Recorded)
+    }
+
+    /// Prints `liveness id=ID state=STATE` when a child's state changes (the demo and
+    /// operators watch these); returns the children whose state changed.
+    pub fn report_transitions(&self, now: DateTime<Utc>) -> Vec<(String, &'static str)> {
+        let mut changed = Vec::new();
+        for (id, l) in self.live().iter_mut() {
+            let state = l.state(now);
+            if l.reported != Some(state) {
+                l.reported = Some(state);
+                changed.push((id.clone(), state));
+            }
+        }
+        changed.sort();
+        for (id, state) in &changed {
+            println!("liveness id={id} state={state}");
+            tracing::info!(child = %id, state, "child liveness changed");
+        }
+        changed
     }
 
     /// Liveness of every child seen.
@@ -350,7 +517,7 @@ impl Children {
                 m.insert("controller_id".into(), r.controller_id.clone().into());
                 m.insert("role".into(), r.role.into());
                 m.insert("region".into(), r.region.into());
-                m.insert("status".into(), r.status.into());
+                m.insert("status".into(), r.status.clone().into());
                 m.insert("validated_by".into(), r.validated_by.into());
                 m.insert("heartbeats".into(), l.heartbeats.into());
                 m.insert("last_heartbeat".into(), l.last_seen.map(format_iso).into());
@@ -358,11 +525,61 @@ impl Children {
                     "last_heartbeat_age_ms".into(),
                     l.last_seen.map(|t| (now - t).num_milliseconds()).into(),
                 );
-                m.insert("last_key_id".into(), l.last_key_id.into());
+                m.insert("last_key_id".into(), l.last_key_id.clone().into());
+                let state = if r.status == "active" {
+                    l.state(now)
+                } else {
+                    "revoked"
+                };
+                m.insert("liveness".into(), state.into());
+                m.insert("via".into(), (!l.via.is_empty()).then_some(l.via).into());
+                m.insert("policy_version".into(), l.policy_version.into());
+                m.insert("devices".into(), l.devices.into());
+                if let Some(c) = l.children {
+                    m.insert("children".into(), c);
+                }
                 Value::Object(m)
             })
             .collect();
         Value::Array(v)
+    }
+
+    /// A compact view of the direct children for our own heartbeat (an RC tells the GC
+    /// about its local controllers this way): id, liveness, policy version, devices.
+    pub fn summary_for_parent(&self, devices_by_lc: &HashMap<String, u64>) -> Value {
+        let now = self.trust.clock.now();
+        let live = self.liveness();
+        let rows = self.trust.nib.controllers().unwrap_or_default();
+        Value::Array(
+            rows.into_iter()
+                .filter(|r| r.validated_by.as_deref() == Some(self.trust.me.as_str()))
+                .map(|r| {
+                    let l = live.get(&r.controller_id).cloned().unwrap_or_default();
+                    let mut m = Map::new();
+                    let state = if r.status == "active" {
+                        l.state(now)
+                    } else {
+                        "revoked"
+                    };
+                    m.insert(
+                        "devices".into(),
+                        devices_by_lc
+                            .get(&r.controller_id)
+                            .copied()
+                            .or(l.devices)
+                            .into(),
+                    );
+                    m.insert("controller_id".into(), r.controller_id.into());
+                    m.insert("liveness".into(), state.into());
+                    m.insert("policy_version".into(), l.policy_version.into());
+                    m.insert(
+                        "last_heartbeat_age_ms".into(),
+                        l.last_seen.map(|t| (now - t).num_milliseconds()).into(),
+                    );
+                    Value::Object(m)
+                })
+                .collect(),
+        )
     }
 }
 

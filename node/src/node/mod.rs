@@ -10,6 +10,7 @@
 //! Logs go to stderr.
 
 pub mod children;
+pub mod mqtt_link;
 pub mod workers;
 
 use std::sync::Arc;
@@ -48,6 +49,9 @@ pub enum NodeError {
     /// The parent refused us or gave us something we cannot trust.
     #[error(transparent)]
     Admission(ChildError),
+    /// `--scan-once`: the report could not be delivered (it stays queued).
+    #[error("the discovery report was not acknowledged; it stays queued for the next run")]
+    Undelivered,
 }
 
 impl NodeError {
@@ -55,6 +59,7 @@ impl NodeError {
     pub fn exit_code(&self) -> u8 {
         match self {
             NodeError::Admission(_) => 3,
+            NodeError::Undelivered => 4,
             NodeError::Startup(_) => 1,
         }
     }
@@ -418,6 +423,17 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         }),
         _ => None,
     };
+    let outbound = Arc::new(crate::outbound::Outbound::new());
+    if let Some(p) = &parent_side {
+        outbound.add_peer(&p.id, p.link.clone());
+    }
+    let policy = Arc::new(crate::policy::Policy::load(trust.clone()).map_err(startup)?);
+    if let Some(env) = policy.ensure_default().map_err(startup)? {
+        tracing::info!("stored the default policy as version 1");
+        let _ = env;
+    }
+    // A new session per process start: a last will speaks only for its own session.
+    let session = pdsno_shared::ids::message_id()[4..].to_owned();
 
     // The GC's broker authenticates controllers with the credentials it issued.
     let (broker, credentials) = match (cfg.role, cfg.embedded_broker) {
@@ -512,9 +528,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             Box::new(move |e| handler(e)),
         );
     }
-    let heartbeat_stats = parent_side
-        .as_ref()
-        .map(|_| Arc::new(HeartbeatStats::default()));
+    let heartbeat_stats = Some(Arc::new(HeartbeatStats::default()));
     // HEARTBEAT: from children (liveness), and from the parent (it confirms each key it
     // agrees with one).
     if children.is_some() || heartbeat_stats.is_some() {
@@ -541,24 +555,169 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             }),
         );
     }
-    if let Some(c) = &children
-        && cfg.role == Role::Global
-    {
+    // SYNC_REQUEST: a child asks for the current policy; at the GC an RC also asks for
+    // (or withdraws) its local controllers' MQTT credentials.
+    if let Some(c) = &children {
         let c2 = c.clone();
-        inbound.register(MessageType::SyncRequest, Box::new(move |e| c2.sync(e)));
+        let pol = policy.clone();
+        let t = trust.clone();
+        let global = cfg.role == Role::Global;
+        inbound.register(
+            MessageType::SyncRequest,
+            Box::new(move |e| {
+                if e.payload.get("kind").and_then(Value::as_str) == Some("policy") {
+                    if !t.is_active_child(&e.sender_id) {
+                        return Err(crate::inbound::InboundError::Forbidden(format!(
+                            "{} is not an active child of this controller",
+                            e.sender_id
+                        )));
+                    }
+                    let current = pol
+                        .for_children()
+                        .map_err(|e| crate::inbound::InboundError::Unavailable(e.to_string()))?;
+                    let mut m = pdsno_shared::json::Map::new();
+                    m.insert("kind".into(), "policy".into());
+                    m.insert(
+                        "policy".into(),
+                        current.map_or(Value::Null, |env| env.to_value()),
+                    );
+                    return Ok(crate::inbound::HandlerReply::Reply(
+                        MessageType::SyncResponse,
+                        m,
+                    ));
+                }
+                if global {
+                    c2.sync(e)
+                } else {
+                    Err(crate::inbound::InboundError::BadRequest(
+                        "unknown sync kind".into(),
+                    ))
+                }
+            }),
+        );
     }
+    // POLICY_UPDATE pushed over gRPC by the parent (its fallback when the broker is away).
+    if cfg.role != Role::Global {
+        let pol = policy.clone();
+        let t = trust.clone();
+        let ob = outbound.clone();
+        let rt = tokio::runtime::Handle::current();
+        inbound.register(
+            MessageType::PolicyUpdate,
+            Box::new(move |e| match pol.receive(e) {
+                Ok(crate::policy::PolicyOutcome::Applied { version, republish }) => {
+                    match (republish, pol.topic()) {
+                        (Some(copy), Some(topic)) => {
+                            println!(
+                                "policy version={version} republished region={}",
+                                t.region.as_deref().unwrap_or("-")
+                            );
+                            let (t, ob) = (t.clone(), ob.clone());
+                            rt.spawn(async move {
+                                crate::policy::distribute(&t, &ob, &copy, &topic).await;
+                            });
+                        }
+                        _ => println!("policy version={version} applied"),
+                    }
+                    Ok(crate::inbound::HandlerReply::Accepted)
+                }
+                Ok(crate::policy::PolicyOutcome::Stale { .. }) => {
+                    Ok(crate::inbound::HandlerReply::Accepted)
+                }
+                Err(err) => Err(crate::inbound::InboundError::Forbidden(err.to_string())),
+            }),
+        );
+    }
+    // Discovery.
+    let delivery = Arc::new(crate::discovery::delivery::Delivery::new(
+        trust.clone(),
+        outbound.clone(),
+    ));
+    let regional = match (cfg.role, &cfg.region) {
+        (Role::Regional, Some(region)) => {
+            let rd = Arc::new(crate::discovery::rc::RegionalDiscovery::new(
+                trust.clone(),
+                region.clone(),
+                cfg.spike_threshold,
+            ));
+            let r2 = rd.clone();
+            inbound.register(
+                MessageType::DiscoveryReport,
+                Box::new(move |e| r2.on_report(e)),
+            );
+            Some(rd)
+        }
+        _ => None,
+    };
+    if cfg.role == Role::Global {
+        let t = trust.clone();
+        inbound.register(
+            MessageType::DiscoverySummary,
+            Box::new(move |e| crate::discovery::gc::on_summary(&t, e)),
+        );
+    }
+    let local = match (cfg.role, &parent_side, &cfg.region) {
+        (Role::Local, Some(p), Some(region)) => {
+            let (scanner, subnet) =
+                crate::discovery::lc::scanner_for(&cfg, &me.id).map_err(startup)?;
+            let pol = policy.clone();
+            let ld = Arc::new(crate::discovery::lc::LocalDiscovery::new(
+                trust.clone(),
+                scanner,
+                subnet,
+                p.id.clone(),
+                region.clone(),
+                cfg.missed_cycles,
+                delivery.clone(),
+                Arc::new(move || pol.version()),
+            ));
+            // Acknowledgements of our reports (over MQTT they come on our reply topic).
+            let d = delivery.clone();
+            let parent_id = p.id.clone();
+            inbound.register(
+                MessageType::DiscoveryReportAck,
+                Box::new(move |e| {
+                    if e.sender_id != parent_id {
+                        return Err(crate::inbound::InboundError::Forbidden(format!(
+                            "{} is not our regional controller",
+                            e.sender_id
+                        )));
+                    }
+                    let id = e
+                        .payload
+                        .get("report_id")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            crate::inbound::InboundError::BadRequest("no report_id".into())
+                        })?;
+                    d.acked(id);
+                    Ok(crate::inbound::HandlerReply::Accepted)
+                }),
+            );
+            Some(ld)
+        }
+        _ => None,
+    };
     let inbound = Arc::new(inbound);
 
     let rotate_wake = Arc::new(Notify::new());
     let rotate_done = Arc::new(Notify::new());
-    let admin = Arc::new(crate::admin::Admin::new(
-        admin_key,
-        trust.clone(),
-        children.clone(),
-        heartbeat_stats.clone(),
-        rotate_wake.clone(),
-        rotate_done.clone(),
-    ));
+    let admin = Arc::new(
+        crate::admin::Admin::new(
+            admin_key,
+            trust.clone(),
+            children.clone(),
+            heartbeat_stats.clone(),
+            rotate_wake.clone(),
+            rotate_done.clone(),
+        )
+        .with_runtime(crate::admin::RuntimeView {
+            inbound: inbound.clone(),
+            outbound: outbound.clone(),
+            policy: policy.clone(),
+            delivery: delivery.clone(),
+        }),
+    );
 
     let tasks = tokio_util::task::TaskTracker::new();
     {
@@ -605,19 +764,108 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             }
         });
     }
-    if let (Some(p), Some(stats)) = (&parent_side, &heartbeat_stats) {
+    if let Some(p) = &parent_side {
         tasks.spawn(workers::first_exchange(
             trust.clone(),
             p.clone(),
             cancel.clone(),
         ));
-        tasks.spawn(workers::heartbeats(
-            trust.clone(),
-            p.clone(),
-            cfg.heartbeat_interval,
-            stats.clone(),
+    }
+    // Our status: published on pdsno/status/{me}, and heartbeats to the parent.
+    if let Some(stats) = &heartbeat_stats {
+        let extras: Arc<dyn Fn() -> pdsno_shared::json::Map + Send + Sync> = {
+            let pol = policy.clone();
+            let t = trust.clone();
+            let ch = children.clone();
+            let role = cfg.role;
+            Arc::new(move || {
+                let mut m = pdsno_shared::json::Map::new();
+                m.insert("policy_version".into(), pol.version().into());
+                if role != Role::Global {
+                    let by_lc = t.nib.active_devices_by_lc().unwrap_or_default();
+                    m.insert("devices".into(), by_lc.values().sum::<u64>().into());
+                    if let Some(c) = &ch {
+                        m.insert("children".into(), c.summary_for_parent(&by_lc));
+                    }
+                }
+                m
+            })
+        };
+        let status = workers::StatusLoop {
+            trust: trust.clone(),
+            parent: parent_side.clone(),
+            outbound: outbound.clone(),
+            interval: cfg.heartbeat_interval,
+            session: session.clone(),
+            stats: stats.clone(),
+            extras,
+        };
+        tasks.spawn(status.run(cancel.clone()));
+    }
+    // MQTT: connects once there is a broker and a credential (a child gets both with its
+    // first key exchange).
+    {
+        let node = Arc::new(mqtt_link::MqttNode {
+            trust: trust.clone(),
+            inbound: inbound.clone(),
+            outbound: outbound.clone(),
+            children: children.clone(),
+            policy: policy.clone(),
+            parent_link: parent_side.as_ref().map(|p| p.link.clone()),
+            session: session.clone(),
+        });
+        // At start, catch up with the parent's policy over gRPC once our key is agreed
+        // (with or without a broker).
+        if let Some(p) = &parent_side {
+            let node = node.clone();
+            let t = trust.clone();
+            let pid = p.id.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                while t.pair_keys.signing_key(&pid).is_none() {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                node.sync_policy().await;
+            });
+        }
+        let embedded = broker.as_ref().and_then(|b| b.plain_addr(Version::V311));
+        let t = trust.clone();
+        let creds = credentials.clone();
+        let cfg2 = cfg.clone();
+        let info = move || mqtt_link::connect_info(&cfg2, &t, embedded, creds.as_deref());
+        tasks.spawn(node.run(info, cancel.clone()));
+    }
+    if let Some(c) = &children {
+        let c = c.clone();
+        let cancel = cancel.clone();
+        let clock = clock.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        c.report_transitions(clock.now());
+                    }
+                }
+            }
+        });
+    }
+    tasks.spawn(delivery.clone().run(cancel.clone()));
+    if let (Some(rd), Some(p)) = (&regional, &parent_side) {
+        tasks.spawn(rd.clone().summaries(
+            p.id.clone(),
+            delivery.clone(),
+            cfg.summary_interval,
             cancel.clone(),
         ));
+    }
+    if let Some(ld) = &local
+        && !cfg.scan_once
+    {
+        tasks.spawn(ld.clone().run(cfg.discovery_interval, cancel.clone()));
     }
     tasks.spawn(workers::rotations(
         trust.clone(),
@@ -646,6 +894,22 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     ));
     tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, "controller ready");
 
+    let mut outcome = Ok(());
+    if let (true, Some(ld)) = (cfg.scan_once, &local) {
+        // One cycle, its report delivered (or left queued for the next run), then exit.
+        match ld.cycle().await {
+            Ok(_) => {
+                let delivered = delivery.wait_drained(Duration::from_secs(30)).await;
+                say(&format!("scan-once delivered={delivered}"));
+                if !delivered {
+                    outcome = Err(NodeError::Undelivered);
+                }
+            }
+            Err(e) => outcome = Err(NodeError::Startup(format!("discovery cycle failed: {e}"))),
+        }
+        cancel.cancel();
+    }
+
     cancel.cancelled().await;
     tracing::info!(id = %me.id, "shutting down");
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
@@ -654,8 +918,11 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     {
         tracing::warn!("tasks did not stop within 5 s");
     }
+    if let Some(c) = outbound.mqtt() {
+        c.shutdown().await;
+    }
     if let Some(b) = broker {
         b.shutdown().await;
     }
-    Ok(())
+    outcome
 }

@@ -30,6 +30,8 @@ pub struct HeartbeatStats {
     pub parent_last_ms: std::sync::atomic::AtomicI64,
     /// Re-keys after the parent stopped accepting our pairwise key.
     pub rekeys: AtomicU64,
+    /// Status messages published on the broker.
+    pub published: AtomicU64,
 }
 
 impl HeartbeatStats {
@@ -83,77 +85,160 @@ pub async fn first_exchange(trust: Arc<Trust>, parent: ParentSide, cancel: Cance
     }
 }
 
-/// Sends a HEARTBEAT to the parent every `interval`.
-pub async fn heartbeats(
-    trust: Arc<Trust>,
-    parent: ParentSide,
-    interval: Duration,
-    stats: Arc<HeartbeatStats>,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    // Consecutive refusals of a message signed with our pairwise key, and when we last
-    // re-keyed because of them.
-    let mut key_refusals = 0u32;
-    let mut last_rekey: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let n = stats.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut p = Map::new();
-        p.insert("status".into(), "online".into());
-        p.insert("seq".into(), Value::from(n));
-        let mut env = Envelope::new(
-            MessageType::Heartbeat,
-            trust.me.clone(),
-            parent.id.clone(),
-            p,
-            trust.clock.now(),
+/// Every how many heartbeats one also goes straight to the parent over gRPC while MQTT
+/// carries them: it proves the pairwise key still works both ways (and re-keys if not).
+const DIRECT_EVERY: u64 = 6;
+
+/// What a node's status loop needs.
+pub struct StatusLoop {
+    /// The node's keys.
+    pub trust: Arc<Trust>,
+    /// The parent (none for the GC).
+    pub parent: Option<ParentSide>,
+    /// Sending.
+    pub outbound: Arc<crate::outbound::Outbound>,
+    /// Between heartbeats.
+    pub interval: Duration,
+    /// This process's session id (a will names it).
+    pub session: String,
+    /// Counters.
+    pub stats: Arc<HeartbeatStats>,
+    /// More fields for each heartbeat (policy version, devices, children).
+    pub extras: Arc<dyn Fn() -> Map + Send + Sync>,
+}
+
+impl StatusLoop {
+    fn heartbeat(&self, seq: u64, status: &str) -> Envelope {
+        let mut p = self.extras.as_ref()();
+        p.insert("status".into(), status.into());
+        p.insert("session".into(), self.session.clone().into());
+        p.insert("seq".into(), Value::from(seq));
+        p.insert(
+            "interval_ms".into(),
+            Value::from(u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX)),
         );
-        trust.sign_for(&parent.id, &mut env);
-        match parent.link.exchange(&env).await {
-            Ok(_) => {
-                stats.acked.fetch_add(1, Ordering::Relaxed);
-                if failing {
-                    tracing::info!(parent = %parent.id, "heartbeats accepted again");
-                    failing = false;
+        let to = self
+            .parent
+            .as_ref()
+            .map_or(crate::policy::BROADCAST.to_owned(), |p| p.id.clone());
+        Envelope::new(
+            MessageType::Heartbeat,
+            self.trust.me.clone(),
+            to,
+            p,
+            self.trust.clock.now(),
+        )
+    }
+
+    /// Publishes `pdsno/status/{me}` every interval (retained; signed for the parent, or
+    /// with the identity key by the GC) and sends a heartbeat straight to the parent every
+    /// few intervals, or every interval while MQTT is down. On cancellation it publishes
+    /// `offline` itself, so a clean stop is not mistaken for a crash.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let topic = pdsno_shared::topics::Topic::Status(self.trust.me.clone());
+        let stats = self.stats.clone();
+        let mut failing = false;
+        // Consecutive refusals of a message signed with our pairwise key, and when we last
+        // re-keyed because of them.
+        let mut key_refusals = 0u32;
+        let mut last_rekey: Option<tokio::time::Instant> = None;
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            seq += 1;
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            let mut published = false;
+            if self.outbound.mqtt_connected() {
+                let mut env = self.heartbeat(seq, "online");
+                match &self.parent {
+                    Some(p) => self.trust.sign_for(&p.id, &mut env),
+                    None => self.trust.sign_identity(&mut env),
+                }
+                match self.outbound.publish(&env, &topic).await {
+                    Ok(()) => {
+                        published = true;
+                        stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "status not published"),
                 }
             }
-            Err(e) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                if !failing {
-                    tracing::warn!(parent = %parent.id, error = %e, "heartbeat refused or lost");
-                    failing = true;
+            let Some(parent) = &self.parent else {
+                if published {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
                 }
-                let key_refused = env.key_id.is_some()
-                    && matches!(&e, LinkError::Status { code, .. } if *code == tonic::Code::Unauthenticated);
-                key_refusals = if key_refused { key_refusals + 1 } else { 0 };
-                // The parent no longer knows our key (its state was restored from an older
-                // copy, a confirmation got lost past the grace period, ...): agree a new one,
-                // authenticated by the identity keys. At most every 10 s.
-                if key_refusals >= 2
-                    && last_rekey.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                {
-                    last_rekey = Some(tokio::time::Instant::now());
-                    match exchange::initiate(&trust, &parent.link, &parent.id, &parent.key, false)
-                        .await
+                continue;
+            };
+            if published && seq % DIRECT_EVERY != 1 {
+                stats.acked.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let mut env = self.heartbeat(seq, "online");
+            self.trust.sign_for(&parent.id, &mut env);
+            match parent.link.exchange(&env).await {
+                Ok(_) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                    key_refusals = 0;
+                    if failing {
+                        tracing::info!(parent = %parent.id, "heartbeats accepted again");
+                        failing = false;
+                    }
+                }
+                Err(e) => {
+                    if published {
+                        // MQTT carried it; only the direct probe failed.
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if !failing {
+                        tracing::warn!(parent = %parent.id, error = %e, "heartbeat refused or lost");
+                        failing = true;
+                    }
+                    let key_refused = env.key_id.is_some()
+                        && matches!(&e, LinkError::Status { code, .. } if *code == tonic::Code::Unauthenticated);
+                    key_refusals = if key_refused { key_refusals + 1 } else { 0 };
+                    // The parent no longer knows our key (its state was restored from an
+                    // older copy, a confirmation got lost past the grace period, ...): agree
+                    // a new one, authenticated by the identity keys. At most every 10 s.
+                    if key_refusals >= 2
+                        && last_rekey.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                     {
-                        Ok(kid) => {
-                            stats.rekeys.fetch_add(1, Ordering::Relaxed);
-                            key_refusals = 0;
-                            tracing::warn!(parent = %parent.id, key_id = %kid, "the parent refused our pairwise key; agreed a new one");
-                            println!("key id={kid} peer={}", parent.id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(parent = %parent.id, error = %e, "re-key with the parent failed");
+                        last_rekey = Some(tokio::time::Instant::now());
+                        match exchange::initiate(
+                            &self.trust,
+                            &parent.link,
+                            &parent.id,
+                            &parent.key,
+                            false,
+                        )
+                        .await
+                        {
+                            Ok(kid) => {
+                                stats.rekeys.fetch_add(1, Ordering::Relaxed);
+                                key_refusals = 0;
+                                tracing::warn!(parent = %parent.id, key_id = %kid, "the parent refused our pairwise key; agreed a new one");
+                                println!("key id={kid} peer={}", parent.id);
+                            }
+                            Err(e) => {
+                                tracing::warn!(parent = %parent.id, error = %e, "re-key with the parent failed");
+                            }
                         }
                     }
                 }
             }
+        }
+        // A clean stop: say so (retained), before the connection goes.
+        if self.outbound.mqtt_connected() {
+            let mut env = self.heartbeat(seq + 1, "offline");
+            self.trust.sign_identity(&mut env);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.outbound.publish(&env, &topic))
+                    .await;
         }
     }
 }

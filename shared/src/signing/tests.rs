@@ -475,3 +475,58 @@ fn concurrent_copies_are_accepted_once() {
         .count();
     assert_eq!(accepted, 1, "exactly one copy wins");
 }
+
+#[test]
+fn authenticate_checks_the_signature_but_not_age_or_reuse() {
+    let ring = network_ring();
+    let e = signed(&ring, t0());
+    let much_later = t0() + chrono::Duration::days(30);
+    // Old and used twice: still authentic.
+    authenticate(&e, hmac_only(&ring), None, much_later).expect("authentic");
+    authenticate(&e, hmac_only(&ring), None, much_later).expect("again");
+    // ...while the full check refuses it as stale.
+    assert!(matches!(
+        verifier().verify(&e, hmac_only(&ring), None, much_later),
+        Err(VerifyError::Stale { .. })
+    ));
+    // Tampering, a wrong sender and a missing signature are still caught.
+    let mut t = e.clone();
+    t.payload.insert("status".into(), "forged".into());
+    assert_eq!(
+        authenticate(&t, hmac_only(&ring), None, much_later),
+        Err(VerifyError::BadSignature)
+    );
+    assert!(matches!(
+        authenticate(&e, hmac_only(&ring), Some("someone_else"), much_later),
+        Err(VerifyError::SenderMismatch { .. })
+    ));
+    let mut u = e.clone();
+    u.signature = None;
+    assert_eq!(
+        authenticate(&u, hmac_only(&ring), None, much_later),
+        Err(VerifyError::MissingField("signature"))
+    );
+    // Ed25519 too.
+    let id = crate::keys::IdentityKey::generate();
+    let mut b = fresh(t0());
+    sign_ed25519(&mut b, &id, None, t0());
+    let pk = id.public();
+    let keys = VerifyKeys {
+        hmac: None,
+        ed25519: Some(&pk),
+    };
+    authenticate(&b, keys, None, much_later).expect("ed25519");
+    let other = crate::keys::IdentityKey::generate().public();
+    assert_eq!(
+        authenticate(
+            &b,
+            VerifyKeys {
+                hmac: None,
+                ed25519: Some(&other)
+            },
+            None,
+            much_later
+        ),
+        Err(VerifyError::BadSignature)
+    );
+}

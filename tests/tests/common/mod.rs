@@ -133,3 +133,50 @@ pub async fn handshake(
     child.check(&res);
     outcome(&res)
 }
+
+/// The node's status through its admin API.
+pub async fn status(node: &pdsno_tests::NodeProc) -> Value {
+    let key = pdsno_node::admin::read_key(&node.data_dir).expect("admin key");
+    pdsno_node::admin::call(
+        &node.grpc_url(),
+        &key,
+        "status",
+        &Value::Object(Map::new()),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .expect("status")
+}
+
+/// Polls `f` every 50 ms until it holds.
+///
+/// # Panics
+/// With `what` when `timeout` passes first.
+pub async fn eventually<F, Fut>(what: &str, timeout: std::time::Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The node's NIB (opened next to the running process; SQLite WAL allows it).
+pub fn nib(node: &pdsno_tests::NodeProc) -> pdsno_node::nib::Nib {
+    pdsno_node::nib::Nib::open(node.data_dir.join("nib.db")).expect("open the node's NIB")
+}
+
+/// A number at a JSON path in a status (`None` when absent).
+pub fn num(v: &Value, path: &[&str]) -> Option<u64> {
+    let mut cur = v;
+    for k in path {
+        cur = cur.get(k)?;
+    }
+    cur.as_u64()
+}

@@ -1,0 +1,256 @@
+//! `pdsno status` and `pdsno policy`: operator views of a running node, over its admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use pdsno_shared::json::{self, Map, Value};
+
+use crate::admin;
+
+/// How to reach a node's admin API.
+#[derive(Debug, Args)]
+pub struct AdminTarget {
+    /// The node's gRPC URL (default: from DATA_DIR/node.json).
+    #[arg(long, value_name = "URL")]
+    pub connect: Option<String>,
+    /// The node's data directory (its admin.key authenticates us).
+    #[arg(long, env = "PDSNO_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The node's admin key file, when the data directory is elsewhere.
+    #[arg(long, env = "PDSNO_ADMIN_KEY_FILE", value_name = "FILE")]
+    pub admin_key_file: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AdminTarget {
+    fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value, String> {
+        let key = match (&self.admin_key_file, &self.data_dir) {
+            (Some(f), _) => admin::read_key_file(f)?,
+            (None, Some(d)) => admin::read_key(d)?,
+            (None, None) => {
+                return Err(
+                    "the node's admin key is needed: give --data-dir DIR or --admin-key-file FILE"
+                        .into(),
+                );
+            }
+        };
+        let url = match (&self.connect, &self.data_dir) {
+            (Some(u), _) => u.clone(),
+            (None, Some(d)) => admin::node_url(d)?,
+            (None, None) => return Err("give --connect URL or --data-dir DIR".into()),
+        };
+        crate::runtime::block_on(admin::call(&url, &key, command, &args, timeout))
+    }
+}
+
+/// `pdsno status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node to ask (a GC shows the whole tree).
+    #[command(flatten)]
+    pub target: AdminTarget,
+}
+
+/// `pdsno policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Publish FILE (a JSON object) as the next policy version (global controller).
+    Set {
+        /// The policy document.
+        file: PathBuf,
+        /// The global controller.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Show the policy in force on a node.
+    Show {
+        /// The node.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(1)
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => json::to_canonical_string(other),
+    }
+}
+
+fn age(v: &Value) -> String {
+    v.get("last_heartbeat_age_ms")
+        .and_then(Value::as_i64)
+        .map_or("never".into(), |ms| {
+            format!("{:.1}s ago", ms as f64 / 1000.0)
+        })
+}
+
+/// One line per controller: liveness, policy version, devices.
+fn line(v: &Value) -> String {
+    let via = match v.get("via").and_then(Value::as_str) {
+        Some(p) => format!(" via {p}"),
+        None => String::new(),
+    };
+    format!(
+        "{}  {} ({}{via})  policy v{}  devices {}",
+        s(v, "controller_id"),
+        s(v, "liveness"),
+        age(v),
+        s(v, "policy_version"),
+        s(v, "devices"),
+    )
+}
+
+/// Renders a node's status as a tree.
+pub fn render_tree(st: &Value) -> String {
+    let mut out = String::new();
+    let me = s(st, "controller_id");
+    let mut head = format!(
+        "{me}  [{}]  policy v{}",
+        s(st, "role"),
+        s(st, "policy_version")
+    );
+    if let Some(tr) = st.get("transport") {
+        let c = tr.get("mqtt_connected").and_then(Value::as_bool) == Some(true);
+        head.push_str(if c { "  mqtt connected" } else { "  mqtt down" });
+    }
+    if let Some(inv) = st
+        .get("discovery")
+        .and_then(|d| d.get("inventory_by_region"))
+        .and_then(Value::as_object)
+    {
+        let parts: Vec<String> = inv
+            .iter()
+            .map(|(k, v)| format!("{k}={}", json::to_canonical_string(v)))
+            .collect();
+        head.push_str(&format!("  inventory {}", parts.join(" ")));
+    } else if let Some(n) = st.get("discovery").and_then(|d| d.get("active_devices")) {
+        head.push_str(&format!("  devices {}", json::to_canonical_string(n)));
+    }
+    out.push_str(&head);
+    out.push('\n');
+    let children: Vec<&Value> = st
+        .get("children")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c.get("validated_by").and_then(Value::as_str) == Some(me.as_str()))
+        .collect();
+    for (i, c) in children.iter().enumerate() {
+        let last = i + 1 == children.len();
+        out.push_str(if last { "└─ " } else { "├─ " });
+        out.push_str(&line(c));
+        out.push('\n');
+        let grand = c
+            .get("children")
+            .and_then(Value::as_array)
+            .unwrap_or_default();
+        for (j, g) in grand.iter().enumerate() {
+            out.push_str(if last { "   " } else { "│  " });
+            out.push_str(if j + 1 == grand.len() {
+                "└─ "
+            } else {
+                "├─ "
+            });
+            out.push_str(&line(g));
+            out.push('\n');
+        }
+    }
+    if let Some(r) = st
+        .get("received")
+        .and_then(|r| r.get("rejected"))
+        .and_then(Value::as_object)
+        && !r.is_empty()
+    {
+        let parts: Vec<String> = r
+            .iter()
+            .map(|(k, v)| format!("{k}={}", json::to_canonical_string(v)))
+            .collect();
+        out.push_str(&format!("rejected: {}\n", parts.join(" ")));
+    }
+    out
+}
+
+/// Runs `pdsno status`.
+pub fn status(a: &StatusArgs) -> ExitCode {
+    match a
+        .target
+        .call("status", Value::Object(Map::new()), Duration::from_secs(10))
+    {
+        Ok(v) => {
+            if a.target.json {
+                println!("{}", json::to_pretty_string(&v));
+            } else {
+                print!("{}", render_tree(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs `pdsno policy ...`.
+pub fn policy(c: &PolicyCommand) -> ExitCode {
+    match c {
+        PolicyCommand::Set { file, target } => {
+            let bytes = match std::fs::read(file) {
+                Ok(b) => b,
+                Err(e) => return fail(format!("{}: {e}", file.display())),
+            };
+            let content = match json::parse(&bytes) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => {
+                    return fail(format!(
+                        "{}: the policy must be a JSON object",
+                        file.display()
+                    ));
+                }
+                Err(e) => return fail(format!("{}: {e}", file.display())),
+            };
+            let mut args = Map::new();
+            args.insert("content".into(), Value::Object(content));
+            match target.call("policy.set", Value::Object(args), Duration::from_secs(30)) {
+                Ok(v) => {
+                    if target.json {
+                        println!("{}", json::to_pretty_string(&v));
+                    } else {
+                        println!(
+                            "policy version {} {}",
+                            s(&v, "policy_version"),
+                            if v.get("published").and_then(Value::as_bool) == Some(true) {
+                                "published"
+                            } else {
+                                "stored (children get it by sync when the broker is back)"
+                            }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PolicyCommand::Show { target } => {
+            match target.call(
+                "policy.show",
+                Value::Object(Map::new()),
+                Duration::from_secs(10),
+            ) {
+                Ok(v) => {
+                    println!("{}", json::to_pretty_string(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,1055 @@
+//! Discovery state: devices (at a local controller, what its scans found; at a regional
+//! controller, its region), the global controller's inventory (one row per MAC and
+//! region), and the ids of reports and summaries already applied (retransmissions are
+//! acknowledged again, never applied twice).
+//!
+//! Every operation is one transaction. A local controller's cycle writes only what
+//! changed, its cycle counter and the report describing the change together, so a crash
+//! loses neither. Each transaction that changes devices stamps them with the next
+//! `changed_seq`, which is how a regional controller knows what its next summary covers.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::keys::IdentityKey;
+use pdsno_shared::payload::discovery::{Device, DiscoveryMethod, InactiveDevice};
+use pdsno_shared::time::{format_iso, parse_iso};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::events::{self, Event};
+use super::outbox::{self, OutboxItem};
+use super::state::{StateKey, get_state, put_state};
+use super::{Nib, NibError};
+
+/// The outbox type of discovery reports.
+const REPORT_TYPE: &str = "DISCOVERY_REPORT";
+
+/// Whether a device is currently seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceStatus {
+    /// Seen recently.
+    Active,
+    /// Missed for the configured number of cycles.
+    Inactive,
+}
+
+impl DeviceStatus {
+    /// Stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Active => "active",
+            DeviceStatus::Inactive => "inactive",
+        }
+    }
+
+    fn parse(s: &str) -> DeviceStatus {
+        if s == "active" {
+            DeviceStatus::Active
+        } else {
+            DeviceStatus::Inactive
+        }
+    }
+}
+
+/// A stored device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRow {
+    /// The device as reported.
+    pub device: Device,
+    /// Active or inactive.
+    pub status: DeviceStatus,
+    /// The local controller that reports it.
+    pub lc_id: String,
+    /// Its region.
+    pub region: String,
+    /// When it was first stored (ISO-8601).
+    pub first_seen: String,
+    /// Consecutive cycles it was missed (local controllers).
+    pub missed: u32,
+    /// The change stamp of the transaction that last changed it.
+    pub changed_seq: i64,
+}
+
+/// What one discovery cycle found, relative to the NIB.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CycleDelta {
+    /// The cycle number.
+    pub cycle: u64,
+    /// Devices never stored before.
+    pub new: Vec<Device>,
+    /// Devices whose address, name, vendor, model, reachability or method changed, or that
+    /// came back after being inactive (all of them on a full resync).
+    pub updated: Vec<Device>,
+    /// Devices missed for the limit of cycles just now (all inactive ones on a resync).
+    pub inactive: Vec<InactiveDevice>,
+    /// Devices the scan returned.
+    pub seen: usize,
+    /// Active devices after the cycle.
+    pub active: u64,
+    /// True when this cycle reports everything (queued reports had to be dropped).
+    pub full_resync: bool,
+    /// Queued reports dropped to make room (they are covered by this full report).
+    pub dropped_reports: usize,
+}
+
+impl CycleDelta {
+    /// Nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.new.is_empty() && self.updated.is_empty() && self.inactive.is_empty()
+    }
+}
+
+/// What a regional controller did with one report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IngestOutcome {
+    /// The report was applied before (a retransmission): nothing changed now.
+    pub duplicate: bool,
+    /// `len(new) + len(updated)` of the report.
+    pub processed: u64,
+    /// Devices another local controller also claims.
+    pub collisions: u64,
+    /// Devices stored for the first time.
+    pub stored_new: u64,
+    /// Devices whose row changed.
+    pub stored_updated: u64,
+    /// Devices marked inactive.
+    pub marked_inactive: u64,
+    /// More new devices than the spike threshold.
+    pub spike: bool,
+}
+
+impl IngestOutcome {
+    fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("processed".into(), self.processed.into());
+        m.insert("collisions".into(), self.collisions.into());
+        m.insert("stored_new".into(), self.stored_new.into());
+        m.insert("stored_updated".into(), self.stored_updated.into());
+        m.insert("marked_inactive".into(), self.marked_inactive.into());
+        m.insert("spike".into(), self.spike.into());
+        Value::Object(m)
+    }
+
+    fn from_value(v: &Value) -> IngestOutcome {
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        IngestOutcome {
+            duplicate: true,
+            processed: n("processed"),
+            collisions: n("collisions"),
+            stored_new: n("stored_new"),
+            stored_updated: n("stored_updated"),
+            marked_inactive: n("marked_inactive"),
+            spike: v.get("spike").and_then(Value::as_bool).unwrap_or(false),
+        }
+    }
+}
+
+/// A device as a summary carries it to the global controller.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryDevice {
+    /// MAC.
+    pub mac: String,
+    /// Address.
+    pub ip: String,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// `active` / `inactive`.
+    pub status: String,
+    /// ISO-8601.
+    pub last_seen: String,
+    /// The local controller that reports it.
+    pub lc_id: String,
+}
+
+impl SummaryDevice {
+    /// As JSON.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("mac".into(), self.mac.clone().into());
+        m.insert("ip".into(), self.ip.clone().into());
+        m.insert("hostname".into(), self.hostname.clone().into());
+        m.insert("status".into(), self.status.clone().into());
+        m.insert("last_seen".into(), self.last_seen.clone().into());
+        m.insert("lc_id".into(), self.lc_id.clone().into());
+        Value::Object(m)
+    }
+
+    /// From JSON; `None` when a field is missing or malformed.
+    pub fn from_value(v: &Value) -> Option<SummaryDevice> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let mac = pdsno_shared::payload::discovery::normalize_mac(&s("mac")?)?;
+        let status = s("status")?;
+        if status != "active" && status != "inactive" {
+            return None;
+        }
+        let last_seen = s("last_seen")?;
+        parse_iso(&last_seen).ok()?;
+        Some(SummaryDevice {
+            mac,
+            ip: s("ip")?,
+            hostname: s("hostname"),
+            status,
+            last_seen,
+            lc_id: s("lc_id")?,
+        })
+    }
+}
+
+/// The devices a regional controller's next summary covers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SummaryWindow {
+    /// Changes after this stamp...
+    pub from_seq: i64,
+    /// ...up to this one.
+    pub to_seq: i64,
+    /// When the previous summary was made (ISO-8601), if any.
+    pub since: Option<String>,
+    /// The changed devices.
+    pub devices: Vec<SummaryDevice>,
+    /// Of which new.
+    pub total_new: u64,
+    /// Of which updated (and active).
+    pub total_updated: u64,
+    /// Of which inactive.
+    pub total_inactive: u64,
+    /// Active devices in the region now.
+    pub total_active: u64,
+    /// Local controllers whose reports were applied since the previous summary.
+    pub lcs_reported: Vec<String>,
+}
+
+/// One row of the global inventory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InventoryRow {
+    /// MAC.
+    pub mac: String,
+    /// Region.
+    pub region: String,
+    /// Reporting regional controller.
+    pub rc_id: String,
+    /// Reporting local controller.
+    pub lc_id: Option<String>,
+    /// Address.
+    pub ip: Option<String>,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// `active` / `inactive`.
+    pub status: String,
+    /// ISO-8601.
+    pub last_seen: String,
+}
+
+const DEVICE_COLUMNS: &str = "mac, ip, hostname, vendor, model, protocol, reachable, rtt_ms, uptime_seconds, discovery_method, status, lc_id, region, first_seen, last_seen, missed, changed_seq, extra";
+
+fn method_of(s: &str) -> DiscoveryMethod {
+    match s {
+        "snmp" => DiscoveryMethod::Snmp,
+        "arp" => DiscoveryMethod::Arp,
+        _ => DiscoveryMethod::Icmp,
+    }
+}
+
+fn read_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeviceRow, String)> {
+    let extra: String = r.get(17)?;
+    let missed: i64 = r.get(15)?;
+    let uptime: Option<i64> = r.get(8)?;
+    Ok((
+        DeviceRow {
+            device: Device {
+                mac: r.get(0)?,
+                ip: r.get(1)?,
+                hostname: r.get(2)?,
+                vendor: r.get(3)?,
+                model: r.get(4)?,
+                protocol: r.get(5)?,
+                reachable: r.get::<_, i64>(6)? != 0,
+                rtt_ms: r.get(7)?,
+                uptime_seconds: uptime.and_then(|u| u64::try_from(u).ok()),
+                discovery_method: method_of(&r.get::<_, String>(9)?),
+                last_seen: r.get(14)?,
+                extra: Map::new(),
+            },
+            status: DeviceStatus::parse(&r.get::<_, String>(10)?),
+            lc_id: r.get(11)?,
+            region: r.get(12)?,
+            first_seen: r.get(13)?,
+            missed: u32::try_from(missed).unwrap_or(u32::MAX),
+            changed_seq: r.get(16)?,
+        },
+        extra,
+    ))
+}
+
+fn finish_row((mut row, extra): (DeviceRow, String)) -> Result<DeviceRow, NibError> {
+    if extra != "{}" {
+        match json::parse(extra.as_bytes()) {
+            Ok(Value::Object(m)) => row.device.extra = m,
+            _ => {
+                return Err(NibError::Corrupt(format!(
+                    "device {}: extra fields",
+                    row.device.mac
+                )));
+            }
+        }
+    }
+    Ok(row)
+}
+
+fn device_by_mac(conn: &Connection, mac: &str) -> Result<Option<DeviceRow>, NibError> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE mac = ?1"
+    ))?;
+    st.query_row(params![mac], read_device)
+        .optional()?
+        .map(finish_row)
+        .transpose()
+}
+
+fn next_seq(conn: &Connection) -> Result<i64, NibError> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(changed_seq), 0) + 1 FROM devices",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_device(
+    conn: &Connection,
+    d: &Device,
+    status: DeviceStatus,
+    lc_id: &str,
+    region: &str,
+    first_seen: &str,
+    created_seq: Option<i64>,
+    changed_seq: i64,
+) -> Result<(), NibError> {
+    let extra = if d.extra.is_empty() {
+        "{}".to_owned()
+    } else {
+        json::to_canonical_string(&Value::Object(d.extra.clone()))
+    };
+    let uptime = d.uptime_seconds.and_then(|u| i64::try_from(u).ok());
+    match created_seq {
+        Some(created) => {
+            let mut st = conn.prepare_cached(
+                "INSERT INTO devices (mac, ip, hostname, vendor, model, protocol, reachable, rtt_ms, uptime_seconds,
+                     discovery_method, status, lc_id, region, first_seen, last_seen, missed, created_seq, changed_seq, extra)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0, ?16, ?17, ?18)",
+            )?;
+            st.execute(params![
+                d.mac,
+                d.ip,
+                d.hostname,
+                d.vendor,
+                d.model,
+                d.protocol,
+                i64::from(d.reachable),
+                d.rtt_ms,
+                uptime,
+                d.discovery_method.as_str(),
+                status.as_str(),
+                lc_id,
+                region,
+                first_seen,
+                d.last_seen,
+                created,
+                changed_seq,
+                extra
+            ])?;
+        }
+        None => {
+            let mut st = conn.prepare_cached(
+                "UPDATE devices SET ip = ?2, hostname = ?3, vendor = ?4, model = ?5, protocol = ?6, reachable = ?7,
+                     rtt_ms = ?8, uptime_seconds = ?9, discovery_method = ?10, status = ?11, lc_id = ?12,
+                     region = ?13, last_seen = ?14, missed = 0, changed_seq = ?15, extra = ?16,
+                     version = version + 1
+                 WHERE mac = ?1",
+            )?;
+            st.execute(params![
+                d.mac,
+                d.ip,
+                d.hostname,
+                d.vendor,
+                d.model,
+                d.protocol,
+                i64::from(d.reachable),
+                d.rtt_ms,
+                uptime,
+                d.discovery_method.as_str(),
+                status.as_str(),
+                lc_id,
+                region,
+                d.last_seen,
+                changed_seq,
+                extra
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// True when what a report compares differs (not rtt or uptime, which drift every scan).
+fn differs(a: &Device, b: &Device) -> bool {
+    a.ip != b.ip
+        || a.hostname != b.hostname
+        || a.vendor != b.vendor
+        || a.model != b.model
+        || a.reachable != b.reachable
+        || a.discovery_method != b.discovery_method
+}
+
+fn later(a: &str, b: &str) -> bool {
+    match (parse_iso(a), parse_iso(b)) {
+        (Ok(x), Ok(y)) => x > y,
+        (Ok(_), Err(_)) => true,
+        _ => false,
+    }
+}
+
+fn inactive_of(d: &Device) -> InactiveDevice {
+    InactiveDevice {
+        mac: d.mac.clone(),
+        ip: d.ip.clone(),
+        hostname: d.hostname.clone(),
+        extra: Map::new(),
+    }
+}
+
+fn is_applied(conn: &Connection, item_id: &str) -> Result<Option<Value>, NibError> {
+    let r: Option<String> = conn
+        .query_row(
+            "SELECT result FROM applied_messages WHERE item_id = ?1",
+            params![item_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(r.and_then(|t| json::parse(t.as_bytes()).ok()))
+}
+
+fn mark_applied(
+    conn: &Connection,
+    item_id: &str,
+    sender: &str,
+    kind: &str,
+    result: &Value,
+    now: DateTime<Utc>,
+) -> Result<(), NibError> {
+    conn.execute(
+        "INSERT INTO applied_messages (item_id, sender_id, kind, applied_at, result) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![item_id, sender, kind, format_iso(now), json::to_canonical_string(result)],
+    )?;
+    Ok(())
+}
+
+/// A local controller's cycle: its identity and limits.
+#[derive(Clone, Debug)]
+pub struct CycleParams<'a> {
+    /// The local controller.
+    pub lc_id: &'a str,
+    /// Its region.
+    pub region: &'a str,
+    /// Cycles a device may be missed before it is inactive.
+    pub missed_limit: u32,
+    /// Most reports kept undelivered; beyond it they are replaced by one full report.
+    pub outbox_cap: u64,
+}
+
+impl Nib {
+    /// Runs the NIB side of one discovery cycle of a local controller: compares `seen`
+    /// with the stored devices, writes the differences, advances the cycle counter and, if
+    /// there is anything to report, queues the report `report` builds — all in one
+    /// transaction.
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    pub fn lc_cycle(
+        &self,
+        p: &CycleParams<'_>,
+        seen: &[Device],
+        now: DateTime<Utc>,
+        report: impl FnOnce(&CycleDelta) -> Option<OutboxItem>,
+    ) -> Result<CycleDelta, NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cycle = get_state(&tx, StateKey::DiscoveryCycle)?
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+            + 1;
+        let mut delta = CycleDelta {
+            cycle,
+            seen: seen.len(),
+            full_resync: get_state(&tx, StateKey::DiscoveryResync)?
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            ..CycleDelta::default()
+        };
+        // Too many reports waiting: replace them by this one, made complete.
+        if outbox::count_of(&tx, REPORT_TYPE)? >= p.outbox_cap {
+            delta.dropped_reports = outbox::drop_all_of(&tx, REPORT_TYPE)?;
+            delta.full_resync = true;
+        }
+        let mut stored: HashMap<String, DeviceRow> = {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE lc_id = ?1"
+            ))?;
+            let rows = st.query_map(params![p.lc_id], read_device)?;
+            let mut m = HashMap::new();
+            for r in rows {
+                let row = finish_row(r?)?;
+                m.insert(row.device.mac.clone(), row);
+            }
+            m
+        };
+        let seq = next_seq(&tx)?;
+        let now_s = format_iso(now);
+        for d in seen {
+            match stored.remove(&d.mac) {
+                None => {
+                    write_device(
+                        &tx,
+                        d,
+                        DeviceStatus::Active,
+                        p.lc_id,
+                        p.region,
+                        &now_s,
+                        Some(seq),
+                        seq,
+                    )?;
+                    delta.new.push(d.clone());
+                }
+                Some(row) if row.status == DeviceStatus::Inactive || differs(&row.device, d) => {
+                    write_device(
+                        &tx,
+                        d,
+                        DeviceStatus::Active,
+                        p.lc_id,
+                        p.region,
+                        &row.first_seen,
+                        None,
+                        seq,
+                    )?;
+                    delta.updated.push(d.clone());
+                }
+                Some(row) => {
+                    if row.missed > 0 {
+                        tx.execute(
+                            "UPDATE devices SET missed = 0 WHERE mac = ?1",
+                            params![d.mac],
+                        )?;
+                    }
+                    if delta.full_resync {
+                        delta.updated.push(d.clone());
+                    }
+                }
+            }
+        }
+        for row in stored.values() {
+            match row.status {
+                DeviceStatus::Active => {
+                    let missed = row.missed.saturating_add(1);
+                    if missed >= p.missed_limit {
+                        tx.execute(
+                            "UPDATE devices SET status = 'inactive', missed = ?2, changed_seq = ?3,
+                                 version = version + 1 WHERE mac = ?1",
+                            params![row.device.mac, missed, seq],
+                        )?;
+                        delta.inactive.push(inactive_of(&row.device));
+                    } else {
+                        tx.execute(
+                            "UPDATE devices SET missed = ?2 WHERE mac = ?1",
+                            params![row.device.mac, missed],
+                        )?;
+                    }
+                }
+                DeviceStatus::Inactive if delta.full_resync => {
+                    delta.inactive.push(inactive_of(&row.device));
+                }
+                DeviceStatus::Inactive => {}
+            }
+        }
+        delta.new.sort_by(|a, b| a.mac.cmp(&b.mac));
+        delta.updated.sort_by(|a, b| a.mac.cmp(&b.mac));
+        delta.inactive.sort_by(|a, b| a.mac.cmp(&b.mac));
+        delta.active = tx.query_row(
+            "SELECT COUNT(*) FROM devices WHERE lc_id = ?1 AND status = 'active'",
+            params![p.lc_id],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        put_state(&tx, StateKey::DiscoveryCycle, &Value::from(cycle))?;
+        if delta.full_resync {
+            put_state(&tx, StateKey::DiscoveryResync, &Value::from(false))?;
+        }
+        if !delta.is_empty()
+            && let Some(item) = report(&delta)
+        {
+            outbox::push(&tx, &item, now)?;
+        }
+        tx.commit()?;
+        Ok(delta)
+    }
+
+    /// Marks that undelivered reports were lost (e.g. dropped by an operator): the next
+    /// cycle reports everything.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn request_discovery_resync(&self) -> Result<(), NibError> {
+        put_state(&self.conn(), StateKey::DiscoveryResync, &Value::from(true))
+    }
+
+    /// Applies one discovery report at a regional controller. New and updated devices are
+    /// upserted; when another local controller already reports a MAC, the newer
+    /// `last_seen` wins (`DEVICE_MULTI_LC` is logged either way, `DEVICE_LC_REASSIGNED`
+    /// when ownership moves). Inactive devices are marked so only if this local controller
+    /// owns them and has not seen them since the report was made. A report id applied
+    /// before returns its first outcome, marked duplicate.
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rc_ingest(
+        &self,
+        lc_id: &str,
+        region: &str,
+        report_id: &str,
+        report_time: DateTime<Utc>,
+        new: &[Device],
+        updated: &[Device],
+        inactive: &[InactiveDevice],
+        spike_threshold: usize,
+        me: &str,
+        signer: &IdentityKey,
+        now: DateTime<Utc>,
+    ) -> Result<IngestOutcome, NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(prev) = is_applied(&tx, report_id)? {
+            return Ok(IngestOutcome::from_value(&prev));
+        }
+        let seq = next_seq(&tx)?;
+        let now_s = format_iso(now);
+        let mut out = IngestOutcome {
+            processed: (new.len() + updated.len()) as u64,
+            ..IngestOutcome::default()
+        };
+        for d in new.iter().chain(updated) {
+            match device_by_mac(&tx, &d.mac)? {
+                None => {
+                    write_device(
+                        &tx,
+                        d,
+                        DeviceStatus::Active,
+                        lc_id,
+                        region,
+                        &now_s,
+                        Some(seq),
+                        seq,
+                    )?;
+                    out.stored_new += 1;
+                }
+                Some(row) if row.lc_id != lc_id => {
+                    out.collisions += 1;
+                    let reassign = later(&d.last_seen, &row.device.last_seen);
+                    let mut details = Map::new();
+                    details.insert("mac".into(), d.mac.clone().into());
+                    details.insert("stored_lc".into(), row.lc_id.clone().into());
+                    details.insert(
+                        "stored_last_seen".into(),
+                        row.device.last_seen.clone().into(),
+                    );
+                    details.insert("reporting_lc".into(), lc_id.into());
+                    details.insert("reported_last_seen".into(), d.last_seen.clone().into());
+                    events::append(
+                        &tx,
+                        &Event {
+                            event_type: "DEVICE_MULTI_LC".into(),
+                            actor: me.into(),
+                            subject: Some(d.mac.clone()),
+                            action: "Two local controllers report one MAC".into(),
+                            decision: Some(if reassign { lc_id } else { &row.lc_id }.to_owned()),
+                            details: details.clone(),
+                        },
+                        signer,
+                        now,
+                    )?;
+                    if reassign {
+                        write_device(
+                            &tx,
+                            d,
+                            DeviceStatus::Active,
+                            lc_id,
+                            region,
+                            &row.first_seen,
+                            None,
+                            seq,
+                        )?;
+                        out.stored_updated += 1;
+                        events::append(
+                            &tx,
+                            &Event {
+                                event_type: "DEVICE_LC_REASSIGNED".into(),
+                                actor: me.into(),
+                                subject: Some(d.mac.clone()),
+                                action: "The newer sighting wins".into(),
+                                decision: Some(lc_id.into()),
+                                details,
+                            },
+                            signer,
+                            now,
+                        )?;
+                    }
+                }
+                Some(row) => {
+                    if !later(&row.device.last_seen, &d.last_seen) {
+                        write_device(
+                            &tx,
+                            d,
+                            DeviceStatus::Active,
+                            lc_id,
+                            region,
+                            &row.first_seen,
+                            None,
+                            seq,
+                        )?;
+                        out.stored_updated += 1;
+                    }
+                }
+            }
+        }
+        for i in inactive {
+            if let Some(row) = device_by_mac(&tx, &i.mac)?
+                && row.lc_id == lc_id
+                && row.status == DeviceStatus::Active
+                && parse_iso(&row.device.last_seen).is_ok_and(|t| t <= report_time)
+            {
+                tx.execute(
+                    "UPDATE devices SET status = 'inactive', changed_seq = ?2, version = version + 1 WHERE mac = ?1",
+                    params![i.mac, seq],
+                )?;
+                out.marked_inactive += 1;
+            }
+        }
+        // An LC's first report (or a full resync) lists everything it knows: not a spike.
+        let reported_before: bool = tx
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM applied_messages WHERE sender_id = ?1 AND kind = 'discovery_report')",
+                params![lc_id],
+                |r| r.get(0),
+            )?;
+        if reported_before && new.len() > spike_threshold {
+            out.spike = true;
+            let mut details = Map::new();
+            details.insert("new_devices".into(), (new.len() as u64).into());
+            details.insert("threshold".into(), (spike_threshold as u64).into());
+            details.insert("report_id".into(), report_id.into());
+            events::append(
+                &tx,
+                &Event {
+                    event_type: "ANOMALY_DISCOVERY_SPIKE".into(),
+                    actor: me.into(),
+                    subject: Some(lc_id.into()),
+                    action: "More new devices in one report than the threshold".into(),
+                    decision: Some("flagged".into()),
+                    details,
+                },
+                signer,
+                now,
+            )?;
+        }
+        mark_applied(
+            &tx,
+            report_id,
+            lc_id,
+            "discovery_report",
+            &out.to_value(),
+            now,
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The devices changed since the previous summary (whole transactions, at least one,
+    /// about `limit` devices at most); `None` when nothing changed.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn rc_summary_window(&self, limit: usize) -> Result<Option<SummaryWindow>, NibError> {
+        let conn = self.conn();
+        let mark = get_state(&conn, StateKey::SummaryMark)?;
+        let from_seq = mark
+            .as_ref()
+            .and_then(|m| m.get("seq"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let since = mark
+            .as_ref()
+            .and_then(|m| m.get("at"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        // The stamp of the limit-th change, so that a transaction is never split.
+        let to_seq: Option<i64> = conn
+            .query_row(
+                "SELECT changed_seq FROM devices WHERE changed_seq > ?1 ORDER BY changed_seq
+                 LIMIT 1 OFFSET ?2",
+                params![from_seq, limit.saturating_sub(1) as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let to_seq = match to_seq {
+            Some(s) => s,
+            None => match conn.query_row(
+                "SELECT MAX(changed_seq) FROM devices WHERE changed_seq > ?1",
+                params![from_seq],
+                |r| r.get::<_, Option<i64>>(0),
+            )? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        let mut w = SummaryWindow {
+            from_seq,
+            to_seq,
+            since: since.clone(),
+            ..SummaryWindow::default()
+        };
+        let mut st = conn.prepare_cached(
+            "SELECT mac, ip, hostname, status, last_seen, lc_id, created_seq FROM devices
+             WHERE changed_seq > ?1 AND changed_seq <= ?2 ORDER BY changed_seq, mac",
+        )?;
+        let rows = st.query_map(params![from_seq, to_seq], |r| {
+            Ok((
+                SummaryDevice {
+                    mac: r.get(0)?,
+                    ip: r.get(1)?,
+                    hostname: r.get(2)?,
+                    status: r.get(3)?,
+                    last_seen: r.get(4)?,
+                    lc_id: r.get(5)?,
+                },
+                r.get::<_, i64>(6)?,
+            ))
+        })?;
+        for row in rows {
+            let (d, created) = row?;
+            if d.status == "inactive" {
+                w.total_inactive += 1;
+            } else if created > from_seq {
+                w.total_new += 1;
+            } else {
+                w.total_updated += 1;
+            }
+            w.devices.push(d);
+        }
+        w.total_active = conn.query_row(
+            "SELECT COUNT(*) FROM devices WHERE status = 'active'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        let mut st = conn.prepare_cached(
+            "SELECT DISTINCT sender_id FROM applied_messages
+             WHERE kind = 'discovery_report' AND applied_at > ?1 ORDER BY sender_id",
+        )?;
+        w.lcs_reported = st
+            .query_map(params![since.unwrap_or_default()], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(Some(w))
+    }
+
+    /// Records that a summary covering changes up to `to_seq` was made and queues it, in
+    /// one transaction.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn rc_commit_summary(
+        &self,
+        to_seq: i64,
+        item: &OutboxItem,
+        now: DateTime<Utc>,
+    ) -> Result<(), NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut m = Map::new();
+        m.insert("seq".into(), to_seq.into());
+        m.insert("at".into(), format_iso(now).into());
+        put_state(&tx, StateKey::SummaryMark, &Value::Object(m))?;
+        outbox::push(&tx, item, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies a regional controller's summary to the global inventory. Returns whether it
+    /// was new (not a retransmission) and the MACs now active in another region too (each
+    /// logged as `ANOMALY_GLOBAL_MAC_COLLISION` when it starts).
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gc_ingest_summary(
+        &self,
+        rc_id: &str,
+        region: &str,
+        summary_id: &str,
+        devices: &[SummaryDevice],
+        me: &str,
+        signer: &IdentityKey,
+        now: DateTime<Utc>,
+    ) -> Result<(bool, Vec<(String, String)>), NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if is_applied(&tx, summary_id)?.is_some() {
+            return Ok((false, Vec::new()));
+        }
+        let now_s = format_iso(now);
+        let mut cross = Vec::new();
+        for d in devices {
+            let stored: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT status, last_seen FROM inventory WHERE mac = ?1 AND region = ?2",
+                    params![d.mac, region],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if stored
+                .as_ref()
+                .is_some_and(|(_, seen)| later(seen, &d.last_seen))
+            {
+                continue;
+            }
+            let was_active = stored.as_ref().is_some_and(|(s, _)| s == "active");
+            tx.execute(
+                "INSERT INTO inventory (mac, region, rc_id, lc_id, ip, hostname, status, last_seen, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(mac, region) DO UPDATE SET rc_id = excluded.rc_id, lc_id = excluded.lc_id,
+                     ip = excluded.ip, hostname = excluded.hostname, status = excluded.status,
+                     last_seen = excluded.last_seen, updated_at = excluded.updated_at,
+                     version = inventory.version + 1",
+                params![d.mac, region, rc_id, d.lc_id, d.ip, d.hostname, d.status, d.last_seen, now_s],
+            )?;
+            if d.status != "active" {
+                continue;
+            }
+            let mut st = tx.prepare_cached(
+                "SELECT region FROM inventory WHERE mac = ?1 AND region != ?2 AND status = 'active'",
+            )?;
+            let others = st
+                .query_map(params![d.mac, region], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            for other in others {
+                if !was_active {
+                    let mut details = Map::new();
+                    details.insert("mac".into(), d.mac.clone().into());
+                    details.insert(
+                        "regions".into(),
+                        Value::Array(vec![other.clone().into(), region.into()]),
+                    );
+                    details.insert("reported_by".into(), rc_id.into());
+                    events::append(
+                        &tx,
+                        &Event {
+                            event_type: "ANOMALY_GLOBAL_MAC_COLLISION".into(),
+                            actor: me.into(),
+                            subject: Some(d.mac.clone()),
+                            action: "One MAC active in two regions".into(),
+                            decision: Some("flagged".into()),
+                            details,
+                        },
+                        signer,
+                        now,
+                    )?;
+                }
+                cross.push((d.mac.clone(), other));
+            }
+        }
+        let mut result = Map::new();
+        result.insert("devices".into(), (devices.len() as u64).into());
+        mark_applied(
+            &tx,
+            summary_id,
+            rc_id,
+            "discovery_summary",
+            &Value::Object(result),
+            now,
+        )?;
+        tx.commit()?;
+        Ok((true, cross))
+    }
+
+    /// Devices stored here, optionally only those of one local controller.
+    ///
+    /// # Errors
+    /// On an SQLite failure or a corrupt row.
+    pub fn devices(&self, lc_id: Option<&str>) -> Result<Vec<DeviceRow>, NibError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE ?1 IS NULL OR lc_id = ?1 ORDER BY mac"
+        ))?;
+        let rows = st.query_map(params![lc_id], read_device)?;
+        rows.map(|r| finish_row(r?)).collect()
+    }
+
+    /// One device by MAC.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn device(&self, mac: &str) -> Result<Option<DeviceRow>, NibError> {
+        device_by_mac(&self.conn(), mac)
+    }
+
+    /// Active devices per local controller.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn active_devices_by_lc(&self) -> Result<HashMap<String, u64>, NibError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT lc_id, COUNT(*) FROM devices WHERE status = 'active' GROUP BY lc_id",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut m = HashMap::new();
+        for r in rows {
+            let (lc, n) = r?;
+            m.insert(lc, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(m)
+    }
+
+    /// The global inventory.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn inventory(&self) -> Result<Vec<InventoryRow>, NibError> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT mac, region, rc_id, lc_id, ip, hostname, status, last_seen FROM inventory ORDER BY mac, region",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(InventoryRow {
+                mac: r.get(0)?,
+                region: r.get(1)?,
+                rc_id: r.get(2)?,
+                lc_id: r.get(3)?,
+                ip: r.get(4)?,
+                hostname: r.get(5)?,
+                status: r.get(6)?,
+                last_seen: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Forgets applied-message ids older than `before` (retransmissions stop long before).
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn purge_applied(&self, before: DateTime<Utc>) -> Result<usize, NibError> {
+        Ok(self.conn().execute(
+            "DELETE FROM applied_messages WHERE applied_at < ?1",
+            params![format_iso(before)],
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
