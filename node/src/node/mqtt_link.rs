@@ -192,7 +192,7 @@ impl MqttNode {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         };
         let mut s = MqttSettings::new(ci.url.clone(), self.trust.me.clone());
