@@ -6,7 +6,7 @@ use std::time::Duration;
 use pdsno_tests::{pdsno_bin, run};
 
 #[test]
-fn demo_admits_everyone_and_exits_zero() {
+fn demo_admits_discovers_propagates_policy_and_reports_a_dead_lc() {
     let bin = pdsno_bin();
     let (code, out, err) = run(
         bin.to_str().expect("utf-8 path"),
@@ -27,5 +27,49 @@ fn demo_admits_everyone_and_exits_zero() {
     }
     assert!(out.contains("admitted by regional_cntl_zone-B_1"), "{out}");
     assert!(out.contains("6 admissions succeeded"), "{out}");
+    // The controllers at work: discovery up to the GC inventory...
+    for lc in ["local_cntl_zone-A_1", "local_cntl_zone-B_2"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(lc) && l.contains("cycle 1:") && l.contains("devices")),
+            "{out}"
+        );
+    }
+    let inv = out
+        .lines()
+        .find(|l| l.contains("global_cntl_1 inventory:"))
+        .unwrap_or_else(|| panic!("no inventory line:\n{out}"));
+    for region in ["zone-A=", "zone-B="] {
+        let n: u64 = inv
+            .split(region)
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(n > 100, "{region} has {n} devices: {inv}");
+    }
+    // ...a policy change reaching every LC...
+    assert!(out.contains("policy: version 2 published"), "{out}");
+    assert_eq!(
+        out.matches("applied it after checking both signatures")
+            .count(),
+        4,
+        "{out}"
+    );
+    // ...and a dead LC reported offline, in the GC's view too.
+    assert!(
+        out.contains("regional_cntl_zone-B_1  reported it offline"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("local_cntl_zone-B_2") && l.contains(" offline (")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("local_cntl_zone-A_1  online") && l.contains("policy v2")),
+        "{out}"
+    );
     assert!(out.contains("stopping 7 processes"), "{out}");
 }

@@ -2,10 +2,13 @@
 //!
 //! Starts a global controller (with its embedded broker), two regional controllers and two
 //! local controllers per region, each as its own `pdsno` process on free loopback ports
-//! with a temporary data directory; mints every bootstrap token; waits for every admission;
-//! prints who admitted whom with the assigned ids and timings; then stops everything and
-//! exits 0 (non-zero if any step failed). `--keep-running` leaves the topology up until
-//! Ctrl-C and prints the addresses.
+//! with a temporary data directory; mints every bootstrap token; waits for every admission
+//! and prints who admitted whom with the assigned ids and timings. Then the controllers
+//! work: every local controller scans its simulated subnet and the devices arrive at each
+//! regional controller and in the GC inventory; a policy change goes from the GC to every
+//! local controller; one local controller is killed and reported offline. Then everything
+//! stops and the demo exits 0 (non-zero if any step failed). `--keep-running` leaves the
+//! topology up until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -36,6 +39,9 @@ pub struct DemoArgs {
     /// Seconds to wait for each step.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// Seconds between discovery cycles on the local controllers.
+    #[arg(long, default_value_t = 2)]
+    pub discovery_interval: u64,
 }
 
 /// One spawned controller.
@@ -79,6 +85,45 @@ impl Node {
                 Err(_) => {
                     return Err(format!(
                         "{} did not report {prefix:?} within {timeout:?}{}",
+                        self.name,
+                        tail(&self.log)
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Waits for a stdout line that satisfies `pred` (seen before or arriving).
+    async fn wait_match(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return Ok(l.clone());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(l)) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return Ok(l);
+                    }
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "{} exited before {what}{}",
+                        self.name,
+                        tail(&self.log)
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "{}: no {what} within {timeout:?}{}",
                         self.name,
                         tail(&self.log)
                     ));
@@ -219,6 +264,8 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
                 regions.join(","),
                 "--quota-per-region".into(),
                 (a.locals + 10).to_string(),
+                "--heartbeat-interval".into(),
+                "0.5".into(),
             ],
         );
         let mut gc = spawn(&exe, "global", &gc_args, &dir, &secret)?;
@@ -246,6 +293,10 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
                     temp.clone(),
                     "--bootstrap-token".into(),
                     token,
+                    "--heartbeat-interval".into(),
+                    "0.5".into(),
+                    "--summary-interval".into(),
+                    "1".into(),
                 ],
             );
             rcs.push((temp.clone(), spawn(&exe, &temp, &args, &dir, &secret)?));
@@ -284,6 +335,10 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
                         temp.clone(),
                         "--bootstrap-token".into(),
                         token,
+                        "--heartbeat-interval".into(),
+                        "0.5".into(),
+                        "--discovery-interval".into(),
+                        a.discovery_interval.to_string(),
                     ],
                 );
                 lcs.push((ri, temp.clone(), spawn(&exe, &temp, &args, &dir, &secret)?));
@@ -303,6 +358,9 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             nodes.push(n);
         }
 
+        for rc in &mut tree {
+            rc.children.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         // Ask every node who it is, over gRPC, to confirm the ids took effect.
         for rc in &tree {
             confirm(&rc.grpc, &rc.id).await?;
@@ -342,6 +400,7 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             "{total} admissions succeeded; topology up in {:.2} s",
             started.elapsed().as_secs_f64()
         );
+        work(a, &dir, &tree, &mut nodes, timeout).await?;
         Ok::<(), String>(())
     }
     .await;
@@ -357,6 +416,217 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
         println!("data kept in {}", kept.display());
     }
     result
+}
+
+/// Calls the admin API of the node whose data directory is `data`.
+async fn admin_call(
+    data: &Path,
+    grpc: &str,
+    command: &str,
+    args: pdsno_shared::json::Value,
+) -> Result<pdsno_shared::json::Value, String> {
+    let key = crate::admin::read_key(data)?;
+    crate::admin::call(
+        &format!("http://{grpc}"),
+        &key,
+        command,
+        &args,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// The controllers at work: discovery on every LC's simulated subnet up to the GC
+/// inventory, a policy change reaching every LC, one LC killed and reported offline.
+async fn work(
+    a: &DemoArgs,
+    dir: &Path,
+    tree: &[Admitted],
+    nodes: &mut [Node],
+    timeout: Duration,
+) -> Result<(), String> {
+    use pdsno_shared::json::{Map, Value};
+    let find = |nodes: &[Node], name: &str| nodes.iter().position(|n| n.name == name);
+    let gc_grpc = nodes
+        .first()
+        .and_then(|n| n.seen.iter().find(|l| l.starts_with("ready ")).cloned())
+        .and_then(|l| field(&l, "grpc").map(str::to_owned))
+        .ok_or("the global controller is not ready")?;
+
+    // 1. Discovery.
+    println!();
+    println!(
+        "discovery: every local controller scans its simulated /24 every {} s",
+        a.discovery_interval
+    );
+    for rc in tree {
+        for lc in &rc.children {
+            let i = find(nodes, &lc.temp_id).ok_or("lost a node")?;
+            let line = nodes[i]
+                .wait_match(
+                    "a discovery cycle",
+                    |l| l.starts_with("discovery cycle="),
+                    timeout,
+                )
+                .await?;
+            println!(
+                "  {}  cycle {}: {} devices, reported to {}",
+                lc.id,
+                field(&line, "cycle").unwrap_or("?"),
+                field(&line, "active").unwrap_or("?"),
+                rc.id
+            );
+        }
+    }
+    for rc in tree {
+        let i = find(nodes, &rc.temp_id).ok_or("lost a node")?;
+        for lc in &rc.children {
+            let want = format!("report from={} ", lc.id);
+            nodes[i]
+                .wait_match("a report", |l| l.starts_with(&want), timeout)
+                .await?;
+        }
+        let st = admin_call(
+            &dir.join(&rc.temp_id),
+            &rc.grpc,
+            "status",
+            Value::Object(Map::new()),
+        )
+        .await?;
+        let n = st
+            .get("discovery")
+            .and_then(|d| d.get("active_devices"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        println!(
+            "  {}  stores {n} devices from {} local controllers",
+            rc.id,
+            rc.children.len()
+        );
+    }
+    {
+        let gc = nodes.first_mut().ok_or("no global controller")?;
+        for rc in tree {
+            let want = format!("summary from={} ", rc.id);
+            gc.wait_match("a summary", |l| l.starts_with(&want), timeout)
+                .await?;
+        }
+    }
+    let st = admin_call(
+        &dir.join("global"),
+        &gc_grpc,
+        "status",
+        Value::Object(Map::new()),
+    )
+    .await?;
+    let inv = st
+        .get("discovery")
+        .and_then(|d| d.get("inventory_by_region"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let parts: Vec<String> = inv
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_u64().unwrap_or(0)))
+        .collect();
+    println!("  global_cntl_1 inventory: {}", parts.join(" "));
+
+    // 2. Policy.
+    println!();
+    let mut content = crate::policy::default_content();
+    content.insert("label".into(), "set by pdsno demo".into());
+    let mut args = Map::new();
+    args.insert("content".into(), Value::Object(content));
+    let set_at = Instant::now();
+    let r = admin_call(
+        &dir.join("global"),
+        &gc_grpc,
+        "policy.set",
+        Value::Object(args),
+    )
+    .await?;
+    let version = r
+        .get("policy_version")
+        .and_then(Value::as_u64)
+        .ok_or("no policy version")?;
+    println!("policy: version {version} published by global_cntl_1 (Ed25519-signed)");
+    let applied = format!("policy version={version} applied");
+    let republished = format!("policy version={version} republished");
+    for rc in tree {
+        let i = find(nodes, &rc.temp_id).ok_or("lost a node")?;
+        nodes[i]
+            .wait_match("the policy", |l| l.starts_with(&republished), timeout)
+            .await?;
+        println!(
+            "  {}  checked the GC signature, republished for {} ({} ms)",
+            rc.id,
+            rc.id.split('_').nth(2).unwrap_or("its region"),
+            set_at.elapsed().as_millis()
+        );
+        for lc in &rc.children {
+            let j = find(nodes, &lc.temp_id).ok_or("lost a node")?;
+            nodes[j]
+                .wait_match("the policy", |l| l.starts_with(&applied), timeout)
+                .await?;
+            println!(
+                "    {}  applied it after checking both signatures ({} ms)",
+                lc.id,
+                set_at.elapsed().as_millis()
+            );
+        }
+    }
+
+    // 3. Liveness: one local controller dies.
+    let (Some(rc), Some(victim)) = (tree.last(), tree.last().and_then(|r| r.children.last()))
+    else {
+        return Ok(());
+    };
+    println!();
+    let i = find(nodes, &victim.temp_id).ok_or("lost a node")?;
+    nodes[i]
+        .child
+        .start_kill()
+        .map_err(|e| format!("cannot kill {}: {e}", victim.id))?;
+    let killed = Instant::now();
+    println!("liveness: {} killed (SIGKILL)", victim.id);
+    let j = find(nodes, &rc.temp_id).ok_or("lost a node")?;
+    let want = format!("liveness id={} state=offline", victim.id);
+    nodes[j]
+        .wait_match("the offline report", |l| l.starts_with(&want), timeout)
+        .await?;
+    println!(
+        "  {}  reported it offline after {} ms (its last will, published by the broker)",
+        rc.id,
+        killed.elapsed().as_millis()
+    );
+    // The GC learns it from the RC's next heartbeat.
+    let deadline = Instant::now() + timeout;
+    let st = loop {
+        let st = admin_call(
+            &dir.join("global"),
+            &gc_grpc,
+            "status",
+            Value::Object(Map::new()),
+        )
+        .await?;
+        let rendered = crate::cmd::ops::render_tree(&st);
+        let v = format!("policy v{version} ");
+        let settled = rendered.lines().all(|l| {
+            if l.contains(&victim.id) {
+                l.contains(" offline ")
+            } else {
+                !l.contains("_cntl_") || l.contains(&v)
+            }
+        });
+        if settled || Instant::now() > deadline {
+            break rendered;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!();
+    println!("pdsno status (global_cntl_1):");
+    print!("{st}");
+    Ok(())
 }
 
 async fn confirm(grpc: &str, id: &str) -> Result<(), String> {
