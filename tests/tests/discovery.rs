@@ -162,6 +162,44 @@ async fn devices_reach_the_rc_and_the_global_inventory() {
         .expect("device");
     assert_eq!(row.device.ip, "10.1.0.101");
     assert_eq!(row.lc_id, lc1.id);
+    // The operator's view: `pdsno status` against the GC's gRPC URL.
+    eventually(
+        "the status tree shows both LCs online with devices",
+        WAIT,
+        || {
+            let (gc, lc1, lc2) = (&gc, &lc1, &lc2);
+            async move {
+                let (code, out, _) = run(
+                    &pdsno_tests::pdsno_bin().display().to_string(),
+                    &[
+                        "status",
+                        "--connect",
+                        &gc.grpc_url(),
+                        "--admin-key-file",
+                        &gc.data_dir.join("admin.key").display().to_string(),
+                    ],
+                    Duration::from_secs(20),
+                );
+                code == Some(0)
+                    && out.lines().any(|l| {
+                        l.contains(&lc1.id) && l.contains(" online ") && l.contains("devices 4")
+                    })
+                    && out.lines().any(|l| {
+                        l.contains(&lc2.id) && l.contains(" online ") && l.contains("devices 2")
+                    })
+                    && out.contains("inventory zone-A=6")
+            }
+        },
+    )
+    .await;
+    // Without the admin key it is refused.
+    let (code, _, err) = run(
+        &pdsno_tests::pdsno_bin().display().to_string(),
+        &["status", "--connect", &gc.grpc_url()],
+        Duration::from_secs(20),
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("admin key"), "{err}");
     // Nothing was refused on the way.
     let rst = status(&rc).await;
     let rejected = rst

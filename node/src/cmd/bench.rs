@@ -20,6 +20,10 @@ pub enum BenchCommand {
     Mqtt(MqttBenchArgs),
     /// Full admission handshakes per second against a parent's gRPC endpoint.
     Admission(AdmissionBenchArgs),
+    /// Discovery ingestion at a regional controller (device records per second).
+    Discovery(super::bench_work::DiscoveryBenchArgs),
+    /// Policy fan-out: GC set -> every LC applied, on N local controller processes.
+    Policy(super::bench_work::PolicyBenchArgs),
 }
 
 /// `pdsno bench admission` arguments.
@@ -83,6 +87,24 @@ pub fn run(cmd: &BenchCommand) -> ExitCode {
     match cmd {
         BenchCommand::Mqtt(a) => crate::runtime::block_on(async move {
             match mqtt(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+        BenchCommand::Discovery(a) => crate::runtime::block_on(async move {
+            match super::bench_work::discovery(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+        BenchCommand::Policy(a) => crate::runtime::block_on(async move {
+            match super::bench_work::policy(a).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

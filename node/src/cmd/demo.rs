@@ -10,16 +10,14 @@
 //! stops and the demo exits 0 (non-zero if any step failed). `--keep-running` leaves the
 //! topology up until Ctrl-C.
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use super::lab::{Node, admin_call, field, node_args, spawn, stop_all};
 use clap::Args;
 use pdsno_shared::bootstrap::bootstrap_token;
 use pdsno_shared::grpc::pb;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 
 /// `pdsno demo` arguments.
 #[derive(Debug, Args)]
@@ -42,171 +40,6 @@ pub struct DemoArgs {
     /// Seconds between discovery cycles on the local controllers.
     #[arg(long, default_value_t = 2)]
     pub discovery_interval: u64,
-}
-
-/// One spawned controller.
-struct Node {
-    name: String,
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-    log: PathBuf,
-}
-
-impl Node {
-    /// Waits for a stdout line starting with `prefix`.
-    async fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
-        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
-            return Ok(l.clone());
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.lines.recv()).await;
-            match next {
-                Ok(Some(l)) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return Ok(l);
-                    }
-                }
-                Ok(None) => {
-                    let status = self
-                        .child
-                        .wait()
-                        .await
-                        .map(|s| s.to_string())
-                        .unwrap_or_default();
-                    return Err(format!(
-                        "{} exited ({status}) before reporting {prefix:?}{}",
-                        self.name,
-                        tail(&self.log)
-                    ));
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "{} did not report {prefix:?} within {timeout:?}{}",
-                        self.name,
-                        tail(&self.log)
-                    ));
-                }
-            }
-        }
-    }
-}
-
-impl Node {
-    /// Waits for a stdout line that satisfies `pred` (seen before or arriving).
-    async fn wait_match(
-        &mut self,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-        timeout: Duration,
-    ) -> Result<String, String> {
-        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
-            return Ok(l.clone());
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(l)) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return Ok(l);
-                    }
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "{} exited before {what}{}",
-                        self.name,
-                        tail(&self.log)
-                    ));
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "{}: no {what} within {timeout:?}{}",
-                        self.name,
-                        tail(&self.log)
-                    ));
-                }
-            }
-        }
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(8).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let mut s = format!("\n  last log lines ({}):", log.display());
-    for l in lines.into_iter().rev() {
-        s.push_str("\n    ");
-        s.push_str(l);
-    }
-    s
-}
-
-/// `key=value` from a report line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split(' ')
-        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-}
-
-fn spawn(
-    exe: &Path,
-    name: &str,
-    args: &[String],
-    dir: &Path,
-    secret_env: &str,
-) -> Result<Node, String> {
-    let log = dir.join(format!("{name}.log"));
-    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .env("PDSNO_BOOTSTRAP_SECRET", secret_env)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log_file))
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {name}: {e}"))?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Ok(Node {
-        name: name.to_owned(),
-        child,
-        lines: rx,
-        seen: Vec::new(),
-        log,
-    })
-}
-
-fn node_args(tier: &str, data: &Path, extra: &[String]) -> Vec<String> {
-    let mut v = vec![
-        tier.to_owned(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--listen-grpc".into(),
-        "127.0.0.1:0".into(),
-        "--listen-rest".into(),
-        "127.0.0.1:0".into(),
-    ];
-    v.extend_from_slice(extra);
-    v
 }
 
 struct Admitted {
@@ -416,24 +249,6 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
         println!("data kept in {}", kept.display());
     }
     result
-}
-
-/// Calls the admin API of the node whose data directory is `data`.
-async fn admin_call(
-    data: &Path,
-    grpc: &str,
-    command: &str,
-    args: pdsno_shared::json::Value,
-) -> Result<pdsno_shared::json::Value, String> {
-    let key = crate::admin::read_key(data)?;
-    crate::admin::call(
-        &format!("http://{grpc}"),
-        &key,
-        command,
-        &args,
-        Duration::from_secs(10),
-    )
-    .await
 }
 
 /// The controllers at work: discovery on every LC's simulated subnet up to the GC
@@ -649,23 +464,4 @@ async fn confirm(grpc: &str, id: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// SIGTERM everyone (children first), then wait; SIGKILL what does not stop in 5 s.
-async fn stop_all(nodes: &mut [Node]) {
-    for n in nodes.iter().rev() {
-        if let Some(pid) = n.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-    }
-    for n in nodes.iter_mut().rev() {
-        if tokio::time::timeout(Duration::from_secs(5), n.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = n.child.kill().await;
-        }
-    }
 }

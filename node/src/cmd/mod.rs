@@ -1,10 +1,12 @@
 //! Subcommand implementations (one file per command family).
 
 pub mod bench;
+pub mod bench_work;
 pub mod broker;
 pub mod demo;
 pub mod envelope_tools;
 pub mod keys;
+pub(crate) mod lab;
 pub mod ops;
 pub mod tier;
 pub mod token;
