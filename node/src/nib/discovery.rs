@@ -331,62 +331,40 @@ fn write_device(
         json::to_canonical_string(&Value::Object(d.extra.clone()))
     };
     let uptime = d.uptime_seconds.and_then(|u| i64::try_from(u).ok());
-    match created_seq {
-        Some(created) => {
-            let mut st = conn.prepare_cached(
-                "INSERT INTO devices (mac, ip, hostname, vendor, model, protocol, reachable, rtt_ms, uptime_seconds,
-                     discovery_method, status, lc_id, region, first_seen, last_seen, missed, created_seq, changed_seq, extra)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0, ?16, ?17, ?18)",
-            )?;
-            st.execute(params![
-                d.mac,
-                d.ip,
-                d.hostname,
-                d.vendor,
-                d.model,
-                d.protocol,
-                i64::from(d.reachable),
-                d.rtt_ms,
-                uptime,
-                d.discovery_method.as_str(),
-                status.as_str(),
-                lc_id,
-                region,
-                first_seen,
-                d.last_seen,
-                created,
-                changed_seq,
-                extra
-            ])?;
-        }
-        None => {
-            let mut st = conn.prepare_cached(
-                "UPDATE devices SET ip = ?2, hostname = ?3, vendor = ?4, model = ?5, protocol = ?6, reachable = ?7,
-                     rtt_ms = ?8, uptime_seconds = ?9, discovery_method = ?10, status = ?11, lc_id = ?12,
-                     region = ?13, last_seen = ?14, missed = 0, changed_seq = ?15, extra = ?16,
-                     version = version + 1
-                 WHERE mac = ?1",
-            )?;
-            st.execute(params![
-                d.mac,
-                d.ip,
-                d.hostname,
-                d.vendor,
-                d.model,
-                d.protocol,
-                i64::from(d.reachable),
-                d.rtt_ms,
-                uptime,
-                d.discovery_method.as_str(),
-                status.as_str(),
-                lc_id,
-                region,
-                d.last_seen,
-                changed_seq,
-                extra
-            ])?;
-        }
-    }
+    // One statement for both cases: a new row gets its first sighting and creation stamp;
+    // an existing one keeps them and everything else is replaced.
+    let mut st = conn.prepare_cached(
+        "INSERT INTO devices (mac, ip, hostname, vendor, model, protocol, reachable, rtt_ms, uptime_seconds,
+             discovery_method, status, lc_id, region, first_seen, last_seen, missed, created_seq, changed_seq, extra)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0, ?16, ?17, ?18)
+         ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, hostname = excluded.hostname,
+             vendor = excluded.vendor, model = excluded.model, protocol = excluded.protocol,
+             reachable = excluded.reachable, rtt_ms = excluded.rtt_ms,
+             uptime_seconds = excluded.uptime_seconds, discovery_method = excluded.discovery_method,
+             status = excluded.status, lc_id = excluded.lc_id, region = excluded.region,
+             last_seen = excluded.last_seen, missed = 0, changed_seq = excluded.changed_seq,
+             extra = excluded.extra, version = devices.version + 1",
+    )?;
+    st.execute(params![
+        d.mac,
+        d.ip,
+        d.hostname,
+        d.vendor,
+        d.model,
+        d.protocol,
+        i64::from(d.reachable),
+        d.rtt_ms,
+        uptime,
+        d.discovery_method.as_str(),
+        status.as_str(),
+        lc_id,
+        region,
+        first_seen,
+        d.last_seen,
+        created_seq.unwrap_or(changed_seq),
+        changed_seq,
+        extra
+    ])?;
     Ok(())
 }
 
