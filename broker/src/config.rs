@@ -31,6 +31,11 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// CA certificates that sign client certificates: with it, a client may present one
+    /// (it is verified when presented).
+    pub ca: Option<PathBuf>,
+    /// Refuse a client without a certificate signed by `ca`.
+    pub require_client_cert: bool,
 }
 
 /// Resource limits.

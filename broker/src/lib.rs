@@ -192,6 +192,13 @@ pub struct BrokerControl {
     shared: Arc<Shared>,
 }
 
+impl BrokerControl {
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
 impl std::fmt::Debug for BrokerControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerControl").finish_non_exhaustive()
@@ -270,10 +277,37 @@ fn load_tls(name: &str, files: &TlsFiles) -> Result<TlsAcceptor, BrokerError> {
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| err(format!("private key {}: {e}", files.key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| err(e.to_string()))?;
+    let builder = match &files.ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| err(format!("CA {}: {e}", ca.display())))?
+            {
+                let c = c.map_err(|e| err(format!("CA {}: {e}", ca.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| err(format!("CA {}: {e}", ca.display())))?;
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let v = if files.require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(v.build().map_err(|e| err(e.to_string()))?)
+        }
+        None if files.require_client_cert => {
+            return Err(err("require_client_cert needs a CA".into()));
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
         .with_single_cert(certs, key)
         .map_err(|e| err(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))

@@ -49,6 +49,12 @@ pub enum Command {
     /// Load generators (numbers for reports).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// TLS certificates for a lab: a CA, then one certificate per controller.
+    #[command(subcommand)]
+    Certs(cmd::certs::CertsCommand),
+    /// The signed event log: verify the chain, show the latest events.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
 }
 
 /// Parses `args` and runs the command; returns the process exit code.
@@ -83,5 +89,7 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
         Command::Broker(a) => cmd::broker::run(&a),
         Command::Bench(c) => cmd::bench::run(&c),
+        Command::Certs(c) => cmd::certs::run(&c),
+        Command::Audit(c) => cmd::audit::run(&c),
     }
 }

@@ -94,6 +94,30 @@ pub struct FileConfig {
     pub summary_interval_secs: Option<f64>,
     /// New devices in one report above which a spike is flagged (default 100).
     pub spike_threshold: Option<usize>,
+    /// This node's certificate chain (PEM): turns on TLS for gRPC, REST and the embedded broker.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for servers we call and for client certificates.
+    pub tls_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by `tls_ca` (mutual TLS).
+    pub require_client_cert: Option<bool>,
+    /// Refuse plaintext: no plaintext listener, no http:// or mqtt:// peer.
+    pub require_tls: Option<bool>,
+    /// The embedded broker's TLS listener (default: port 8883 next to `listen_mqtt`).
+    pub listen_mqtts: Option<SocketAddr>,
+    /// Requests per second allowed per client address on REST and gRPC (0 = no limit; default 200).
+    pub rate_limit_rps: Option<u32>,
+    /// Burst allowed above the rate (default 400).
+    pub rate_limit_burst: Option<u32>,
+    /// Failed admission attempts from one address before a lockout (default 5; 0 = never).
+    pub lockout_failures: Option<u32>,
+    /// The window in which those failures count (default 60 s).
+    pub lockout_window_secs: Option<f64>,
+    /// How long a locked-out address is refused (default 900 s).
+    pub lockout_secs: Option<f64>,
+    /// Concurrent connections per listener (default 1024).
+    pub max_connections: Option<usize>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -146,7 +170,7 @@ pub struct NodeArgs {
     pub temp_id: Option<String>,
     /// Bootstrap token for admission (single use).
     #[arg(long, env = "PDSNO_BOOTSTRAP_TOKEN", hide_env_values = true)]
-    pub bootstrap_token: Option<String>,
+    pub bootstrap_token: Option<SecretArg>,
     /// File holding the bootstrap token.
     #[arg(long, env = "PDSNO_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
@@ -155,7 +179,7 @@ pub struct NodeArgs {
     pub bootstrap_secret_file: Option<PathBuf>,
     /// Shared message-signing secret (network key = its SHA-256). Prefer the variable.
     #[arg(long, env = "PDSNO_MESSAGE_SIGNING_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    pub secret: Option<SecretArg>,
     /// File holding the shared message-signing secret.
     #[arg(long, env = "PDSNO_MESSAGE_SIGNING_SECRET_FILE", value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
@@ -176,7 +200,7 @@ pub struct NodeArgs {
     pub root_public_key: Option<String>,
     /// Embedded broker operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
-    pub users: Vec<String>,
+    pub users: Vec<SecretArg>,
     /// Seconds an admission challenge stays valid.
     #[arg(
         long = "challenge-ttl",
@@ -250,9 +274,70 @@ pub struct NodeArgs {
     /// Run one discovery cycle, deliver its report, and exit (local controllers).
     #[arg(long)]
     pub scan_once: bool,
+    /// This node's certificate chain (PEM); turns on TLS for gRPC, REST and the embedded broker.
+    #[arg(long, env = "PDSNO_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "PDSNO_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for the servers we call and for client certificates.
+    #[arg(long, env = "PDSNO_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by --tls-ca (mutual TLS).
+    #[arg(long)]
+    pub require_client_cert: bool,
+    /// Refuse plaintext: no plaintext listener, no http:// or mqtt:// peer.
+    #[arg(long)]
+    pub require_tls: bool,
+    /// The embedded broker's TLS listener (default: port 8883 next to --listen-mqtt).
+    #[arg(long, env = "PDSNO_LISTEN_MQTTS", value_name = "ADDR")]
+    pub listen_mqtts: Option<SocketAddr>,
+    /// Requests per second per client address on REST and gRPC (0 = no limit).
+    #[arg(long, env = "PDSNO_RATE_LIMIT_RPS")]
+    pub rate_limit_rps: Option<u32>,
+    /// Burst allowed above --rate-limit-rps.
+    #[arg(long, env = "PDSNO_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Failed admission attempts from one address before a lockout (0 = never).
+    #[arg(long, env = "PDSNO_LOCKOUT_FAILURES")]
+    pub lockout_failures: Option<u32>,
+    /// Window (seconds) in which failed admission attempts count.
+    #[arg(long, env = "PDSNO_LOCKOUT_WINDOW", value_name = "SECS")]
+    pub lockout_window_secs: Option<f64>,
+    /// Lockout duration (seconds).
+    #[arg(long, env = "PDSNO_LOCKOUT_SECS", value_name = "SECS")]
+    pub lockout_secs: Option<f64>,
+    /// Concurrent connections per listener.
+    #[arg(long, env = "PDSNO_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Validate the configuration and exit (0 if valid, else the first error).
     #[arg(long)]
     pub check_config: bool,
+}
+
+/// A secret given on the command line (a token, a password): its `Debug` shows
+/// `[redacted]`, so printing the parsed arguments never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretArg(zeroize::Zeroizing<String>);
+
+impl SecretArg {
+    /// The secret.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretArg(zeroize::Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// The resolved configuration of one node.
@@ -336,6 +421,12 @@ pub struct NodeConfig {
     pub spike_threshold: usize,
     /// One cycle and exit.
     pub scan_once: bool,
+    /// TLS files and requirements.
+    pub tls: crate::tls::TlsOptions,
+    /// The embedded broker's TLS listener.
+    pub listen_mqtts: Option<SocketAddr>,
+    /// Per-client limits.
+    pub limits: crate::guard::Limits,
 }
 
 /// Which device scanner a local controller uses.
@@ -519,7 +610,7 @@ impl NodeConfig {
                 .as_ref()
                 .or(file.bootstrap_token_file.as_ref()),
         ) {
-            (Some(t), _) => Some(SecretString::new(t.trim())),
+            (Some(t), _) => Some(SecretString::new(t.expose().trim())),
             (None, Some(p)) => Some(read_secret("bootstrap_token_file", p)?),
             (None, None) => None,
         };
@@ -538,7 +629,7 @@ impl NodeConfig {
             &a.secret,
             a.secret_file.as_ref().or(file.secret_file.as_ref()),
         ) {
-            (Some(s), _) => Some(HmacKey::from_secret_text(s)),
+            (Some(s), _) => Some(HmacKey::from_secret_text(s.expose())),
             (None, Some(p)) => Some(HmacKey::from_secret_text(
                 read_secret("secret_file", p)?.expose(),
             )),
@@ -558,7 +649,9 @@ impl NodeConfig {
         };
         let mut users = Vec::new();
         for u in &a.users {
-            users.push(OperatorAccount::parse_flag(u).map_err(|e| err("user", e.to_string()))?);
+            users.push(
+                OperatorAccount::parse_flag(u.expose()).map_err(|e| err("user", e.to_string()))?,
+            );
         }
         for u in file.mqtt_users.unwrap_or_default() {
             users.push(
@@ -672,6 +765,27 @@ impl NodeConfig {
             )?,
             spike_threshold: a.spike_threshold.or(file.spike_threshold).unwrap_or(100),
             scan_once: a.scan_once,
+            tls: crate::tls::TlsOptions {
+                cert: a.tls_cert.clone().or(file.tls_cert),
+                key: a.tls_key.clone().or(file.tls_key),
+                ca: a.tls_ca.clone().or(file.tls_ca),
+                require_client_cert: a.require_client_cert
+                    || file.require_client_cert.unwrap_or(false),
+                require_tls: a.require_tls || file.require_tls.unwrap_or(false),
+            },
+            listen_mqtts: a.listen_mqtts.or(file.listen_mqtts),
+            limits: crate::guard::Limits {
+                rate_per_sec: a.rate_limit_rps.or(file.rate_limit_rps).unwrap_or(200),
+                burst: a.rate_limit_burst.or(file.rate_limit_burst).unwrap_or(400),
+                lockout_failures: a.lockout_failures.or(file.lockout_failures).unwrap_or(5),
+                lockout_window: seconds(
+                    "lockout_window_secs",
+                    a.lockout_window_secs.or(file.lockout_window_secs),
+                    60.0,
+                )?,
+                lockout: seconds("lockout_secs", a.lockout_secs.or(file.lockout_secs), 900.0)?,
+                max_connections: a.max_connections.or(file.max_connections).unwrap_or(1024),
+            },
         };
         cfg.check()?;
         Ok(cfg)
@@ -703,6 +817,26 @@ impl NodeConfig {
                     ));
                 }
             }
+        }
+        self.tls.check().map_err(|(key, msg)| err(key, msg))?;
+        if self.tls.require_tls {
+            let plain = |u: &Option<String>| {
+                u.as_deref()
+                    .is_some_and(|u| u.starts_with("http://") || u.starts_with("mqtt://"))
+            };
+            for (key, u) in [
+                ("parent", &self.parent),
+                ("mqtt_url", &self.mqtt_url),
+                ("advertise_grpc", &self.advertise_grpc),
+                ("advertise_mqtt", &self.advertise_mqtt),
+            ] {
+                if plain(u) {
+                    return Err(err(key, "a plaintext URL is refused under require_tls"));
+                }
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(err("max_connections", "must be at least 1"));
         }
         if !(1..=1000).contains(&self.missed_cycles) {
             return Err(err("missed_cycles", "must be between 1 and 1000"));

@@ -157,6 +157,8 @@ pub struct Inbound {
     handlers: HashMap<MessageType, Handler>,
     /// What was accepted and refused.
     pub stats: InboundStats,
+    metrics: Arc<crate::metrics::Metrics>,
+    audit: Option<Arc<crate::audit::Audit>>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -185,7 +187,46 @@ impl Inbound {
             authority,
             handlers: HashMap::new(),
             stats: InboundStats::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            audit: None,
         })
+    }
+
+    /// Counts into `metrics` and writes security refusals to `audit`.
+    pub fn observe(
+        &mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        audit: Option<Arc<crate::audit::Audit>>,
+    ) {
+        self.metrics = metrics;
+        self.audit = audit;
+    }
+
+    /// A message refused before the shared path (by a transport or a tier's own check):
+    /// counted like the others, and written to the audit log when security-relevant.
+    pub fn refused(
+        &self,
+        reason: &'static str,
+        transport: &'static str,
+        kind: &str,
+        sender: &str,
+        detail: &str,
+    ) {
+        self.stats.reject(reason);
+        self.metrics.message(kind, transport, reason);
+        if let Some(a) = &self.audit
+            && matches!(
+                reason,
+                "bad_signature" | "wrong_topic" | "policy_refused" | "forbidden"
+            )
+        {
+            a.refusal(reason, kind, sender, transport, detail);
+        }
+    }
+
+    /// The metrics this receive path counts into.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Registers a handler (a tier's own message types).
@@ -255,15 +296,42 @@ impl Inbound {
         &self,
         env: Envelope,
         path_type: Option<MessageType>,
+        transport: &'static str,
     ) -> Result<Reply, InboundError> {
+        let kind = env.message_type;
+        let sender = if self.audit.is_some() {
+            env.sender_id.clone()
+        } else {
+            String::new()
+        };
+        let started = std::time::Instant::now();
         let r = self.handle_inner(env, path_type);
+        if matches!(
+            kind,
+            MessageType::ValidationRequest | MessageType::ChallengeResponse
+        ) {
+            self.metrics.admission_time(started.elapsed());
+        }
         match &r {
             Ok(_) => {
                 self.stats
                     .accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.message(kind.as_str(), transport, "accepted");
             }
-            Err(e) => self.stats.reject(e.reason()),
+            Err(e) => {
+                let reason = e.reason();
+                self.stats.reject(reason);
+                self.metrics.message(kind.as_str(), transport, reason);
+                if let Some(a) = &self.audit
+                    && matches!(
+                        reason,
+                        "unsigned" | "replay" | "stale" | "bad_signature" | "forbidden"
+                    )
+                {
+                    a.refusal(reason, kind.as_str(), &sender, transport, &e.to_string());
+                }
+            }
         }
         r
     }

@@ -6,19 +6,23 @@
 
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod credentials;
 pub mod discovery;
+pub mod guard;
 pub mod identity;
 pub mod inbound;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod nib;
 pub mod node;
 pub mod outbound;
 pub mod policy;
 pub mod runtime;
+pub mod tls;
 pub mod transport;
 pub mod trust;

@@ -453,6 +453,11 @@ impl Lab {
     /// Spawns `pdsno <tier>` with the lab's data directory for `name`, free ports and the
     /// bootstrap secret; does not wait.
     pub fn spawn(&self, tier: &str, name: &str, extra: &[&str]) -> Proc {
+        self.spawn_env(tier, name, extra, &[])
+    }
+
+    /// As [`Lab::spawn`], with extra environment variables.
+    pub fn spawn_env(&self, tier: &str, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
         let data = self.data(name);
         let secret = self.secret_file.display().to_string();
         let data_s = data.display().to_string();
@@ -477,7 +482,7 @@ impl Lab {
             }
         }
         args.extend_from_slice(extra);
-        Proc::pdsno(name, &args, &[])
+        Proc::pdsno(name, &args, env)
     }
 
     /// Waits for `ready` and returns the node.

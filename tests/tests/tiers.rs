@@ -125,6 +125,9 @@ async fn every_reject_reason_is_produced() {
         "temp-blocked",
         "--challenge-ttl",
         "2",
+        // Every refusal comes from this one address; the lockout has its own test.
+        "--lockout-failures",
+        "0",
     ]);
     let link = ParentLink::new(&gc.grpc_url()).expect("url");
     let g = "global_cntl_1";

@@ -36,9 +36,15 @@ pub struct BrokerArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "PDSNO_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates.
+    #[arg(long, env = "PDSNO_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate signed by --tls-ca.
+    #[arg(long, requires = "tls_ca")]
+    pub require_client_cert: bool,
     /// Operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
-    pub users: Vec<String>,
+    pub users: Vec<crate::config::SecretArg>,
     /// Accept clients without credentials (off by default).
     #[arg(long, env = "PDSNO_MQTT_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -84,12 +90,14 @@ impl BrokerArgs {
                 tls: Some(TlsFiles {
                     cert: cert.clone(),
                     key: key.clone(),
+                    ca: self.tls_ca.clone(),
+                    require_client_cert: self.require_client_cert,
                 }),
             });
         }
         for u in &self.users {
             cfg.operators
-                .push(OperatorAccount::parse_flag(u).map_err(|e| format!("--user: {e}"))?);
+                .push(OperatorAccount::parse_flag(u.expose()).map_err(|e| format!("--user: {e}"))?);
         }
         cfg.allow_anonymous = self.allow_anonymous;
         cfg.limits.max_connections = self.max_connections.max(1);

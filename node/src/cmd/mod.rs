@@ -1,8 +1,10 @@
 //! Subcommand implementations (one file per command family).
 
+pub mod audit;
 pub mod bench;
 pub mod bench_work;
 pub mod broker;
+pub mod certs;
 pub mod demo;
 pub mod envelope_tools;
 pub mod keys;

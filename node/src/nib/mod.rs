@@ -11,7 +11,7 @@
 mod controllers;
 mod credentials;
 mod discovery;
-mod events;
+pub(crate) mod events;
 mod outbox;
 mod pair_keys;
 mod policies;

@@ -294,21 +294,53 @@ async fn start_broker(
     cfg: &NodeConfig,
     creds: &Arc<MqttCredentials>,
 ) -> Result<BrokerHandle, NodeError> {
-    let mut bc = BrokerConfig {
-        listeners: vec![ListenerConfig {
+    let tls_files = cfg
+        .tls
+        .cert
+        .as_ref()
+        .zip(cfg.tls.key.as_ref())
+        .map(|(c, k)| pdsno_broker::TlsFiles {
+            cert: c.clone(),
+            key: k.clone(),
+            ca: cfg.tls.ca.clone(),
+            require_client_cert: cfg.tls.require_client_cert,
+        });
+    let mut bc = BrokerConfig::default();
+    bc.listeners.clear();
+    // Under require_tls there is no plaintext listener at all.
+    if !cfg.tls.require_tls {
+        bc.listeners.push(ListenerConfig {
             name: "v4".into(),
             addr: cfg.listen_mqtt,
             version: Version::V311,
             tls: None,
-        }],
-        ..Default::default()
-    };
+        });
+    }
+    if let Some(files) = &tls_files {
+        let addr = cfg.listen_mqtts.unwrap_or_else(|| {
+            if cfg.tls.require_tls {
+                cfg.listen_mqtt
+            } else {
+                std::net::SocketAddr::new(cfg.listen_mqtt.ip(), 8883)
+            }
+        });
+        bc.listeners.push(ListenerConfig {
+            name: "v4-tls".into(),
+            addr,
+            version: Version::V311,
+            tls: Some(files.clone()),
+        });
+    }
     if let Some(v5) = cfg.listen_mqtt_v5 {
         bc.listeners.push(ListenerConfig {
             name: "v5".into(),
             addr: v5,
             version: Version::V5,
-            tls: None,
+            tls: if cfg.tls.require_tls {
+                tls_files.clone()
+            } else {
+                None
+            },
         });
     }
     bc.operators = cfg.users.clone();
@@ -320,31 +352,40 @@ async fn start_broker(
             Version::V311 => "v4",
             Version::V5 => "v5",
         };
-        say(&format!("mqtt {v} {}", l.addr));
+        if l.tls {
+            say(&format!("mqtts {v} {}", l.addr));
+        } else {
+            say(&format!("mqtt {v} {}", l.addr));
+        }
     }
     Ok(broker)
 }
 
-fn advertised(cfg: &NodeConfig, addr: std::net::SocketAddr) -> String {
+fn advertised(cfg: &NodeConfig, addr: std::net::SocketAddr, tls: bool) -> String {
     if let Some(u) = &cfg.advertise_grpc {
         return u.clone();
     }
+    let scheme = if tls { "https" } else { "http" };
     if addr.ip().is_unspecified() {
         tracing::warn!(%addr, "listening on all interfaces: children and tools are told 127.0.0.1; set --advertise-grpc");
-        return format!("http://127.0.0.1:{}", addr.port());
+        return format!("{scheme}://127.0.0.1:{}", addr.port());
     }
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
 }
 
 fn advertised_mqtt(cfg: &NodeConfig, broker: &BrokerHandle) -> Option<String> {
     if let Some(u) = &cfg.advertise_mqtt {
         return Some(u.clone());
     }
-    let a = broker.plain_addr(Version::V311)?;
+    // Children are told the TLS listener when there is one.
+    let (scheme, a) = match broker.tls_addr(Version::V311) {
+        Some(a) => ("mqtts", a),
+        None => ("mqtt", broker.plain_addr(Version::V311)?),
+    };
     Some(if a.ip().is_unspecified() {
-        format!("mqtt://127.0.0.1:{}", a.port())
+        format!("{scheme}://127.0.0.1:{}", a.port())
     } else {
-        format!("mqtt://{a}")
+        format!("{scheme}://{a}")
     })
 }
 
@@ -361,6 +402,11 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     }
     let identity = Arc::new(identity);
     let admin_key = crate::admin::load_or_create_key(&cfg.data_dir).map_err(startup)?;
+    let tls = crate::tls::TlsMaterial::load(&cfg.tls).map_err(startup)?;
+    if let Some(m) = &tls {
+        crate::tls::install_client(m.clone());
+    }
+    let metrics = Arc::new(crate::metrics::Metrics::new());
 
     // Bind first: a busy port fails fast, and children learn our real address.
     let grpc_listener = grpc::bind(cfg.listen_grpc).await.map_err(startup)?;
@@ -374,7 +420,11 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         })?;
     let grpc_addr = grpc_listener.local_addr().map_err(startup)?;
     let rest_addr = rest_listener.local_addr().map_err(startup)?;
-    let grpc_url = advertised(&cfg, grpc_addr);
+    let grpc_url = advertised(
+        &cfg,
+        grpc_addr,
+        tls.as_ref().is_some_and(|m| m.has_identity()),
+    );
 
     let me = match cfg.role {
         Role::Global => global_identity(&nib)?,
@@ -449,6 +499,32 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         ),
         _ => (None, None),
     };
+    if let Some(b) = &broker {
+        let control = b.control();
+        metrics.add_sampler(move |s| {
+            let st = control.stats();
+            s.broker_connections = Some(st.active);
+            s.broker_refused = Some([
+                st.refused_auth,
+                st.refused_protocol,
+                st.refused_busy,
+                st.violations,
+                st.tls_failures,
+            ]);
+        });
+    }
+    {
+        let ob = outbound.clone();
+        metrics.add_sampler(move |s| {
+            if let Some(c) = ob.mqtt() {
+                let st = c.stats();
+                s.mqtt = Some((
+                    st.dropped_qos0 + st.outbox_overflow + st.handler_drops,
+                    st.connection_errors,
+                ));
+            }
+        });
+    }
     let mqtt_url = broker
         .as_ref()
         .and_then(|b| advertised_mqtt(&cfg, b))
@@ -513,6 +589,9 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         pdsno_shared::signing::DEFAULT_REPLAY_CAPACITY,
     )
     .map_err(startup)?;
+    let audit = crate::audit::Audit::new(trust.clone());
+    inbound.observe(metrics.clone(), Some(audit.clone()));
+    let guard = crate::guard::Guard::new(cfg.limits.clone(), Some(audit.clone()), metrics.clone());
     {
         let t = trust.clone();
         let source: Option<Arc<dyn CredentialSource>> =
@@ -722,17 +801,12 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     let tasks = tokio_util::task::TaskTracker::new();
     {
         let c = cancel.clone();
-        let api = grpc::GrpcApi::new(inbound.clone());
+        let api = grpc::GrpcApi::new(inbound.clone()).with_guard(guard.clone());
         let admin_api = crate::admin::AdminApi(admin);
+        let tls = tls.clone();
+        let max = cfg.limits.max_connections;
         tasks.spawn(async move {
-            if let Err(e) =
-                grpc::serve(
-                    grpc_listener,
-                    api,
-                    admin_api,
-                    async move { c.cancelled().await },
-                )
-                .await
+            if let Err(e) = grpc::serve(grpc_listener, api, admin_api, tls.as_deref(), max, c).await
             {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
@@ -741,8 +815,12 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     {
         let c = cancel.clone();
         let ib = inbound.clone();
+        let tls = tls.clone();
+        let guard = guard.clone();
+        let max = cfg.limits.max_connections;
         tasks.spawn(async move {
-            if let Err(e) = rest::serve(rest_listener, ib, async move { c.cancelled().await }).await
+            if let Err(e) =
+                rest::serve(rest_listener, ib, Some(guard), tls.as_deref(), max, c).await
             {
                 tracing::error!(error = %e, "REST server stopped");
             }
@@ -831,7 +909,11 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                 node.sync_policy().await;
             });
         }
-        let embedded = broker.as_ref().and_then(|b| b.plain_addr(Version::V311));
+        let embedded = broker.as_ref().and_then(|b| {
+            b.plain_addr(Version::V311)
+                .map(|a| (a, false))
+                .or_else(|| b.tls_addr(Version::V311).map(|a| (a, true)))
+        });
         let t = trust.clone();
         let creds = credentials.clone();
         let cfg2 = cfg.clone();

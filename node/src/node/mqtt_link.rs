@@ -80,7 +80,7 @@ pub struct ConnectInfo {
 pub fn connect_info(
     cfg: &NodeConfig,
     trust: &Trust,
-    embedded: Option<std::net::SocketAddr>,
+    embedded: Option<(std::net::SocketAddr, bool)>,
     credentials: Option<&MqttCredentials>,
 ) -> Result<Option<ConnectInfo>, String> {
     if !cfg.mqtt {
@@ -88,7 +88,11 @@ pub fn connect_info(
     }
     let url = match (&cfg.mqtt_url, embedded) {
         (Some(u), _) => Some(u.clone()),
-        (None, Some(a)) => Some(format!("mqtt://127.0.0.1:{}", a.port())),
+        (None, Some((a, tls))) => Some(format!(
+            "{}://127.0.0.1:{}",
+            if tls { "mqtts" } else { "mqtt" },
+            a.port()
+        )),
         (None, None) => trust
             .nib
             .state_str(StateKey::MqttUrl)
@@ -100,6 +104,11 @@ pub fn connect_info(
     // broker: wait for the credential it issues.
     let configured = cfg.mqtt_url.is_some();
     let url = BrokerUrl::parse(&url)?;
+    if !url.tls && crate::tls::plaintext_refused() {
+        return Err(format!(
+            "plaintext MQTT ({url}) is refused under require_tls; use an mqtts:// broker"
+        ));
+    }
     let username = cfg
         .mqtt_username
         .clone()
@@ -319,19 +328,27 @@ impl MqttNode {
 
     async fn on_message(&self, m: Message) {
         let Some(topic) = Topic::parse(&m.topic) else {
-            self.inbound.stats.reject("bad_topic");
+            self.inbound
+                .refused("bad_topic", "mqtt", "-", "-", &m.topic);
             return;
         };
         let env = match Envelope::from_slice(&m.payload) {
             Ok(e) => e,
             Err(e) => {
-                self.inbound.stats.reject("malformed");
+                self.inbound
+                    .refused("malformed", "mqtt", "-", "-", &topic.to_string());
                 tracing::debug!(topic = %topic, error = %e, "not an envelope");
                 return;
             }
         };
         if !topic.may_publish(&env.sender_id) {
-            self.inbound.stats.reject("wrong_topic");
+            self.inbound.refused(
+                "wrong_topic",
+                "mqtt",
+                env.message_type.as_str(),
+                &env.sender_id,
+                &topic.to_string(),
+            );
             tracing::warn!(topic = %topic, sender = %env.sender_id, "sender does not own the topic; dropped");
             return;
         }
@@ -339,7 +356,8 @@ impl MqttNode {
             Topic::Discovery { lc_id, .. } => {
                 let lc = lc_id.clone();
                 let inbound = self.inbound.clone();
-                let r = tokio::task::spawn_blocking(move || inbound.handle(env, None)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || inbound.handle(env, None, "mqtt")).await;
                 match r {
                     Ok(Ok(Reply::Envelope(ack))) => {
                         if let Err(e) = self.outbound.publish(&ack, &Topic::Reply(lc)).await {
@@ -355,7 +373,8 @@ impl MqttNode {
             }
             Topic::Reply(id) if *id == self.trust.me => {
                 let inbound = self.inbound.clone();
-                let r = tokio::task::spawn_blocking(move || inbound.handle(env, None)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || inbound.handle(env, None, "mqtt")).await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "reply refused");
                 }
@@ -384,7 +403,8 @@ impl MqttNode {
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        self.inbound.stats.reject("bad_signature");
+                        self.inbound
+                            .refused("bad_signature", "mqtt", "STATUS", id, &e.to_string());
                         tracing::warn!(child = %id, error = %e, "status message does not verify");
                     }
                     Err(e) => tracing::error!(error = %e, "status task failed"),

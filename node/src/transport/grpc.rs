@@ -11,7 +11,43 @@ use pdsno_shared::grpc::{ConvertError, TypedMessage, pb};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::guard::{Guard, Refusal};
 use crate::inbound::{Inbound, InboundError, Reply};
+
+/// A request message that carries one envelope.
+trait IntoEnvelope {
+    /// True for the admission calls (subject to the lockout before decoding).
+    const ADMISSION: bool;
+    fn to_envelope(self) -> Result<Envelope, ConvertError>;
+}
+
+impl IntoEnvelope for pb::ValidationRequest {
+    const ADMISSION: bool = true;
+    fn to_envelope(self) -> Result<Envelope, ConvertError> {
+        self.into_envelope()
+    }
+}
+
+impl IntoEnvelope for pb::ChallengeResponse {
+    const ADMISSION: bool = true;
+    fn to_envelope(self) -> Result<Envelope, ConvertError> {
+        self.into_envelope()
+    }
+}
+
+impl IntoEnvelope for pb::KeyAgreement {
+    const ADMISSION: bool = false;
+    fn to_envelope(self) -> Result<Envelope, ConvertError> {
+        self.into_envelope()
+    }
+}
+
+impl IntoEnvelope for pb::Envelope {
+    const ADMISSION: bool = false;
+    fn to_envelope(self) -> Result<Envelope, ConvertError> {
+        self.into_envelope()
+    }
+}
 
 /// Largest gRPC message accepted.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
@@ -39,24 +75,71 @@ fn convert_err(e: ConvertError) -> Status {
 #[derive(Clone)]
 pub struct GrpcApi {
     inbound: Arc<Inbound>,
+    guard: Option<Arc<Guard>>,
+}
+
+/// RESOURCE_EXHAUSTED with the wait in `retry-after` metadata (seconds).
+pub fn refusal_status(r: &Refusal) -> Status {
+    let mut s = Status::resource_exhausted(r.message());
+    if let Ok(v) = r.retry_after().to_string().parse() {
+        s.metadata_mut().insert("retry-after", v);
+    }
+    s
 }
 
 impl GrpcApi {
     /// The API over a node's receive path.
     pub fn new(inbound: Arc<Inbound>) -> Self {
-        GrpcApi { inbound }
+        GrpcApi {
+            inbound,
+            guard: None,
+        }
     }
 
-    async fn run(&self, env: Envelope) -> Result<Reply, Status> {
+    /// Applies `guard` (rate limit, admission lockout) to every call.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    async fn run<T>(&self, req: Request<T>) -> Result<Reply, Status>
+    where
+        T: IntoEnvelope,
+    {
+        let ip = req.remote_addr().map(|a| a.ip());
+        let admission_call = T::ADMISSION;
+        if let (Some(g), Some(ip)) = (&self.guard, ip) {
+            g.check_rate(ip, "grpc").map_err(|r| refusal_status(&r))?;
+            if admission_call {
+                g.check_admission(ip, "grpc")
+                    .map_err(|r| refusal_status(&r))?;
+            }
+        }
+        let env = req.into_inner().to_envelope().map_err(convert_err)?;
+        let admission = admission_call
+            || matches!(
+                env.message_type,
+                MessageType::ValidationRequest | MessageType::ChallengeResponse
+            );
+        if !admission_call
+            && admission
+            && let (Some(g), Some(ip)) = (&self.guard, ip)
+        {
+            g.check_admission(ip, "grpc")
+                .map_err(|r| refusal_status(&r))?;
+        }
         let inbound = self.inbound.clone();
-        tokio::task::spawn_blocking(move || inbound.handle(env, None))
+        let r = tokio::task::spawn_blocking(move || inbound.handle(env, None, "grpc"))
             .await
-            .map_err(|_| Status::internal("handler failed"))?
-            .map_err(status_of)
+            .map_err(|_| Status::internal("handler failed"))?;
+        if admission && let (Some(g), Some(ip)) = (&self.guard, ip) {
+            crate::guard::record_admission(g, ip, &r);
+        }
+        r.map_err(status_of)
     }
 
-    async fn run_expect(&self, env: Envelope) -> Result<Envelope, Status> {
-        match self.run(env).await? {
+    async fn run_expect<T: IntoEnvelope>(&self, req: Request<T>) -> Result<Envelope, Status> {
+        match self.run(req).await? {
             Reply::Envelope(e) => Ok(*e),
             Reply::Accepted => Err(Status::internal("handler produced no reply")),
         }
@@ -69,8 +152,7 @@ impl pb::admission_server::Admission for GrpcApi {
         &self,
         req: Request<pb::ValidationRequest>,
     ) -> Result<Response<pb::AdmissionStep>, Status> {
-        let env = req.into_inner().into_envelope().map_err(convert_err)?;
-        let reply = self.run_expect(env).await?;
+        let reply = self.run_expect(req).await?;
         let step = match reply.message_type {
             MessageType::Challenge => pb::admission_step::Step::Challenge(
                 pb::Challenge::from_envelope(&reply).map_err(|_| Status::internal("bad reply"))?,
@@ -87,8 +169,7 @@ impl pb::admission_server::Admission for GrpcApi {
         &self,
         req: Request<pb::ChallengeResponse>,
     ) -> Result<Response<pb::ValidationResult>, Status> {
-        let env = req.into_inner().into_envelope().map_err(convert_err)?;
-        let reply = self.run_expect(env).await?;
+        let reply = self.run_expect(req).await?;
         Ok(Response::new(
             pb::ValidationResult::from_envelope(&reply)
                 .map_err(|_| Status::internal("bad reply"))?,
@@ -99,8 +180,7 @@ impl pb::admission_server::Admission for GrpcApi {
 #[tonic::async_trait]
 impl pb::messaging_server::Messaging for GrpcApi {
     async fn exchange(&self, req: Request<pb::Envelope>) -> Result<Response<pb::Envelope>, Status> {
-        let env = req.into_inner().into_envelope().map_err(convert_err)?;
-        match self.run(env).await? {
+        match self.run(req).await? {
             Reply::Envelope(e) => Ok(Response::new(pb::Envelope::from_envelope(&e))),
             Reply::Accepted => Ok(Response::new(pb::Envelope::default())),
         }
@@ -113,8 +193,7 @@ impl pb::key_exchange_server::KeyExchange for GrpcApi {
         &self,
         req: Request<pb::KeyAgreement>,
     ) -> Result<Response<pb::KeyAgreement>, Status> {
-        let env = req.into_inner().into_envelope().map_err(convert_err)?;
-        let reply = self.run_expect(env).await?;
+        let reply = self.run_expect(req).await?;
         Ok(Response::new(
             pb::KeyAgreement::from_envelope(&reply).map_err(|_| Status::internal("bad reply"))?,
         ))
@@ -150,8 +229,11 @@ pub async fn serve(
     listener: TcpListener,
     api: GrpcApi,
     admin: crate::admin::AdminApi,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    tls: Option<&crate::tls::TlsMaterial>,
+    max_connections: usize,
+    cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
+    let metrics = api.inbound.metrics().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::admission_server::AdmissionServer<GrpcApi>>()
@@ -172,9 +254,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| e.to_string())?;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(m) = tls.filter(|m| m.has_identity()) {
+        builder = builder
+            .tls_config(m.tonic_server())
+            .map_err(|e| format!("gRPC TLS: {e}"))?;
+    }
+    builder
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -195,8 +285,8 @@ pub async fn serve(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            super::listen::grpc_incoming(listener, max_connections, metrics, cancel.clone()),
+            cancel.cancelled_owned(),
         )
         .await
         .map_err(|e| e.to_string())

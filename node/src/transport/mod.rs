@@ -1,6 +1,7 @@
 //! Transports: they own bytes and sockets; tiers see only verified envelopes.
 
 pub mod grpc;
+pub mod listen;
 pub mod mqtt;
 pub mod parent;
 pub mod rest;

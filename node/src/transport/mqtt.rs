@@ -368,35 +368,11 @@ fn qos_of(q: u8) -> QoS {
 }
 
 fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("CA file {}: {e}", path.display()))?
-            {
-                let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("CA file {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    if roots.is_empty() {
-        return Err("no CA certificates to verify the broker with".into());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    crate::tls::client_config_for(
+        crate::tls::installed_client().map(|m| &**m),
+        ca_file.map(PathBuf::as_path),
+    )
+    .map_err(|e| e.to_string())
 }
 
 impl MqttClient {

@@ -31,6 +31,10 @@ pub enum LinkError {
     /// The URL is unusable.
     #[error("invalid parent URL {0:?}")]
     BadUrl(String),
+    /// The TLS handshake failed (expired certificate, unknown CA, wrong name, or a client
+    /// certificate the parent refused): not retried, the configuration must change.
+    #[error("TLS with the parent failed: {0}")]
+    Tls(String),
 }
 
 impl LinkError {
@@ -41,6 +45,15 @@ impl LinkError {
 }
 
 fn from_status(s: tonic::Status) -> LinkError {
+    if s.code() == Code::Unavailable || s.code() == Code::Unknown {
+        if let Some(reason) = crate::tls::handshake_reason(&s) {
+            return LinkError::Tls(reason);
+        }
+        let m = s.message();
+        if m.contains("certificate") || m.contains("HandshakeFailure") || m.contains("tls") {
+            return LinkError::Tls(m.to_owned());
+        }
+    }
     match s.code() {
         Code::Unavailable => LinkError::Unavailable(s.message().to_owned()),
         code => LinkError::Status {
@@ -63,8 +76,34 @@ impl ParentLink {
     /// # Errors
     /// [`LinkError::BadUrl`] for an unusable URL.
     pub fn new(url: &str) -> Result<Self, LinkError> {
-        let ep = Endpoint::from_shared(url.to_owned())
-            .map_err(|_| LinkError::BadUrl(url.to_owned()))?
+        Self::with_tls(url, crate::tls::installed_client().map(|m| &**m))
+    }
+
+    /// A lazily connecting link to `url` using `tls` for `https://` (without it, the system
+    /// roots and no client certificate).
+    ///
+    /// # Errors
+    /// [`LinkError::BadUrl`] for an unusable URL, or a plaintext URL when `tls` refuses
+    /// plaintext.
+    pub fn with_tls(url: &str, tls: Option<&crate::tls::TlsMaterial>) -> Result<Self, LinkError> {
+        let https = url.starts_with("https://");
+        if !https && tls.is_some_and(|m| m.options().require_tls) {
+            return Err(LinkError::BadUrl(format!(
+                "{url} (plaintext is refused under require_tls)"
+            )));
+        }
+        let mut ep =
+            Endpoint::from_shared(url.to_owned()).map_err(|_| LinkError::BadUrl(url.to_owned()))?;
+        if https {
+            let cfg = match tls {
+                Some(m) => m.tonic_client(),
+                None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+            };
+            ep = ep
+                .tls_config(cfg)
+                .map_err(|e| LinkError::Tls(e.to_string()))?;
+        }
+        let ep = ep
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ use pdsno_shared::json::{self, Map, Value};
 use pdsno_shared::time::format_iso;
 use tokio::net::TcpListener;
 
+use crate::guard::{Guard, Refusal};
 use crate::inbound::{Inbound, InboundError, Reply};
 
 /// Largest request body accepted.
@@ -33,6 +34,37 @@ pub const MAX_BODY: usize = 1024 * 1024;
 struct Ctx {
     inbound: Arc<Inbound>,
     addr: SocketAddr,
+    guard: Option<Arc<Guard>>,
+}
+
+/// 429 with `Retry-After` and the compat body `{"error":"Rate limit exceeded. Retry after N seconds"}`.
+fn refusal_response(r: &Refusal) -> Response {
+    let mut m = Map::new();
+    m.insert("error".into(), Value::String(r.message()));
+    let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &Value::Object(m));
+    if let Ok(v) = header::HeaderValue::from_str(&r.retry_after().to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// The per-client rate limit, before anything else (every route but `/health`).
+async fn rate_limit(
+    State(ctx): State<Ctx>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if let (Some(g), Some(peer)) = (&ctx.guard, peer)
+        && req.uri().path() != "/health"
+        && let Err(r) = g.check_rate(peer.ip(), "rest")
+    {
+        return refusal_response(&r);
+    }
+    next.run(req).await
 }
 
 /// A JSON response with our canonical (ASCII, sorted) encoding.
@@ -67,6 +99,7 @@ fn error_response(e: InboundError) -> Response {
 
 async fn message(
     State(ctx): State<Ctx>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     Path(kind): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -96,10 +129,30 @@ async fn message(
     };
     let env = match Envelope::from_slice(&body) {
         Ok(e) => e,
-        Err(e) => return detail(StatusCode::BAD_REQUEST, format!("Invalid message: {e}")),
+        Err(e) => {
+            ctx.inbound
+                .metrics()
+                .message(path_type.as_str(), "rest", "malformed");
+            return detail(StatusCode::BAD_REQUEST, format!("Invalid message: {e}"));
+        }
     };
+    let admission = matches!(
+        path_type,
+        MessageType::ValidationRequest | MessageType::ChallengeResponse
+    );
+    let source = peer.map(|axum::Extension(ConnectInfo(a))| a.ip());
+    let guard = ctx.guard.clone().filter(|_| admission).zip(source);
+    if let Some((g, ip)) = &guard
+        && let Err(r) = g.check_admission(*ip, "rest")
+    {
+        return refusal_response(&r);
+    }
     let inbound = ctx.inbound.clone();
-    let handled = tokio::task::spawn_blocking(move || inbound.handle(env, Some(path_type))).await;
+    let handled =
+        tokio::task::spawn_blocking(move || inbound.handle(env, Some(path_type), "rest")).await;
+    if let (Some((g, ip)), Ok(r)) = (&guard, &handled) {
+        crate::guard::record_admission(g, *ip, r);
+    }
     match handled {
         Err(_) => detail(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -146,6 +199,15 @@ async fn info(State(ctx): State<Ctx>) -> Response {
     json_response(StatusCode::OK, &Value::Object(m))
 }
 
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        ctx.inbound.metrics().render(),
+    )
+        .into_response()
+}
+
 async fn not_found() -> Response {
     detail(StatusCode::NOT_FOUND, "Not Found")
 }
@@ -154,30 +216,57 @@ async fn method_not_allowed() -> Response {
     detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
 
-/// The REST router of a node listening on `addr`.
-pub fn router(inbound: Arc<Inbound>, addr: SocketAddr) -> Router {
+/// The REST router of a node listening on `addr`; `guard` applies the rate limit and the
+/// admission lockout.
+pub fn router(inbound: Arc<Inbound>, addr: SocketAddr, guard: Option<Arc<Guard>>) -> Router {
+    let ctx = Ctx {
+        inbound,
+        addr,
+        guard,
+    };
     Router::new()
         .route("/message/{kind}", post(message))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Ctx { inbound, addr })
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            rate_limit,
+        ))
+        .with_state(ctx)
 }
 
-/// Serves REST on `listener` until `shutdown` resolves.
+/// Serves REST on `listener` (TLS with `tls`) until `cancel` fires.
 ///
 /// # Errors
 /// When the server fails.
 pub async fn serve(
     listener: TcpListener,
     inbound: Arc<Inbound>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    guard: Option<Arc<Guard>>,
+    tls: Option<&crate::tls::TlsMaterial>,
+    max_connections: usize,
+    cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    axum::serve(listener, router(inbound, addr))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string())
+    let acceptor = match tls.filter(|m| m.has_identity()) {
+        Some(m) => Some(tokio_rustls::TlsAcceptor::from(
+            m.server_config(&[b"h2", b"http/1.1"])
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let metrics = inbound.metrics().clone();
+    super::listen::serve_http(
+        listener,
+        router(inbound, addr, guard),
+        acceptor,
+        max_connections,
+        metrics,
+        cancel,
+    )
+    .await
 }

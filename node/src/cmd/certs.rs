@@ -1,0 +1,235 @@
+//! `pdsno certs`: a lab certificate authority in two commands.
+//!
+//! - `pdsno certs init --dir D` writes `D/ca.pem` and `D/ca.key` (ECDSA P-256, mode 0600);
+//! - `pdsno certs issue --dir D --id ID` writes `D/ID.pem` and `D/ID.key`: a certificate
+//!   for both server and client authentication, naming `ID`, `localhost`, `127.0.0.1` and
+//!   `::1` plus every `--san`.
+//!
+//! The CA's name is derived from its key, so issuing needs only the key (the name and the key
+//! identifier the issued certificate refers to are recomputed from it). Keep `ca.key`
+//! secret; `ca.pem` is what every node trusts (`--tls-ca D/ca.pem`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// The CA's common name: this prefix and a fingerprint of its key, so two labs' CAs never
+/// share a name (a certificate of the other lab then fails as "unknown issuer").
+pub const CA_NAME: &str = "pdsno lab CA";
+
+fn ca_common_name(key: &KeyPair) -> String {
+    use sha2::Digest as _;
+    let fp = sha2::Sha256::digest(key.public_key_raw());
+    format!("{CA_NAME} {}", hex::encode(&fp[..6]))
+}
+
+/// `pdsno certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a lab CA (ca.pem, ca.key) in --dir.
+    Init(InitArgs),
+    /// Issue a controller certificate (ID.pem, ID.key) signed by the CA in --dir.
+    Issue(IssueArgs),
+}
+
+/// `pdsno certs init` arguments.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where the CA lives.
+    #[arg(long, default_value = "certs")]
+    pub dir: PathBuf,
+    /// Validity in days.
+    #[arg(long, default_value_t = 3650)]
+    pub days: i64,
+    /// Replace an existing CA (every issued certificate stops being trusted).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `pdsno certs issue` arguments.
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// Where the CA lives (and the certificate is written).
+    #[arg(long, default_value = "certs")]
+    pub dir: PathBuf,
+    /// The controller id (or any name): the certificate's common name and first DNS name.
+    #[arg(long)]
+    pub id: String,
+    /// More names (DNS names or IP addresses) the certificate is valid for.
+    #[arg(long = "san", value_name = "NAME")]
+    pub sans: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 825)]
+    pub days: i64,
+    /// Start the validity this many days in the past (with a small --days, this makes an
+    /// already expired certificate, for testing clients).
+    #[arg(long, default_value_t = 0)]
+    pub backdate_days: i64,
+}
+
+fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if private { 0o600 } else { 0o644 });
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+fn ca_params(key: &KeyPair, not_before: OffsetDateTime, days: i64) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, ca_common_name(key));
+    dn.push(DnType::OrganizationName, "pdsno");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_before + Duration::days(days);
+    p
+}
+
+/// Creates the CA; returns the paths written.
+///
+/// # Errors
+/// An existing CA without `force`, or a file that cannot be written.
+pub fn init(a: &InitArgs) -> Result<(PathBuf, PathBuf), String> {
+    if a.days < 1 {
+        return Err("--days must be at least 1".into());
+    }
+    std::fs::create_dir_all(&a.dir)
+        .map_err(|e| format!("cannot create {}: {e}", a.dir.display()))?;
+    let (cert_path, key_path) = (a.dir.join("ca.pem"), a.dir.join("ca.key"));
+    if !a.force && (cert_path.exists() || key_path.exists()) {
+        return Err(format!(
+            "{} already holds a CA (use --force to replace it; certificates it issued stop being trusted)",
+            a.dir.display()
+        ));
+    }
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let now = OffsetDateTime::now_utc() - Duration::minutes(5);
+    let cert = ca_params(&key, now, a.days)
+        .self_signed(&key)
+        .map_err(|e| e.to_string())?;
+    write_file(&key_path, &key.serialize_pem(), true)
+        .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+    write_file(&cert_path, &cert.pem(), false)
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues a certificate; returns the paths written.
+///
+/// # Errors
+/// No CA in the directory, an unusable name, or a file that cannot be written.
+pub fn issue(a: &IssueArgs) -> Result<(PathBuf, PathBuf), String> {
+    if a.days < 1 {
+        return Err("--days must be at least 1".into());
+    }
+    if a.id.is_empty()
+        || a.id.len() > 64
+        || !a
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "--id {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+            a.id
+        ));
+    }
+    let ca_key_path = a.dir.join("ca.key");
+    let ca_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| {
+        format!(
+            "cannot read the CA key {} ({e}); run `pdsno certs init --dir {}` first",
+            ca_key_path.display(),
+            a.dir.display()
+        )
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_pem)
+        .map_err(|e| format!("{}: not a CA key: {e}", ca_key_path.display()))?;
+    let issuer = Issuer::new(ca_params(&ca_key, OffsetDateTime::now_utc(), 1), ca_key);
+
+    let mut names = vec![a.id.clone(), "localhost".into()];
+    names.extend(a.sans.iter().cloned());
+    let mut sans = Vec::new();
+    for n in names
+        .iter()
+        .chain(["127.0.0.1".to_owned(), "::1".to_owned()].iter())
+    {
+        let san = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                n.clone()
+                    .try_into()
+                    .map_err(|e| format!("--san {n:?}: {e}"))?,
+            ),
+        };
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, a.id.as_str());
+    dn.push(DnType::OrganizationName, "pdsno");
+    p.distinguished_name = dn;
+    p.subject_alt_names = sans;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let start = OffsetDateTime::now_utc() - Duration::minutes(5) - Duration::days(a.backdate_days);
+    p.not_before = start;
+    p.not_after = start + Duration::days(a.days);
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    let (cert_path, key_path) = (
+        a.dir.join(format!("{}.pem", a.id)),
+        a.dir.join(format!("{}.key", a.id)),
+    );
+    write_file(&key_path, &key.serialize_pem(), true)
+        .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+    write_file(&cert_path, &cert.pem(), false)
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
+/// Runs a `pdsno certs` subcommand.
+pub fn run(c: &CertsCommand) -> ExitCode {
+    let r = match c {
+        CertsCommand::Init(a) => init(a),
+        CertsCommand::Issue(a) => issue(a),
+    };
+    match r {
+        Ok((cert, key)) => {
+            println!("certificate {}", cert.display());
+            println!("key {}", key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pdsno certs: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The front guard of the REST and gRPC listeners: a per-client request rate (governor's
+//! keyed GCRA limiter, by source address) and the admission lockout (too many failed
+//! admission attempts from one address lock it out for a while).
+//!
+//! A refused request answers 429 `{"error":"Rate limit exceeded. Retry after N seconds"}`
+//! with `Retry-After` (REST) or RESOURCE_EXHAUSTED with `retry-after` metadata (gRPC).
+//! Lockouts are written to the audit log.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock as _, DefaultClock};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::audit::Audit;
+use crate::metrics::Metrics;
+
+/// Configured limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Requests per second per client address (0 = no limit).
+    pub rate_per_sec: u32,
+    /// Burst above the rate.
+    pub burst: u32,
+    /// Failed admissions from one address that trigger a lockout (0 = never).
+    pub lockout_failures: u32,
+    /// The window those failures are counted in.
+    pub lockout_window: Duration,
+    /// Lockout duration.
+    pub lockout: Duration,
+    /// Concurrent connections per listener.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rate_per_sec: 200,
+            burst: 400,
+            lockout_failures: 5,
+            lockout_window: Duration::from_secs(60),
+            lockout: Duration::from_secs(900),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Why a request was refused before it reached a handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the request rate.
+    RateLimited {
+        /// Whole seconds to wait (at least 1).
+        retry_after: u64,
+    },
+    /// Locked out after failed admissions.
+    LockedOut {
+        /// Whole seconds left.
+        retry_after: u64,
+    },
+}
+
+impl Refusal {
+    /// Seconds to wait.
+    pub fn retry_after(&self) -> u64 {
+        match self {
+            Refusal::RateLimited { retry_after } | Refusal::LockedOut { retry_after } => {
+                *retry_after
+            }
+        }
+    }
+
+    /// The message of the answer (the REST body's `error`).
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::RateLimited { retry_after } => {
+                format!("Rate limit exceeded. Retry after {retry_after} seconds")
+            }
+            Refusal::LockedOut { retry_after } => format!(
+                "Too many failed admission attempts from this address. Retry after {retry_after} seconds"
+            ),
+        }
+    }
+}
+
+type Keyed = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>;
+
+#[derive(Default)]
+struct Failures {
+    /// Failure instants inside the window.
+    recent: Vec<Instant>,
+    locked_until: Option<Instant>,
+}
+
+/// The guard shared by the REST and gRPC listeners of one node.
+pub struct Guard {
+    limits: Limits,
+    limiter: Option<Keyed>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+    audit: Option<Arc<Audit>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    (d.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+impl Guard {
+    /// A guard with `limits`; lockouts are audited to `audit` when given.
+    pub fn new(limits: Limits, audit: Option<Arc<Audit>>, metrics: Arc<Metrics>) -> Arc<Guard> {
+        let limiter = NonZeroU32::new(limits.rate_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(limits.burst.max(limits.rate_per_sec)).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        let g = Arc::new(Guard {
+            limits,
+            limiter,
+            failures: Mutex::new(HashMap::new()),
+            audit,
+            metrics,
+        });
+        // Forget idle clients so the tables stay bounded.
+        let weak = Arc::downgrade(&g);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tick.tick().await;
+                    let Some(g) = weak.upgrade() else { break };
+                    g.sweep();
+                }
+            });
+        }
+        g
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sweep(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        let now = Instant::now();
+        let window = self.limits.lockout_window;
+        self.failures().retain(|_, f| {
+            f.recent.retain(|t| now.duration_since(*t) < window);
+            f.locked_until.is_some_and(|u| u > now) || !f.recent.is_empty()
+        });
+    }
+
+    /// Counts one request from `ip` against its rate; `transport` labels the metric.
+    ///
+    /// # Errors
+    /// [`Refusal::RateLimited`] when over the rate.
+    pub fn check_rate(&self, ip: IpAddr, transport: &'static str) -> Result<(), Refusal> {
+        let Some(l) = &self.limiter else {
+            return Ok(());
+        };
+        match l.check_key(&ip) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                self.metrics.refused(transport, "rate_limited");
+                Err(Refusal::RateLimited {
+                    retry_after: ceil_secs(wait),
+                })
+            }
+        }
+    }
+
+    /// Whether `ip` may attempt an admission now.
+    ///
+    /// # Errors
+    /// [`Refusal::LockedOut`] while locked out.
+    pub fn check_admission(&self, ip: IpAddr, transport: &'static str) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let map = self.failures();
+        if let Some(until) = map.get(&ip).and_then(|f| f.locked_until)
+            && until > now
+        {
+            self.metrics.refused(transport, "locked_out");
+            return Err(Refusal::LockedOut {
+                retry_after: ceil_secs(until - now),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a failed admission attempt from `ip`; returns true when it starts a lockout.
+    pub fn admission_failed(&self, ip: IpAddr, reason: &str) -> bool {
+        if self.limits.lockout_failures == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let window = self.limits.lockout_window;
+        let locked = {
+            let mut map = self.failures();
+            let f = map.entry(ip).or_default();
+            f.recent.retain(|t| now.duration_since(*t) < window);
+            f.recent.push(now);
+            if f.recent.len() >= self.limits.lockout_failures as usize
+                && f.locked_until.is_none_or(|u| u <= now)
+            {
+                f.locked_until = Some(now + self.limits.lockout);
+                f.recent.clear();
+                true
+            } else {
+                false
+            }
+        };
+        if locked {
+            self.metrics.lockouts.inc();
+            tracing::warn!(source = %ip, lockout_secs = self.limits.lockout.as_secs(), last_reason = reason, "admission lockout");
+            if let Some(a) = &self.audit {
+                a.lockout(
+                    ip,
+                    self.limits.lockout_failures,
+                    self.limits.lockout,
+                    reason,
+                );
+            }
+        }
+        locked
+    }
+
+    /// Records a successful admission from `ip`: its failure count starts again.
+    pub fn admission_succeeded(&self, ip: IpAddr) {
+        let mut map = self.failures();
+        if let Some(f) = map.get_mut(&ip) {
+            f.recent.clear();
+        }
+    }
+}
+
+/// Feeds the outcome of one admission message from `ip` to the lockout: a refused request
+/// or a failed answer counts as a failure, an approval resets the count; a challenge and
+/// our own trouble (busy, unavailable) count as neither.
+pub fn record_admission(
+    g: &Guard,
+    ip: IpAddr,
+    r: &Result<crate::inbound::Reply, crate::inbound::InboundError>,
+) {
+    use crate::inbound::{InboundError, Reply};
+    use pdsno_shared::envelope::MessageType;
+    match r {
+        Err(InboundError::Busy(_) | InboundError::Unavailable(_)) => {}
+        Err(e) => {
+            g.admission_failed(ip, e.reason());
+        }
+        Ok(Reply::Envelope(e)) if e.message_type == MessageType::ValidationResult => {
+            let status = e
+                .payload
+                .get("status")
+                .and_then(pdsno_shared::json::Value::as_str)
+                .unwrap_or("");
+            if status == "APPROVED" {
+                g.admission_succeeded(ip);
+            } else {
+                let reason = e
+                    .payload
+                    .get("reason")
+                    .and_then(pdsno_shared::json::Value::as_str)
+                    .unwrap_or(status);
+                g.admission_failed(ip, reason);
+            }
+        }
+        Ok(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(l: Limits) -> Arc<Guard> {
+        Guard::new(l, None, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn rate_limit_is_per_address_with_a_retry_hint() {
+        let g = guard(Limits {
+            rate_per_sec: 1,
+            burst: 3,
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        for _ in 0..3 {
+            assert!(g.check_rate(a, "rest").is_ok());
+        }
+        let r = g.check_rate(a, "rest").expect_err("over the burst");
+        assert!(
+            matches!(r, Refusal::RateLimited { retry_after: 1 }),
+            "{r:?}"
+        );
+        assert_eq!(r.message(), "Rate limit exceeded. Retry after 1 seconds");
+        assert!(
+            g.check_rate(b, "rest").is_ok(),
+            "another client is not affected"
+        );
+    }
+
+    #[test]
+    fn zero_rate_disables_the_limit() {
+        let g = guard(Limits {
+            rate_per_sec: 0,
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        for _ in 0..10_000 {
+            assert!(g.check_rate(a, "grpc").is_ok());
+        }
+    }
+
+    #[test]
+    fn lockout_after_the_configured_failures_only_for_that_address() {
+        let g = guard(Limits {
+            lockout_failures: 3,
+            lockout: Duration::from_secs(600),
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert!(!g.admission_failed(a, "x"));
+        assert!(!g.admission_failed(a, "x"));
+        assert!(g.check_admission(a, "rest").is_ok());
+        assert!(g.admission_failed(a, "x"), "the third failure locks");
+        let r = g.check_admission(a, "rest").expect_err("locked");
+        assert!(
+            matches!(r, Refusal::LockedOut { retry_after } if (599..=600).contains(&retry_after)),
+            "{r:?}"
+        );
+        assert!(g.check_admission(b, "rest").is_ok());
+    }
+
+    #[test]
+    fn success_resets_the_failure_count() {
+        let g = guard(Limits {
+            lockout_failures: 2,
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(!g.admission_failed(a, "x"));
+        g.admission_succeeded(a);
+        assert!(!g.admission_failed(a, "x"));
+        assert!(g.check_admission(a, "grpc").is_ok());
+    }
+
+    #[test]
+    fn lockout_expires() {
+        let g = guard(Limits {
+            lockout_failures: 1,
+            lockout: Duration::from_millis(50),
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(g.admission_failed(a, "x"));
+        assert!(g.check_admission(a, "rest").is_err());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(g.check_admission(a, "rest").is_ok());
+    }
+}

@@ -1,0 +1,387 @@
+//! TLS for every listener (gRPC, REST, the embedded broker) and every client (the parent
+//! link, MQTT), with rustls on the ring provider.
+//!
+//! - `tls_cert` + `tls_key` turn TLS on for this node's listeners; `tls_ca` is the trust
+//!   anchor for the servers we call and for client certificates;
+//! - `require_client_cert` refuses a client without a certificate signed by `tls_ca`;
+//! - `require_tls` refuses plaintext: no plaintext listener, no `http://` / `mqtt://` peer.
+//!
+//! Problems are found at startup and named: unreadable or empty files, a key that does not
+//! belong to the certificate, and (when a CA is given) our own certificate expired or not
+//! issued by that CA. A peer's bad certificate fails its handshake with rustls's reason
+//! (expired, unknown issuer, not valid for the name), which the parent link reports as a
+//! TLS error instead of retrying.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use zeroize::Zeroizing;
+
+/// TLS settings as configured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// This node's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Trusted CA certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate.
+    pub require_client_cert: bool,
+    /// Refuse plaintext.
+    pub require_tls: bool,
+}
+
+impl TlsOptions {
+    /// Checks the combination; `Err((config key, message))`.
+    ///
+    /// # Errors
+    /// A key without a certificate (or the reverse), mutual TLS without a CA or without our
+    /// own certificate, `require_tls` without a certificate.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(("tls_key", "tls_cert needs tls_key".into())),
+            (None, Some(_)) => return Err(("tls_cert", "tls_key needs tls_cert".into())),
+            _ => {}
+        }
+        if self.require_client_cert && self.ca.is_none() {
+            return Err((
+                "tls_ca",
+                "require_client_cert needs tls_ca (the CA that signs client certificates)".into(),
+            ));
+        }
+        if (self.require_client_cert || self.require_tls) && self.cert.is_none() {
+            return Err((
+                "tls_cert",
+                "require_tls and require_client_cert need this node's certificate (tls_cert, tls_key)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when this node serves TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
+/// A TLS setup problem.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS: {0}")]
+pub struct TlsError(pub String);
+
+fn read(what: &str, p: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(p).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", p.display())))
+}
+
+fn certs_from(what: &str, p: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("{what} {}: not PEM certificates: {e}", p.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "{what} {}: no certificate in the file",
+            p.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The ring provider every TLS endpoint uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loaded TLS material.
+pub struct TlsMaterial {
+    opts: TlsOptions,
+    cert_pem: Vec<u8>,
+    key_pem: Zeroizing<Vec<u8>>,
+    ca_pem: Option<Vec<u8>>,
+    certs: Vec<CertificateDer<'static>>,
+    roots: Option<Arc<RootCertStore>>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("cert", &self.opts.cert)
+            .field("ca", &self.opts.ca)
+            .field("key", &"<redacted>")
+            .field("require_client_cert", &self.opts.require_client_cert)
+            .field("require_tls", &self.opts.require_tls)
+            .finish()
+    }
+}
+
+fn check_issued(
+    certs: &[CertificateDer<'static>],
+    roots: &RootCertStore,
+    what: &str,
+) -> Result<(), TlsError> {
+    let Some(leaf) = certs.first() else {
+        return Err(TlsError(format!("{what}: no certificate")));
+    };
+    let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+        .map_err(|e| TlsError(format!("{what}: {e}")))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        &certs[1..],
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| TlsError(format!("{what} is not valid under tls_ca: {e}")))
+}
+
+impl TlsMaterial {
+    /// Loads and checks the files named by `opts`; `None` when TLS is not configured at all.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, a mismatched key, an expired certificate or one not
+    /// issued by the CA.
+    pub fn load(opts: &TlsOptions) -> Result<Option<Arc<TlsMaterial>>, TlsError> {
+        opts.check()
+            .map_err(|(k, m)| TlsError(format!("{k}: {m}")))?;
+        if opts.cert.is_none() && opts.ca.is_none() {
+            return Ok(None);
+        }
+        let roots = match &opts.ca {
+            Some(p) => {
+                let pem = read("tls_ca", p)?;
+                let mut store = RootCertStore::empty();
+                for c in certs_from("tls_ca", p, &pem)? {
+                    store
+                        .add(c)
+                        .map_err(|e| TlsError(format!("tls_ca {}: {e}", p.display())))?;
+                }
+                Some((pem, Arc::new(store)))
+            }
+            None => None,
+        };
+        let (cert_pem, key_pem, certs) = match (&opts.cert, &opts.key) {
+            (Some(cp), Some(kp)) => {
+                let cert_pem = read("tls_cert", cp)?;
+                let key_pem = Zeroizing::new(read("tls_key", kp)?);
+                let certs = certs_from("tls_cert", cp, &cert_pem)?;
+                let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                    TlsError(format!(
+                        "tls_key {}: no usable private key: {e}",
+                        kp.display()
+                    ))
+                })?;
+                let signing = provider()
+                    .key_provider
+                    .load_private_key(key)
+                    .map_err(|e| TlsError(format!("tls_key {}: {e}", kp.display())))?;
+                rustls::sign::CertifiedKey::new(certs.clone(), signing)
+                    .keys_match()
+                    .map_err(|e| {
+                        TlsError(format!(
+                            "tls_key {} does not belong to tls_cert {}: {e}",
+                            kp.display(),
+                            cp.display()
+                        ))
+                    })?;
+                if let Some((_, store)) = &roots {
+                    check_issued(&certs, store, &format!("tls_cert {}", cp.display()))?;
+                }
+                (cert_pem, key_pem, certs)
+            }
+            _ => (Vec::new(), Zeroizing::new(Vec::new()), Vec::new()),
+        };
+        let (ca_pem, roots) = match roots {
+            Some((pem, store)) => (Some(pem), Some(store)),
+            None => (None, None),
+        };
+        Ok(Some(Arc::new(TlsMaterial {
+            opts: opts.clone(),
+            cert_pem,
+            key_pem,
+            ca_pem,
+            certs,
+            roots,
+        })))
+    }
+
+    /// The options it was loaded from.
+    pub fn options(&self) -> &TlsOptions {
+        &self.opts
+    }
+
+    /// True when this node has its own certificate (serves TLS, can present a client cert).
+    pub fn has_identity(&self) -> bool {
+        !self.certs.is_empty()
+    }
+
+    fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| TlsError(format!("tls_key: {e}")))
+    }
+
+    /// A rustls server configuration (REST, broker), advertising `alpn`.
+    ///
+    /// # Errors
+    /// Without a certificate, or when rustls refuses the material.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        if !self.has_identity() {
+            return Err(TlsError("serving TLS needs tls_cert and tls_key".into()));
+        }
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?;
+        let builder = match &self.roots {
+            Some(roots) => {
+                let v = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+                let v = if self.opts.require_client_cert {
+                    v
+                } else {
+                    v.allow_unauthenticated()
+                };
+                builder.with_client_cert_verifier(v.build().map_err(|e| TlsError(e.to_string()))?)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder
+            .with_single_cert(self.certs.clone(), self.private_key()?)
+            .map_err(|e| TlsError(e.to_string()))?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// A rustls client configuration (MQTT): trusts `tls_ca` (else the system roots) and
+    /// presents our certificate when we have one.
+    ///
+    /// # Errors
+    /// When rustls refuses the material.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        client_config(Some(self))
+    }
+
+    /// The gRPC server side (tonic).
+    pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
+        let mut c = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem[..]),
+        );
+        if let Some(ca) = &self.ca_pem {
+            c = c
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(!self.opts.require_client_cert);
+        }
+        c
+    }
+
+    /// The gRPC client side (tonic).
+    pub fn tonic_client(&self) -> tonic::transport::ClientTlsConfig {
+        let mut c = tonic::transport::ClientTlsConfig::new();
+        c = match &self.ca_pem {
+            Some(ca) => c.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => c.with_native_roots(),
+        };
+        if self.has_identity() {
+            c = c.identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem[..],
+            ));
+        }
+        c
+    }
+}
+
+/// A client configuration trusting `tls_ca` (or the system roots without one), with our
+/// certificate as client identity when there is one.
+///
+/// # Errors
+/// When rustls refuses the material.
+pub fn client_config(m: Option<&TlsMaterial>) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(m, None)
+}
+
+/// As [`client_config`], trusting the CA certificates in `ca_file` instead when given.
+///
+/// # Errors
+/// An unreadable CA file, or when rustls refuses the material.
+pub fn client_config_for(
+    m: Option<&TlsMaterial>,
+    ca_file: Option<&Path>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let from_file = match ca_file {
+        Some(p) => {
+            let pem = read("CA file", p)?;
+            let mut store = RootCertStore::empty();
+            for c in certs_from("CA file", p, &pem)? {
+                store
+                    .add(c)
+                    .map_err(|e| TlsError(format!("CA file {}: {e}", p.display())))?;
+            }
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
+    let roots = match from_file.or_else(|| m.and_then(|m| m.roots.clone())) {
+        Some(r) => r,
+        None => {
+            let mut store = RootCertStore::empty();
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = store.add(c);
+            }
+            Arc::new(store)
+        }
+    };
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError(format!("no usable trust anchor: {e}")))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_webpki_verifier(verifier);
+    match m {
+        Some(m) if m.has_identity() => builder
+            .with_client_auth_cert(m.certs.clone(), m.private_key()?)
+            .map_err(|e| TlsError(e.to_string())),
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+static CLIENT: OnceLock<Arc<TlsMaterial>> = OnceLock::new();
+
+/// Makes `m` the material of every outgoing link of this process (the parent link, tools).
+/// The first call wins; later calls are ignored.
+pub fn install_client(m: Arc<TlsMaterial>) {
+    let _ = CLIENT.set(m);
+}
+
+/// The material installed by [`install_client`].
+pub fn installed_client() -> Option<&'static Arc<TlsMaterial>> {
+    CLIENT.get()
+}
+
+/// True when plaintext links are refused in this process.
+pub fn plaintext_refused() -> bool {
+    installed_client().is_some_and(|m| m.opts.require_tls)
+}
+
+/// Turns an error chain from a TLS handshake into its reason, if it is one.
+pub fn handshake_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(r.to_string());
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(r) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(r.to_string());
+        }
+        cur = e.source();
+    }
+    None
+}
