@@ -2,6 +2,7 @@
 //! connection beyond it is closed at once and counted), TCP_NODELAY, and for REST the TLS
 //! handshake under a deadline, then HTTP/1.1 or HTTP/2 with a header-read timeout.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,11 +28,29 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An accepted connection that holds its place under the cap until dropped.
+/// Time a new connection has to send its first bytes.
+pub const FIRST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest silence on an open connection (children ping every 30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An accepted connection that holds its place under the cap until dropped, and fails a
+/// read that waits longer than [`FIRST_READ_TIMEOUT`] for the first bytes or
+/// [`IDLE_TIMEOUT`] after them (a silent peer cannot hold a slot for ever).
 #[derive(Debug)]
 pub struct Capped {
     inner: TcpStream,
     _permit: OwnedSemaphorePermit,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Capped {
+    fn new(inner: TcpStream, permit: OwnedSemaphorePermit) -> Capped {
+        Capped {
+            inner,
+            _permit: permit,
+            deadline: Box::pin(tokio::time::sleep(FIRST_READ_TIMEOUT)),
+        }
+    }
 }
 
 impl AsyncRead for Capped {
@@ -40,7 +59,23 @@ impl AsyncRead for Capped {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer sent nothing in time",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -107,13 +142,7 @@ async fn accept_capped(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        return Ok((
-            Capped {
-                inner: stream,
-                _permit: permit,
-            },
-            peer,
-        ));
+        return Ok((Capped::new(stream, permit), peer));
     }
 }
 
@@ -250,5 +279,81 @@ async fn serve_conn<I, S>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(
+        max: usize,
+    ) -> (
+        TcpListener,
+        Arc<Semaphore>,
+        Arc<Metrics>,
+        std::net::SocketAddr,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = l.local_addr().expect("addr");
+        (
+            l,
+            Arc::new(Semaphore::new(max)),
+            Arc::new(Metrics::new()),
+            a,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_times_out_and_a_talking_one_is_read() {
+        let (l, sem, m, addr) = pair(4).await;
+        let _silent = TcpStream::connect(addr).await.expect("connect");
+        let (mut c, _) = accept_capped(&l, &sem, &m, "rest").await.expect("accept");
+        let mut buf = [0u8; 8];
+        let e = c.read(&mut buf).await.expect_err("times out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+
+        let mut talker = TcpStream::connect(addr).await.expect("connect");
+        let (mut c, _) = accept_capped(&l, &sem, &m, "rest").await.expect("accept");
+        talker.write_all(b"hello").await.expect("write");
+        let n = c.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"hello");
+    }
+
+    #[tokio::test]
+    async fn connections_above_the_cap_are_closed_and_counted() {
+        let (l, sem, m, addr) = pair(1).await;
+        let _first = TcpStream::connect(addr).await.expect("connect");
+        let (held, _) = accept_capped(&l, &sem, &m, "grpc").await.expect("accept");
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        // The acceptor closes the second at once and hands out the third once the first
+        // is gone.
+        let accept = tokio::spawn(async move {
+            let r = accept_capped(&l, &sem, &m, "grpc").await.map(|_| ());
+            (r, m)
+        });
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+            .await
+            .expect("closed promptly")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the connection above the cap is closed");
+        drop(held);
+        drop(third.write_all(b"x").await);
+        // The third was also above the cap while the first was held, or it is accepted now.
+        let (r, m) = tokio::time::timeout(Duration::from_secs(5), async {
+            // A fourth connection is accepted now that the slot is free.
+            let _fourth = TcpStream::connect(addr).await.expect("connect");
+            accept.await.expect("task")
+        })
+        .await
+        .expect("accepted");
+        assert!(r.is_ok());
+        assert!(
+            m.render()
+                .contains(r#"pdsno_refused_total{transport="grpc",reason="connection_cap"}"#)
+        );
     }
 }
