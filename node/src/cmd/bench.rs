@@ -18,7 +18,8 @@ use crate::transport::mqtt::{BrokerUrl, MqttClient, MqttSettings};
 pub enum BenchCommand {
     /// MQTT throughput and latency through a broker.
     Mqtt(MqttBenchArgs),
-    /// Full admission handshakes per second against a parent's gRPC endpoint.
+    /// Full admission handshakes per second against a parent's gRPC endpoint (start the parent
+    /// with `--rate-limit-rps 0`: the whole load comes from one address).
     Admission(AdmissionBenchArgs),
     /// Discovery ingestion at a regional controller (device records per second).
     Discovery(super::bench_work::DiscoveryBenchArgs),
@@ -50,6 +51,15 @@ pub struct AdmissionBenchArgs {
     /// Stop after this many admissions in total (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max: usize,
+    /// CA certificates (PEM) for an https:// URL.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 /// `pdsno bench mqtt` arguments.
@@ -281,13 +291,20 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
     let role = Role::parse(&a.kind).ok_or("--kind is regional or local")?;
     let clock: Arc<dyn pdsno_shared::time::Clock> = Arc::new(pdsno_shared::time::SystemClock);
     let total = Arc::new(AtomicUsize::new(0));
+    let tls = crate::tls::TlsMaterial::load(&crate::tls::TlsOptions {
+        cert: a.tls_cert.clone(),
+        key: a.tls_key.clone(),
+        ca: a.tls_ca.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
     let mut best = (0.0f64, 0usize, Duration::ZERO, Duration::ZERO);
     for &conns in &a.conns {
         let stop_at = Instant::now() + Duration::from_secs(a.duration.max(1));
         let mut tasks = Vec::new();
         for w in 0..conns.max(1) {
-            let link =
-                crate::transport::parent::ParentLink::new(&a.url).map_err(|e| e.to_string())?;
+            let link = crate::transport::parent::ParentLink::with_tls(&a.url, tls.as_deref())
+                .map_err(|e| e.to_string())?;
             let (secret, region, clock, total, max) = (
                 secret.clone(),
                 a.region.clone(),
