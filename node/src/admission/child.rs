@@ -192,6 +192,40 @@ pub async fn admit(
         verifier: Verifier::new(MemoryNonceStore::new()),
     };
 
+    // One fresh start when the challenge was lost at the parent (restart, expiry); a
+    // second loss is final (each loss counts against this address's admission lockout).
+    let mut lost = None;
+    for _ in 0..2 {
+        match attempt(link, cfg, identity, clock, &hs, &parent_id).await? {
+            Attempt::Done(result) => {
+                return trust(&result.payload, cfg, identity, &parent_id, clock.now());
+            }
+            Attempt::ChallengeLost(why) => {
+                tracing::info!(reason = %why, "the parent lost our challenge; starting the handshake again");
+                lost = Some(why);
+            }
+        }
+    }
+    Err(ChildError::Rejected(format!(
+        "the parent lost the challenge twice: {}",
+        lost.unwrap_or_default()
+    )))
+}
+
+enum Attempt {
+    Done(Box<Envelope>),
+    ChallengeLost(String),
+}
+
+async fn attempt(
+    link: &ParentLink,
+    cfg: &ChildConfig,
+    identity: &IdentityKey,
+    clock: &Arc<dyn Clock>,
+    hs: &Handshake<'_>,
+    parent_id: &str,
+) -> Result<Attempt, ChildError> {
+    let parent_id = parent_id.to_owned();
     let req = ValidationRequest {
         temp_id: cfg.temp_id.clone(),
         controller_type: cfg.role.as_str().to_owned(),
@@ -243,7 +277,15 @@ pub async fn admit(
         clock.now(),
     );
     hs.sign(&mut resp);
-    let result = link.respond_to_challenge(&resp).await?;
+    let result = match link.respond_to_challenge(&resp).await {
+        // A parent restarted between our request and our response no longer knows the
+        // challenge (nor the key to check our answer with): the token is still unspent.
+        Err(LinkError::Status {
+            code: tonic::Code::Unauthenticated,
+            message,
+        }) => return Ok(Attempt::ChallengeLost(message)),
+        r => r?,
+    };
     hs.check_reply(&result, &parent_id)?;
     if result.message_type != MessageType::ValidationResult {
         return Err(ChildError::Protocol(format!(
@@ -252,9 +294,15 @@ pub async fn admit(
         )));
     }
     if result.payload.get("status").and_then(Value::as_str) != Some("APPROVED") {
+        let reason = result.payload.get("reason").and_then(Value::as_str);
+        if matches!(reason, Some("UNKNOWN_CHALLENGE" | "CHALLENGE_EXPIRED")) {
+            return Ok(Attempt::ChallengeLost(
+                reason.unwrap_or_default().to_owned(),
+            ));
+        }
         return Err(refusal(&result)?);
     }
-    trust(&result.payload, cfg, identity, &parent_id, clock.now())
+    Ok(Attempt::Done(Box::new(result)))
 }
 
 /// Checks an APPROVED result (see the module docs).

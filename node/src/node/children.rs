@@ -58,6 +58,10 @@ pub struct Liveness {
     reported: Option<&'static str>,
 }
 
+/// The heartbeat interval a child may announce is taken within these bounds (0.1 s .. 1 day).
+const MIN_INTERVAL_MS: u64 = 100;
+const MAX_INTERVAL_MS: u64 = 86_400_000;
+
 impl Liveness {
     /// `online`, `offline` (said so, or its last will), `stale` (silent for three
     /// intervals), or `unknown` (never heard).
@@ -68,10 +72,14 @@ impl Liveness {
         if self.said.as_deref() == Some("offline") {
             return "offline";
         }
-        let interval = self.interval_ms.unwrap_or(10_000).max(100);
-        let limit = chrono::Duration::milliseconds(i64::try_from(interval * 3).unwrap_or(i64::MAX))
-            + chrono::Duration::seconds(1);
-        if now - seen > limit {
+        let interval = self
+            .interval_ms
+            .unwrap_or(10_000)
+            .clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS);
+        // Both bounded: no overflow whatever a child announced.
+        let limit =
+            chrono::Duration::milliseconds(interval as i64 * 3) + chrono::Duration::seconds(1);
+        if now.signed_duration_since(seen) > limit {
             "stale"
         } else {
             "online"
@@ -100,7 +108,7 @@ impl Liveness {
             self.seq = n;
         }
         if let Some(n) = num("interval_ms") {
-            self.interval_ms = Some(n);
+            self.interval_ms = Some(n.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS));
         }
         if let Some(n) = num("policy_version") {
             self.policy_version = Some(n);

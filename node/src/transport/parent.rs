@@ -56,6 +56,11 @@ fn from_status(s: tonic::Status) -> LinkError {
     }
     match s.code() {
         Code::Unavailable => LinkError::Unavailable(s.message().to_owned()),
+        // The connection broke under an open call (the parent died mid-request): tonic
+        // says Unknown with a transport error. The call never completed; retry it.
+        Code::Unknown if s.message().contains("transport error") => {
+            LinkError::Unavailable(s.message().to_owned())
+        }
         code => LinkError::Status {
             code,
             message: s.message().to_owned(),
