@@ -73,7 +73,7 @@ pub struct MqttBenchArgs {
     pub user: Option<String>,
     /// Password (prefer the environment variable).
     #[arg(long, env = "PDSNO_BENCH_MQTT_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    pub password: Option<crate::config::SecretArg>,
     /// Messages in the throughput run.
     #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
@@ -146,7 +146,7 @@ async fn client(a: &MqttBenchArgs, id: String) -> Result<MqttClient, String> {
     let url = BrokerUrl::parse(&a.url)?;
     let mut s = MqttSettings::new(url, id);
     s.username = a.user.clone();
-    s.password = a.password.clone().map(SecretString::new);
+    s.password = a.password.as_ref().map(|p| SecretString::new(p.expose()));
     s.max_inflight = 100;
     s.outbox_limit = a.window.max(1) * 2;
     s.handler_queue = a.window.max(1) * 2;

@@ -233,3 +233,61 @@ pub fn run(c: &CertsCommand) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue_args(dir: &Path, id: &str) -> IssueArgs {
+        IssueArgs {
+            dir: dir.to_path_buf(),
+            id: id.into(),
+            sans: vec!["gc.example.net".into(), "10.1.2.3".into()],
+            days: 30,
+            backdate_days: 0,
+        }
+    }
+
+    #[test]
+    fn a_lab_ca_issues_certificates_that_verify_under_it_only() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let init_args = InitArgs {
+            dir: d.path().join("a"),
+            days: 365,
+            force: false,
+        };
+        init(&init_args).expect("init");
+        let again = init(&init_args).expect_err("an existing CA is kept");
+        assert!(again.contains("--force"), "{again}");
+        let (cert, key) = issue(&issue_args(&init_args.dir, "global")).expect("issue");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let opts = |ca: PathBuf| crate::tls::TlsOptions {
+            cert: Some(cert.clone()),
+            key: Some(key.clone()),
+            ca: Some(ca),
+            ..Default::default()
+        };
+        crate::tls::TlsMaterial::load(&opts(init_args.dir.join("ca.pem")))
+            .expect("verifies under its CA");
+        // Another lab's CA does not accept it.
+        let other = InitArgs {
+            dir: d.path().join("b"),
+            days: 365,
+            force: false,
+        };
+        init(&other).expect("init b");
+        let e =
+            crate::tls::TlsMaterial::load(&opts(other.dir.join("ca.pem"))).expect_err("foreign CA");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+
+        let bad = issue(&issue_args(&init_args.dir, "bad id/../x")).expect_err("bad id");
+        assert!(bad.contains("--id"), "{bad}");
+        let none = issue(&issue_args(&d.path().join("missing"), "x")).expect_err("no CA");
+        assert!(none.contains("certs init"), "{none}");
+    }
+}
