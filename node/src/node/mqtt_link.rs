@@ -304,25 +304,42 @@ impl MqttNode {
 
     async fn apply_policy(&self, env: Envelope) {
         let policy = self.policy.clone();
+        let sender = env.sender_id.clone();
         let r = tokio::task::spawn_blocking(move || policy.receive(&env)).await;
+        let metrics = self.inbound.metrics();
         match r {
-            Ok(Ok(PolicyOutcome::Applied { version, republish })) => match republish {
-                Some(copy) => {
-                    println!(
-                        "policy version={version} republished region={}",
-                        self.trust.region.as_deref().unwrap_or("-")
-                    );
-                    if let Some(topic) = self.policy.topic()
-                        && let Err(e) = self.outbound.publish(&copy, &topic).await
-                    {
-                        tracing::warn!(error = %e, "cannot republish the policy (children will sync)");
-                    }
-                }
-                None => println!("policy version={version} applied"),
-            },
-            Ok(Ok(PolicyOutcome::Stale { .. })) => {}
-            Ok(Err(_)) => self.inbound.stats.reject("policy_refused"),
+            Ok(Ok(PolicyOutcome::Applied { version, republish })) => {
+                metrics.message("POLICY_UPDATE", "mqtt", "accepted");
+                self.applied(version, republish).await;
+            }
+            Ok(Ok(PolicyOutcome::Stale { .. })) => {
+                metrics.message("POLICY_UPDATE", "mqtt", "stale_policy")
+            }
+            Ok(Err(e)) => self.inbound.refused(
+                "policy_refused",
+                "mqtt",
+                "POLICY_UPDATE",
+                &sender,
+                &e.to_string(),
+            ),
             Err(e) => tracing::error!(error = %e, "policy task failed"),
+        }
+    }
+
+    async fn applied(&self, version: u64, republish: Option<Box<Envelope>>) {
+        match republish {
+            Some(copy) => {
+                println!(
+                    "policy version={version} republished region={}",
+                    self.trust.region.as_deref().unwrap_or("-")
+                );
+                if let Some(topic) = self.policy.topic()
+                    && let Err(e) = self.outbound.publish(&copy, &topic).await
+                {
+                    tracing::warn!(error = %e, "cannot republish the policy (children will sync)");
+                }
+            }
+            None => println!("policy version={version} applied"),
         }
     }
 
@@ -393,6 +410,7 @@ impl MqttNode {
                     return;
                 };
                 let c = children.clone();
+                let kind = env.message_type.as_str();
                 let r = tokio::task::spawn_blocking(move || c.on_status(&env)).await;
                 match r {
                     Ok(Ok(StatusOutcome::Recorded)) => {
@@ -400,6 +418,7 @@ impl MqttNode {
                             .stats
                             .accepted
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.inbound.metrics().message(kind, "mqtt", "accepted");
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
