@@ -45,10 +45,20 @@ fn hmac_raw(key: &[u8], msg: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// Constant-time check of a hex HMAC-SHA256.
+/// True for lowercase hex only: signatures are written as Python's `hexdigest()` writes
+/// them, and one signature has exactly one accepted spelling (an uppercase copy of a valid
+/// signature is refused, as Python's `compare_digest` on the hex strings refuses it).
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Constant-time check of a hex HMAC-SHA256 (lowercase hex).
 pub fn hmac_verify_hex(key: &[u8], msg: &[u8], sig_hex: &str) -> bool {
     let mut sig = [0u8; 32];
-    if sig_hex.len() != 64 || hex::decode_to_slice(sig_hex, &mut sig).is_err() {
+    if sig_hex.len() != 64
+        || !is_lower_hex(sig_hex)
+        || hex::decode_to_slice(sig_hex, &mut sig).is_err()
+    {
         return false;
     }
     let Ok(mut mac) = <HmacSha256 as KeyInit>::new_from_slice(key) else {
@@ -319,7 +329,10 @@ fn check_signature(
         _ => {
             let pk = keys.ed25519.ok_or(VerifyError::UnsupportedAlgorithm)?;
             let mut sig = [0u8; 64];
-            if signature.len() != 128 || hex::decode_to_slice(signature, &mut sig).is_err() {
+            if signature.len() != 128
+                || !is_lower_hex(signature)
+                || hex::decode_to_slice(signature, &mut sig).is_err()
+            {
                 return Err(VerifyError::BadSignature);
             }
             if !pk.verify(&canonical, &sig) {

@@ -710,6 +710,13 @@ fn rest_cases(gc: &NodeProc, me: &Insider) -> Vec<RestCase> {
             counted: None,
         },
         RestCase {
+            guards: "a path segment that percent-decodes to invalid UTF-8 (answered in JSON)",
+            send: Send::Post("/message/%FF%FE".into(), good().to_json_bytes()),
+            status: 400,
+            detail: "Invalid message type in the path",
+            counted: None,
+        },
+        RestCase {
             guards: "a 5 000-character path segment",
             send: Send::Post(format!("/message/{}", "a".repeat(5_000)), b"{}".to_vec()),
             status: 404,
@@ -873,6 +880,11 @@ async fn rest_bad_input_is_refused_cleanly() {
             Some(reason) => rejected(&status(&gc).await, reason),
             None => 0,
         };
+        // Every answer the application gives (not hyper's to a malformed request) is JSON.
+        let app_answer = matches!(
+            case.send,
+            Send::Post(..) | Send::Twice(..) | Send::Method(..)
+        );
         let run = async {
             match case.send {
                 Send::Post(path, body) => post(gc.rest, &path, &body).await,
@@ -904,6 +916,18 @@ async fn rest_bad_input_is_refused_cleanly() {
             "{name}: the answer must say {:?}: {reply:?}",
             case.detail
         );
+        if app_answer {
+            let v = json::parse(reply.body.as_bytes())
+                .unwrap_or_else(|e| panic!("{name}: the answer is not JSON ({e}): {reply:?}"));
+            assert!(
+                v.get("detail")
+                    .or_else(|| v.get("error"))
+                    .or_else(|| v.get("status"))
+                    .is_some()
+                    || reply.status == 200,
+                "{name}: {reply:?}"
+            );
+        }
         if let Some(reason) = case.counted {
             let after = rejected(&status(&gc).await, reason);
             assert!(

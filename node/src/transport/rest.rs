@@ -100,9 +100,18 @@ fn error_response(e: InboundError) -> Response {
 async fn message(
     State(ctx): State<Ctx>,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
-    Path(kind): Path<String>,
+    kind: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let kind = match kind {
+        Ok(Path(k)) => k,
+        Err(rej) => {
+            return detail(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid message type in the path: {}", rej.body_text()),
+            );
+        }
+    };
     let body = match body {
         Ok(b) => b,
         Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -71,6 +71,9 @@ pub enum ParseErrorKind {
     TooDeep,
     /// An object key appears twice.
     DuplicateKey(String),
+    /// The key the serde bridge reserves for exact big integers: refused in input so that
+    /// no received object can turn into a number on a typed round trip.
+    ReservedKey,
 }
 
 impl fmt::Display for ParseErrorKind {
@@ -90,6 +93,9 @@ impl fmt::Display for ParseErrorKind {
             ParseErrorKind::IntegerTooLong => f.write_str("integer has too many digits"),
             ParseErrorKind::TooDeep => f.write_str("nesting too deep"),
             ParseErrorKind::DuplicateKey(k) => write!(f, "duplicate key {k:?}"),
+            ParseErrorKind::ReservedKey => {
+                write!(f, "the key {:?} is reserved", super::serde::BIG_INT_TOKEN)
+            }
         }
     }
 }
@@ -207,6 +213,12 @@ impl Parser<'_> {
             }
             let key_at = self.i;
             let key = self.string()?;
+            if key == super::serde::BIG_INT_TOKEN {
+                return Err(ParseError {
+                    offset: key_at,
+                    kind: ParseErrorKind::ReservedKey,
+                });
+            }
             self.skip_ws();
             if self.peek() != Some(b':') {
                 return Err(self.unexpected());
@@ -443,6 +455,15 @@ mod tests {
             Err(e) => e.kind,
             Ok(v) => panic!("{s:?} parsed as {v}"),
         }
+    }
+
+    #[test]
+    fn the_serde_bridge_key_is_refused_in_input() {
+        assert_eq!(
+            kind(r#"{"a":{"$pdsno::json::BigInt":"123"}}"#),
+            ParseErrorKind::ReservedKey
+        );
+        assert!(parse(br#"{"$pdsno::json::BigInts":"1"}"#).is_ok());
     }
 
     #[test]

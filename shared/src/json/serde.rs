@@ -17,7 +17,7 @@ use serde::ser::{self, Serialize, SerializeMap, SerializeSeq, Serializer};
 use super::value::{Map, N, Number, Value};
 
 /// The private key carrying an exact big integer through serde's data model.
-const BIG_INT_TOKEN: &str = "$pdsno::json::BigInt";
+pub(crate) const BIG_INT_TOKEN: &str = "$pdsno::json::BigInt";
 
 /// A conversion error between [`Value`] and a typed structure.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -530,3 +530,31 @@ fn authenticate_checks_the_signature_but_not_age_or_reuse() {
         Err(VerifyError::BadSignature)
     );
 }
+
+#[test]
+fn an_uppercase_copy_of_a_valid_signature_is_refused() {
+    let ring = network_ring();
+    let e = signed(&ring, t0());
+    let mut upper = e.clone();
+    upper.signature = e.signature.as_deref().map(str::to_ascii_uppercase);
+    assert_ne!(upper.signature, e.signature);
+    assert_eq!(
+        verifier().verify(&upper, hmac_only(&ring), None, t0()),
+        Err(VerifyError::BadSignature)
+    );
+    assert!(verifier().verify(&e, hmac_only(&ring), None, t0()).is_ok());
+
+    let id = IdentityKey::generate();
+    let pk = id.public();
+    let mut e = fresh(t0());
+    sign_ed25519(&mut e, &id, None, t0());
+    e.signature = e.signature.as_deref().map(str::to_ascii_uppercase);
+    let keys = VerifyKeys {
+        hmac: None,
+        ed25519: Some(&pk),
+    };
+    assert_eq!(
+        verifier().verify(&e, keys, None, t0()),
+        Err(VerifyError::BadSignature)
+    );
+}
