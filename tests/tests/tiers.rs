@@ -203,9 +203,16 @@ async fn every_reject_reason_is_produced() {
         .await
         .expect("answer");
     assert_eq!(outcome(&again), rejected("UNKNOWN_CHALLENGE"));
-    // The same token again.
+    // The same token again, from another key: refused.
+    let thief = RawChild {
+        temp_id: ok.temp_id.clone(),
+        region: ok.region.clone(),
+        kind: ok.kind.clone(),
+        token: ok.token.clone(),
+        key: pdsno_shared::keys::IdentityKey::generate(),
+    };
     assert_eq!(
-        req_outcome(ok.request(g, 0)).await,
+        req_outcome(thief.request(g, 0)).await,
         rejected("BOOTSTRAP_TOKEN_ALREADY_USED")
     );
     let c = RawChild::new(&lab, "temp-quota", "zone-A", "regional");

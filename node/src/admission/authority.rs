@@ -150,6 +150,9 @@ struct Pending {
     token: String,
     expires_at: DateTime<Utc>,
     admission_key: HmacKey,
+    /// The id this token was already spent on: the child lost our APPROVED answer (we
+    /// crashed before sending it) and asks again with the same token and key.
+    recover: Option<String>,
     used: bool,
     /// Still counted as outstanding (unused and not yet swept as expired).
     outstanding: bool,
@@ -388,15 +391,19 @@ impl Authority {
                 now,
             )));
         }
+        let mut recover = None;
         match self.nib.token_used(&req.bootstrap_token) {
             Ok(false) => {}
-            Ok(true) => {
-                return Ok(RequestOutcome::Refused(self.refuse(
-                    &req.temp_id,
-                    reason::BOOTSTRAP_TOKEN_ALREADY_USED,
-                    now,
-                )));
-            }
+            Ok(true) => match self.recoverable(&req) {
+                Some(id) => recover = Some(id),
+                None => {
+                    return Ok(RequestOutcome::Refused(self.refuse(
+                        &req.temp_id,
+                        reason::BOOTSTRAP_TOKEN_ALREADY_USED,
+                        now,
+                    )));
+                }
+            },
             Err(e) => {
                 tracing::error!(error = %e, "cannot read consumed tokens");
                 return Ok(RequestOutcome::Refused(refused(
@@ -421,6 +428,7 @@ impl Authority {
                     nonce,
                     admission_key: admission_key(&req.bootstrap_token),
                     token: req.bootstrap_token.clone(),
+                    recover,
                     request: req,
                     expires_at,
                     used: false,
@@ -457,10 +465,11 @@ impl Authority {
                     p.request.clone(),
                     p.token.clone(),
                     p.expires_at,
+                    p.recover.clone(),
                 )
             })
         };
-        let Some((temp_id, nonce, req, token, expires_at)) = taken else {
+        let Some((temp_id, nonce, req, token, expires_at, recover)) = taken else {
             return Ok(self.refuse(&resp.temp_id, reason::UNKNOWN_CHALLENGE, now));
         };
         if now > expires_at {
@@ -476,6 +485,9 @@ impl Authority {
         let Some(role) = role.filter(|r| self.cfg.permitted.contains(r)) else {
             return Ok(self.refuse(&temp_id, reason::CONTROLLER_TYPE_NOT_PERMITTED, now));
         };
+        if let Some(id) = recover {
+            return Ok(self.reissue(role, &req, &id, now));
+        }
         if !ids::is_valid_region(&req.region)
             || (!self.cfg.regions.is_empty() && !self.cfg.regions.contains(&req.region))
         {
@@ -522,6 +534,91 @@ impl Authority {
             return true;
         }
         false
+    }
+
+    /// For a spent token: the id it was spent on, when that controller is active and was
+    /// admitted here under the same temp id, role, region and identity key (only its holder
+    /// can then pass the challenge). Anything else is a reused token.
+    fn recoverable(&self, req: &ValidationRequest) -> Option<String> {
+        let id = self.nib.token_assignment(&req.bootstrap_token).ok()??;
+        let row = self.nib.controller(&id).ok()??;
+        let same = row.status == "active"
+            && row.temp_id.as_deref() == Some(req.temp_id.as_str())
+            && row.public_key.as_deref() == Some(req.public_key.as_str())
+            && row.role == req.controller_type
+            && row.region.as_deref() == Some(req.region.as_str())
+            && row.validated_by.as_deref() == Some(self.me.as_str())
+            && row.certificate.is_some();
+        same.then_some(id)
+    }
+
+    /// Answers a recovering child with the admission it already has: the stored
+    /// certificate (and, for a regional controller, a delegation credential with the same
+    /// validity). Audited as CONTROLLER_RECOVERED; nothing new is assigned.
+    fn reissue(&self, role: Role, req: &ValidationRequest, id: &str, now: DateTime<Utc>) -> Map {
+        let fail = |what: String| {
+            tracing::error!(parent = %self.me, controller = %id, error = %what, "cannot answer a recovering controller");
+            refused(ValidationStatus::Error, reason::IDENTITY_ASSIGNMENT_FAILED)
+        };
+        let row = match self.nib.controller(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return fail("no record".into()),
+            Err(e) => return fail(e.to_string()),
+        };
+        let Some(cert) = row
+            .certificate
+            .as_deref()
+            .and_then(|t| json::parse(t.as_bytes()).ok())
+        else {
+            return fail("no stored certificate".into());
+        };
+        let mut delegation = None;
+        if role == Role::Regional {
+            let (issued_at, expires_at) = match json::from_value::<Certificate>(cert.clone()) {
+                Ok(c) => (c.issued_at, c.expires_at),
+                Err(e) => return fail(e.to_string()),
+            };
+            let mut d = DelegationCredential {
+                delegatee_id: id.to_owned(),
+                delegatee_public_key: req.public_key.clone(),
+                region: req.region.clone(),
+                permitted_actions: vec![VALIDATE_LOCAL_CONTROLLERS.to_owned()],
+                issued_by: self.me.clone(),
+                issued_at,
+                expires_at,
+                signature: String::new(),
+                extra: Map::new(),
+            };
+            if let Err(e) = d.sign(&self.identity) {
+                return fail(e.to_string());
+            }
+            match json::to_value(&d) {
+                Ok(v) => delegation = Some(v),
+                Err(e) => return fail(e.to_string()),
+            }
+        }
+        let mut details = Map::new();
+        details.insert("temp_id".into(), req.temp_id.clone().into());
+        details.insert("assigned_id".into(), id.into());
+        self.record_event(
+            Event {
+                event_type: "CONTROLLER_RECOVERED".into(),
+                actor: self.me.clone(),
+                subject: Some(id.to_owned()),
+                action: "Answered again a controller that lost its admission result".into(),
+                decision: Some("APPROVED".into()),
+                details,
+            },
+            now,
+        );
+        tracing::info!(parent = %self.me, temp_id = %req.temp_id, assigned_id = %id, "admission answered again (the controller lost the first answer)");
+        self.approved(role, &req.region, id, cert, delegation)
+    }
+
+    fn record_event(&self, ev: Event, now: DateTime<Utc>) {
+        if let Err(e) = self.nib.append_event(&ev, &self.identity, now) {
+            tracing::error!(error = %e, event = %ev.event_type, "cannot write an audit event");
+        }
     }
 
     fn assign(&self, role: Role, req: ValidationRequest, token: String, now: DateTime<Utc>) -> Map {
@@ -581,16 +678,34 @@ impl Authority {
             }
         };
         tracing::info!(parent = %self.me, temp_id = %req.temp_id, assigned_id = %admitted.assigned_id, role = %role, region = %req.region, "controller admitted");
+        self.approved(
+            role,
+            &req.region,
+            &admitted.assigned_id,
+            admitted.certificate.clone(),
+            delegation,
+        )
+    }
+
+    /// The APPROVED payload.
+    fn approved(
+        &self,
+        role: Role,
+        region: &str,
+        assigned_id: &str,
+        certificate: Value,
+        delegation: Option<Value>,
+    ) -> Map {
         let mut m = Map::new();
         m.insert("status".into(), "APPROVED".into());
-        m.insert("assigned_id".into(), admitted.assigned_id.clone().into());
-        m.insert("certificate".into(), admitted.certificate.clone());
+        m.insert("assigned_id".into(), assigned_id.into());
+        m.insert("certificate".into(), certificate);
         m.insert(
             "delegation_credential".into(),
             delegation.unwrap_or(Value::Null),
         );
         m.insert("role".into(), role.as_str().into());
-        m.insert("region".into(), req.region.clone().into());
+        m.insert("region".into(), region.into());
         m.insert(
             "issuer_public_key".into(),
             self.identity.public().to_base64().into(),

@@ -250,6 +250,22 @@ impl Nib {
         events::list(&self.conn(), after, limit)
     }
 
+    /// The id a consumed token was spent on, if it was.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn token_assignment(&self, token: &str) -> Result<Option<String>, NibError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT assigned_id FROM consumed_tokens WHERE token_hash = ?1",
+                params![token_hash(token)],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     /// True if the token was consumed.
     ///
     /// # Errors

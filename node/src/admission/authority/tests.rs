@@ -163,7 +163,36 @@ fn full_admission_issues_a_verifiable_certificate_and_delegation() {
         result_reason(&again),
         ("REJECTED", reason::UNKNOWN_CHALLENGE)
     );
-    // The token is consumed.
+    // The token is consumed: another key presenting it is refused.
+    let thief = Child {
+        key: IdentityKey::generate(),
+        ..Child::new(&child.temp_id, "zone-A", "regional")
+    };
+    assert_eq!(
+        refusal(&f, &thief.request(&f, Some(&child.token()))),
+        reason::BOOTSTRAP_TOKEN_ALREADY_USED
+    );
+    // The child itself, having lost the answer, gets the same admission again after
+    // proving its key once more: same id, same certificate, nothing new assigned.
+    let ch2 = challenge(&f, &child.request(&f, None));
+    let again = f
+        .auth
+        .on_response(&child.respond(&f, &ch2))
+        .expect("evaluated");
+    assert_eq!(result_reason(&again), ("APPROVED", ""));
+    assert_eq!(again["assigned_id"], result["assigned_id"]);
+    assert_eq!(again["certificate"], result["certificate"]);
+    let deleg: DelegationCredential =
+        json::from_value(again["delegation_credential"].clone()).expect("delegation");
+    assert_eq!(deleg.verify(&f.gc.public(), f.clock.now()), Ok(()));
+    assert_eq!(f.nib.controllers().expect("rows").len(), 1);
+    // Not once it is revoked.
+    let id = result["assigned_id"].as_str().unwrap_or_default();
+    let row = f.nib.controller(id).expect("db").expect("row");
+    f.nib
+        .set_controller_status(id, "revoked", row.version)
+        .expect("db")
+        .expect("no conflict");
     assert_eq!(
         refusal(&f, &child.request(&f, None)),
         reason::BOOTSTRAP_TOKEN_ALREADY_USED
