@@ -9,6 +9,11 @@
 //! `CONTROLLER_QUOTA_EXCEEDED`), then one transaction assigns the id, consumes the token and
 //! writes the audit event; a failure there is `ERROR IDENTITY_ASSIGNMENT_FAILED`.
 //!
+//! A spent token is refused, except for the controller it was spent on (same temp id, role,
+//! region and identity key, still active): it lost our answer (we crashed before sending
+//! it), so after the challenge it gets the same id and stored certificate again
+//! (`CONTROLLER_RECOVERED`); nothing new is assigned.
+//!
 //! Pending challenges live in memory (bounded). After use or expiry an entry is kept a
 //! while as a tombstone, so a late response still gets a signed `CHALLENGE_EXPIRED` under
 //! the key the child used.
