@@ -347,6 +347,26 @@ impl<'de> Deserializer<'de> for Value {
         }
     }
 
+    // A big integer travels as a one-entry map only to a `Value`; a struct or a map asked
+    // of one is a type error, not a map holding the carrier key.
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Value::Number(Number(N::Big(_))) => {
+                Err(Error("expected an object, found a number".into()))
+            }
+            other => other.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        self.deserialize_map(visitor)
+    }
+
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         match self {
             Value::Null => visitor.visit_none(),
@@ -392,7 +412,7 @@ impl<'de> Deserializer<'de> for Value {
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 u8 u16 u32 f32 f64 char str string
         bytes byte_buf unit unit_struct seq tuple
-        tuple_struct map struct identifier ignored_any
+        tuple_struct identifier ignored_any
     }
 }
 
@@ -698,6 +718,26 @@ mod tests {
         tag: Option<String>,
         #[serde(flatten)]
         extra: Map,
+    }
+
+    #[derive(Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+    struct AllDefault {
+        #[serde(default)]
+        name: String,
+        #[serde(flatten)]
+        extra: Map,
+    }
+
+    #[test]
+    fn a_big_integer_is_not_an_object() {
+        // Found by fuzzing: a bare 32-digit number decoded as a struct whose fields all
+        // have defaults, the carrier key landing in `extra`.
+        let v = crate::json::parse(b"55555555555555555555555555555555").expect("valid");
+        assert!(from_value::<AllDefault>(v.clone()).is_err());
+        assert!(from_value::<Map>(v.clone()).is_err());
+        // As a `Value` it stays the exact number.
+        let back: Value = from_value(v.clone()).expect("value");
+        assert_eq!(back, v);
     }
 
     #[test]
