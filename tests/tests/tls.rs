@@ -138,6 +138,16 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
         .ok_or_else(|| text.clone())
 }
 
+/// The embedded broker's TLS listener, as the GC reported it.
+fn mqtts_addr(gc: &NodeProc) -> SocketAddr {
+    gc.proc
+        .lines()
+        .iter()
+        .find(|l| l.starts_with("mqtts v4 "))
+        .map(|l| listening_addr(l))
+        .expect("a TLS MQTT listener")
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -183,13 +193,7 @@ fn mutual_tls_topology_grpc_rest_and_mqtt() {
     gc_args.extend(["--user", "ops:ops-password-123"]);
     let mut gc = lab.global(&gc_args);
     // Under --require-tls the broker has no plaintext listener.
-    let mqtts = gc
-        .proc
-        .lines()
-        .iter()
-        .find(|l| l.starts_with("mqtts v4 "))
-        .map(|l| listening_addr(l))
-        .expect("a TLS MQTT listener");
+    let mqtts = mqtts_addr(&gc);
     assert!(
         !gc.proc.lines().iter().any(|l| l.starts_with("mqtt v4 ")),
         "no plaintext MQTT listener under --require-tls: {:?}",
@@ -335,13 +339,7 @@ fn plaintext_and_foreign_certificates_are_refused() {
     let rogue = Pki::new(&lab, "rogue");
     let gc_tls = pki.flags("global", &["--require-client-cert", "--require-tls"]);
     let mut gc = lab.global(&strs(&gc_tls));
-    let mqtts = gc
-        .proc
-        .lines()
-        .iter()
-        .find(|l| l.starts_with("mqtts v4 "))
-        .map(|l| listening_addr(l))
-        .expect("TLS MQTT listener");
+    let mqtts = mqtts_addr(&gc);
     let (good_cert, good_key) = pki.issue("client", &[]);
     let good = material(Some(&good_cert), Some(&good_key), &pki.ca_path());
     let (rogue_cert, rogue_key) = rogue.issue("client", &[]);
@@ -603,13 +601,7 @@ fn server_only_tls_and_a_wrong_name() {
     let rc_tls = vec!["--tls-ca".to_owned(), ca.clone()];
     let mut rc = child_tls(&lab, "regional", "rc-1", &gc, "zone-A", &rc_tls);
     let line = rc.proc.wait_line(LONG, |l| l.starts_with("mqtt connected"));
-    let tls_port = gc
-        .proc
-        .lines()
-        .iter()
-        .find(|l| l.starts_with("mqtts v4 "))
-        .map(|l| listening_addr(l).port())
-        .expect("TLS listener");
+    let tls_port = mqtts_addr(&gc).port();
     assert_eq!(
         field(&line, "broker"),
         Some(format!("127.0.0.1:{tls_port}")),
