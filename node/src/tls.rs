@@ -226,7 +226,7 @@ impl TlsMaterial {
         PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| TlsError(format!("tls_key: {e}")))
     }
 
-    /// A rustls server configuration (REST, broker), advertising `alpn`.
+    /// A rustls server configuration (gRPC, REST, broker), advertising `alpn`.
     ///
     /// # Errors
     /// Without a certificate, or when rustls refuses the material.
@@ -263,19 +263,6 @@ impl TlsMaterial {
     /// When rustls refuses the material.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         client_config(Some(self))
-    }
-
-    /// The gRPC server side (tonic).
-    pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
-        let mut c = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem[..]),
-        );
-        if let Some(ca) = &self.ca_pem {
-            c = c
-                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
-                .client_auth_optional(!self.opts.require_client_cert);
-        }
-        c
     }
 
     /// The gRPC client side (tonic).

@@ -148,6 +148,13 @@ fn mqtts_addr(gc: &NodeProc) -> SocketAddr {
         .expect("a TLS MQTT listener")
 }
 
+/// The value of the sample named exactly `series` in an OpenMetrics text (0 if absent).
+fn counter(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -412,6 +419,31 @@ fn plaintext_and_foreign_certificates_are_refused() {
             ),
             Ok(Err(_)) => {}
             Err(_) => panic!("plaintext MQTT connection hung"),
+        }
+
+        // Every failed handshake is counted, per listener: REST and gRPC each saw a
+        // plaintext client, an anonymous one and a foreign one.
+        // (The server counts a failure just after closing, so allow it a moment.)
+        let series =
+            |t: &str| format!(r#"pdsno_refused_total{{transport="{t}",reason="tls_handshake"}}"#);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, text) = https_get(gc.rest, "/metrics", Some(&good), &pki.ca_path())
+                .await
+                .expect("metrics");
+            assert_eq!(code, 200);
+            let counts = [
+                counter(&text, &series("rest")),
+                counter(&text, &series("grpc")),
+            ];
+            if counts.iter().all(|n| *n >= 3.0) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "TLS handshake failures (rest, grpc) counted: {counts:?}\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 

@@ -254,13 +254,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| e.to_string())?;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(m) = tls.filter(|m| m.has_identity()) {
-        builder = builder
-            .tls_config(m.tonic_server())
-            .map_err(|e| format!("gRPC TLS: {e}"))?;
-    }
-    builder
+    let acceptor = match tls.filter(|m| m.has_identity()) {
+        Some(m) => Some(tokio_rustls::TlsAcceptor::from(
+            m.server_config(&[b"h2"])
+                .map_err(|e| format!("gRPC TLS: {e}"))?,
+        )),
+        None => None,
+    };
+    tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -285,7 +286,13 @@ pub async fn serve(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            super::listen::grpc_incoming(listener, max_connections, metrics, cancel.clone()),
+            super::listen::grpc_incoming(
+                listener,
+                max_connections,
+                acceptor,
+                metrics,
+                cancel.clone(),
+            ),
             cancel.cancelled_owned(),
         )
         .await

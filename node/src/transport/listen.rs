@@ -1,6 +1,7 @@
 //! Accepting connections for the gRPC and REST listeners: a cap on open connections (the
-//! connection beyond it is closed at once and counted), TCP_NODELAY, and for REST the TLS
-//! handshake under a deadline, then HTTP/1.1 or HTTP/2 with a header-read timeout.
+//! connection beyond it is closed at once and counted), TCP_NODELAY, the TLS handshake
+//! under a deadline (failures counted), and for REST HTTP/1.1 or HTTP/2 with a header-read
+//! timeout.
 
 use std::future::Future as _;
 use std::io;
@@ -156,13 +157,91 @@ fn is_transient(e: &io::Error) -> bool {
     ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
 }
 
-/// The gRPC server's incoming connections, capped at `max`.
+/// A gRPC connection: plain, or TLS finished by [`grpc_incoming`] under
+/// [`HANDSHAKE_TIMEOUT`] (so failed handshakes are counted like REST's and the broker's).
+#[derive(Debug)]
+pub enum GrpcConn {
+    /// Plaintext.
+    Plain(Capped),
+    /// After a completed TLS handshake.
+    Tls(Box<tokio_rustls::server::TlsStream<Capped>>),
+}
+
+impl AsyncRead for GrpcConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            GrpcConn::Tls(c) => Pin::new(c.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GrpcConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GrpcConn::Plain(c) => Pin::new(c).poll_write(cx, b),
+            GrpcConn::Tls(c) => Pin::new(c.as_mut()).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Plain(c) => Pin::new(c).poll_flush(cx),
+            GrpcConn::Tls(c) => Pin::new(c.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcConn::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            GrpcConn::Tls(c) => Pin::new(c.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GrpcConn::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            GrpcConn::Tls(c) => Pin::new(c.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            GrpcConn::Plain(c) => c.is_write_vectored(),
+            GrpcConn::Tls(c) => c.is_write_vectored(),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for GrpcConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            GrpcConn::Plain(c) => c.connect_info(),
+            GrpcConn::Tls(c) => c.get_ref().0.connect_info(),
+        }
+    }
+}
+
+/// The gRPC server's incoming connections, capped at `max`. With `tls`, each handshake
+/// runs in its own task under [`HANDSHAKE_TIMEOUT`]; a failed or stalled one is closed and
+/// counted as a `tls_handshake` refusal of `grpc`.
 pub fn grpc_incoming(
     listener: TcpListener,
     max: usize,
+    tls: Option<TlsAcceptor>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<Capped>> {
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<GrpcConn>> {
     let (tx, rx) = mpsc::channel(64);
     let sem = Arc::new(Semaphore::new(max));
     tokio::spawn(async move {
@@ -171,13 +250,31 @@ pub fn grpc_incoming(
                 () = cancel.cancelled() => break,
                 r = accept_capped(&listener, &sem, &metrics, "grpc") => r,
             };
-            match r {
-                Ok((c, _)) => {
-                    if tx.send(Ok(c)).await.is_err() {
+            match (r, &tls) {
+                (Ok((c, _)), None) => {
+                    if tx.send(Ok(GrpcConn::Plain(c))).await.is_err() {
                         break;
                     }
                 }
-                Err(e) => {
+                (Ok((c, peer)), Some(acceptor)) => {
+                    let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(c)).await {
+                            Ok(Ok(s)) => {
+                                let _ = tx.send(Ok(GrpcConn::Tls(Box::new(s)))).await;
+                            }
+                            Ok(Err(e)) => {
+                                metrics.refused("grpc", "tls_handshake");
+                                tracing::info!(%peer, error = %e, "gRPC TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics.refused("grpc", "tls_handshake");
+                                tracing::info!(%peer, "gRPC TLS handshake timed out");
+                            }
+                        }
+                    });
+                }
+                (Err(e), _) => {
                     let _ = tx.send(Err(e)).await;
                     break;
                 }
