@@ -476,6 +476,35 @@ pub struct Distribution {
     pub unreachable: usize,
 }
 
+/// What follows a policy this node applied, whichever transport brought it (MQTT, a sync
+/// answer, a gRPC push): a line on stdout and, on a regional controller, its own signed copy
+/// handed on to its children by [`distribute`].
+pub async fn after_applied(
+    trust: &Arc<Trust>,
+    outbound: &crate::outbound::Outbound,
+    policy: &Policy,
+    version: u64,
+    republish: Option<Box<Envelope>>,
+) {
+    match (republish, policy.topic()) {
+        (Some(copy), Some(topic)) => {
+            println!(
+                "policy version={version} republished region={}",
+                trust.region.as_deref().unwrap_or("-")
+            );
+            let d = distribute(trust, outbound, &copy, &topic).await;
+            if !d.published && d.unreachable > 0 {
+                tracing::warn!(
+                    pushed = d.pushed,
+                    unreachable = d.unreachable,
+                    "policy copy not published; some children will get it when they sync"
+                );
+            }
+        }
+        _ => println!("policy version={version} applied"),
+    }
+}
+
 /// Hands `env` to this node's children: published on `topic` when the broker is there,
 /// else sent to each active child's gRPC address (the transport fallback). Children that
 /// miss it get it by SYNC_REQUEST when they (re)connect.

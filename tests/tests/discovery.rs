@@ -780,6 +780,66 @@ async fn an_external_broker_outage_loses_no_report_and_policy_resyncs() {
     .await;
 }
 
+/// With the broker down but the controllers up, a policy travels the whole tree over gRPC:
+/// the GC pushes it to its RC, which applies it and pushes its own signed copy to its LC
+/// (the same hand-on as after an MQTT delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_is_pushed_down_the_tree_over_grpc_while_the_broker_is_down() {
+    let port = pdsno_tests::free_port_for_late_server();
+    let mut broker = Mosquitto::start(port);
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let lab = Lab::new();
+    let gc = lab.global(&["--no-embedded-broker", "--mqtt-url", &url]);
+    let mut rc = lab.child("regional", "temp-rc-g", &gc, "zone-A", &[]);
+    let mut lc = lab.child("local", "temp-lc-g", &rc, "zone-A", &[]);
+    for p in [&mut rc.proc, &mut lc.proc] {
+        p.wait_line(WAIT, |l| l.starts_with("mqtt connected"));
+    }
+    eventually("the default policy at the LC", WAIT, || {
+        let ok = applied_versions(&lc.proc).contains(&1);
+        async move { ok }
+    })
+    .await;
+
+    broker.proc.kill();
+    let pfile = lab.dir.path().join("p.json");
+    std::fs::write(&pfile, r#"{"label":"pushed"}"#).expect("write");
+    let (code, out, err) = run(
+        &pdsno_tests::pdsno_bin().display().to_string(),
+        &[
+            "policy",
+            "set",
+            &pfile.display().to_string(),
+            "--data-dir",
+            &gc.data_dir.display().to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out} {err}");
+    eventually("the RC applies and hands on version 2", WAIT, || {
+        let ok = rc
+            .proc
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("policy version=2 republished region=zone-A"));
+        async move { ok }
+    })
+    .await;
+    eventually(
+        "the LC applies version 2 with the broker still down",
+        WAIT,
+        || {
+            let ok = applied_versions(&lc.proc).contains(&2);
+            async move { ok }
+        },
+    )
+    .await;
+    assert!(
+        num(&status(&rc).await, &["transport", "sent", "grpc"]).unwrap_or(0) > 0,
+        "the RC pushed over gRPC"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_sub_shows_the_traffic_as_signed_envelopes() {
     let lab = Lab::new();

@@ -685,19 +685,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             MessageType::PolicyUpdate,
             Box::new(move |e| match pol.receive(e) {
                 Ok(crate::policy::PolicyOutcome::Applied { version, republish }) => {
-                    match (republish, pol.topic()) {
-                        (Some(copy), Some(topic)) => {
-                            println!(
-                                "policy version={version} republished region={}",
-                                t.region.as_deref().unwrap_or("-")
-                            );
-                            let (t, ob) = (t.clone(), ob.clone());
-                            rt.spawn(async move {
-                                crate::policy::distribute(&t, &ob, &copy, &topic).await;
-                            });
-                        }
-                        _ => println!("policy version={version} applied"),
-                    }
+                    let (t, ob, pol) = (t.clone(), ob.clone(), pol.clone());
+                    rt.spawn(async move {
+                        crate::policy::after_applied(&t, &ob, &pol, version, republish).await;
+                    });
                     Ok(crate::inbound::HandlerReply::Accepted)
                 }
                 Ok(crate::policy::PolicyOutcome::Stale { .. }) => {

@@ -310,7 +310,14 @@ impl MqttNode {
         match r {
             Ok(Ok(PolicyOutcome::Applied { version, republish })) => {
                 metrics.message("POLICY_UPDATE", "mqtt", "accepted");
-                self.applied(version, republish).await;
+                crate::policy::after_applied(
+                    &self.trust,
+                    &self.outbound,
+                    &self.policy,
+                    version,
+                    republish,
+                )
+                .await;
             }
             Ok(Ok(PolicyOutcome::Stale { .. })) => {
                 metrics.message("POLICY_UPDATE", "mqtt", "stale_policy")
@@ -323,23 +330,6 @@ impl MqttNode {
                 &e.to_string(),
             ),
             Err(e) => tracing::error!(error = %e, "policy task failed"),
-        }
-    }
-
-    async fn applied(&self, version: u64, republish: Option<Box<Envelope>>) {
-        match republish {
-            Some(copy) => {
-                println!(
-                    "policy version={version} republished region={}",
-                    self.trust.region.as_deref().unwrap_or("-")
-                );
-                if let Some(topic) = self.policy.topic()
-                    && let Err(e) = self.outbound.publish(&copy, &topic).await
-                {
-                    tracing::warn!(error = %e, "cannot republish the policy (children will sync)");
-                }
-            }
-            None => println!("policy version={version} applied"),
         }
     }
 
