@@ -1,4 +1,5 @@
-//! Who may connect: operator accounts, the caller's credential check, anonymous access.
+//! Who may connect (operator accounts, the caller's credential check, anonymous access)
+//! and what a connection may do with topics (the caller's [`TopicRules`]).
 
 use std::fmt;
 use std::future::Future;
@@ -129,6 +130,45 @@ pub enum Principal {
     Operator(String),
     /// A credential accepted by the caller's check.
     Credential(String),
+}
+
+/// What a client asks to do with a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Publish on a topic name (a PUBLISH, or the will of a CONNECT).
+    Publish,
+    /// Subscribe to a topic filter.
+    Subscribe,
+}
+
+/// The caller's topic rights: whether a principal may publish on a topic or subscribe to
+/// a filter. Without rules every authenticated client may do anything.
+///
+/// A refusal closes the connection (MQTT 5: DISCONNECT 0x87 "not authorized"), or refuses
+/// the CONNECT whose will names a topic the client may not publish on. A PUBLISH is not
+/// dropped silently: the client learns at once that it is misconfigured.
+#[derive(Clone)]
+pub struct TopicRules(Arc<RuleFn>);
+
+/// The function behind [`TopicRules`].
+type RuleFn = dyn Fn(&Principal, Access, &str) -> bool + Send + Sync;
+
+impl TopicRules {
+    /// Rules given by a function of principal, access and topic.
+    pub fn new(f: impl Fn(&Principal, Access, &str) -> bool + Send + Sync + 'static) -> Self {
+        TopicRules(Arc::new(f))
+    }
+
+    /// Whether `principal` may do `access` on `topic`.
+    pub fn allows(&self, principal: &Principal, access: Access, topic: &str) -> bool {
+        (self.0)(principal, access, topic)
+    }
+}
+
+impl fmt::Debug for TopicRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TopicRules(..)")
+    }
 }
 
 #[cfg(test)]

@@ -729,6 +729,32 @@ pub fn encode_publish_v5(
     out
 }
 
+/// The topic name of a validated MQTT 3.1.1 PUBLISH body (MQTT 5: [`split_publish_v5`]).
+///
+/// # Errors
+/// As [`check_client_packet`] (call that first).
+pub fn publish_topic_v311(body: &[u8]) -> R<&str> {
+    Reader::new(body).string("topic name")
+}
+
+/// The filters of a validated SUBSCRIBE body, in order.
+///
+/// # Errors
+/// As [`check_client_packet`] (call that first).
+pub fn subscribe_filters<'a>(body: &'a [u8], v: Version, limits: &Limits) -> R<Vec<&'a str>> {
+    let mut r = Reader::new(body);
+    r.u16("packet identifier")?;
+    if v == Version::V5 {
+        properties(&mut r, PropCtx::Subscribe, limits)?;
+    }
+    let mut filters = Vec::new();
+    while !r.done() {
+        filters.push(r.string("topic filter")?);
+        r.u8("subscription options")?;
+    }
+    Ok(filters)
+}
+
 /// A decoded CONNECT.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Connect {

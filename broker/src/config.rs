@@ -192,6 +192,8 @@ pub struct BrokerConfig {
     pub allow_anonymous: bool,
     /// Operator accounts.
     pub operators: Vec<OperatorAccount>,
+    /// Topic rights per principal (none: every authenticated client may do anything).
+    pub topic_rules: Option<crate::auth::TopicRules>,
 }
 
 impl BrokerConfig {

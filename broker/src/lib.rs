@@ -10,6 +10,8 @@
 //! - authenticates CONNECT (operator accounts with Argon2id hashes, the caller's credential
 //!   check, anonymous access only when switched on) and answers refusals with the proper
 //!   CONNACK code;
+//! - enforces the caller's topic rights ([`TopicRules`]) on every PUBLISH, SUBSCRIBE and
+//!   will (rumqttd has no per-topic ACL);
 //! - frames and validates every client packet (see [`codec`]), closing connections that
 //!   break the protocol before rumqttd sees a byte of the offending packet;
 //! - caps connections, packet sizes, topic depth and per-packet counts.
@@ -48,7 +50,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-pub use auth::{CredentialCheck, CredentialRequest, Principal, client_id_acceptable};
+pub use auth::{
+    Access, CredentialCheck, CredentialRequest, Principal, TopicRules, client_id_acceptable,
+};
 pub use codec::Version;
 pub use config::{
     AccountError, BrokerConfig, BrokerLimits, ListenerConfig, OperatorAccount, TlsFiles,
@@ -104,6 +108,9 @@ pub struct Stats {
     pub packets_in: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub tls_failures: AtomicU64,
+    /// Connections refused or closed for a topic outside the client's rights (a PUBLISH,
+    /// a SUBSCRIBE, or the will of a CONNECT).
+    pub denied: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -127,6 +134,8 @@ pub struct StatsSnapshot {
     pub packets_in: u64,
     /// See [`Stats::tls_failures`].
     pub tls_failures: u64,
+    /// See [`Stats::denied`].
+    pub denied: u64,
 }
 
 impl Stats {
@@ -142,6 +151,7 @@ impl Stats {
             violations: g(&self.violations),
             packets_in: g(&self.packets_in),
             tls_failures: g(&self.tls_failures),
+            denied: g(&self.denied),
         }
     }
 }
@@ -150,6 +160,7 @@ impl Stats {
 pub(crate) struct Shared {
     pub(crate) limits: BrokerLimits,
     pub(crate) gate: auth::Gate,
+    pub(crate) topic_rules: Option<auth::TopicRules>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) inner_v4: SocketAddr,
     pub(crate) inner_v5: SocketAddr,
@@ -355,6 +366,7 @@ impl EmbeddedBroker {
                 operators: config.operators.clone(),
                 check,
             },
+            topic_rules: config.topic_rules.clone(),
             stats: stats.clone(),
             inner_v4: inner.v4,
             inner_v5: inner.v5,

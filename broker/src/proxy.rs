@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Access, Principal, TopicRules};
 use crate::codec::{self, Checked, ConnectError, Frame, Refusal, Version, Violation};
 use crate::inner::INTERNAL_USER;
 use crate::{Shared, Stats};
@@ -39,6 +40,8 @@ enum End {
     BrokerClosed,
     Shutdown,
     Violation(Violation),
+    /// A PUBLISH or SUBSCRIBE outside the client's topic rights.
+    Denied(Access, String),
     Io(std::io::Error),
     FrameTimeout,
 }
@@ -181,6 +184,21 @@ pub(crate) async fn serve<S>(
         }
     };
 
+    // A will is a publish made later on the client's behalf: it needs the same right.
+    if let (Some(rules), Some(w)) = (&shared.topic_rules, &connect.will)
+        && !rules.allows(&principal, Access::Publish, &w.topic)
+    {
+        stats.denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
+        let _ = client
+            .write_all(&codec::connack_refusal(
+                connect.version,
+                Refusal::NotAuthorized,
+            ))
+            .await;
+        return;
+    }
+
     // 3. Hand over to rumqttd with the internal credential.
     let internal_addr = match connect.version {
         Version::V311 => shared.inner_v4,
@@ -226,11 +244,17 @@ pub(crate) async fn serve<S>(
     tracing::debug!(%peer, client_id = %connect.client_id, ?principal, version = %connect.version, "client connected");
 
     // 4. Pump.
+    let rights = Rights {
+        rules: shared.topic_rules.as_ref(),
+        principal: &principal,
+        last_publish: None,
+    };
     let end = pump(
         &mut client,
         internal,
         &mut inbuf,
         connect.version,
+        rights,
         &shared,
         &cancel,
     )
@@ -245,6 +269,14 @@ pub(crate) async fn serve<S>(
                 let _ = client
                     .write_all(&codec::disconnect_v5(v.reason_code()))
                     .await;
+            }
+        }
+        End::Denied(access, topic) => {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client_id = %connect.client_id, ?principal, ?access, %topic, "closed a client that went outside its topic rights");
+            if connect.version == Version::V5 {
+                // 0x87: not authorized.
+                let _ = client.write_all(&codec::disconnect_v5(0x87)).await;
             }
         }
         End::FrameTimeout => {
@@ -268,11 +300,80 @@ pub(crate) async fn serve<S>(
     let _ = client.shutdown().await;
 }
 
+/// A connection's topic rights; the last topic it was allowed to publish on is remembered
+/// (a controller publishes on a handful of topics, again and again).
+struct Rights<'a> {
+    rules: Option<&'a TopicRules>,
+    principal: &'a Principal,
+    last_publish: Option<String>,
+}
+
+impl Rights<'_> {
+    fn publish(&mut self, topic: &str) -> Result<(), End> {
+        let Some(rules) = self.rules else {
+            return Ok(());
+        };
+        if self.last_publish.as_deref() == Some(topic) {
+            return Ok(());
+        }
+        if !rules.allows(self.principal, Access::Publish, topic) {
+            return Err(End::Denied(Access::Publish, topic.to_owned()));
+        }
+        self.last_publish = Some(topic.to_owned());
+        Ok(())
+    }
+
+    fn subscribe(&self, filters: &[&str]) -> Result<(), End> {
+        let Some(rules) = self.rules else {
+            return Ok(());
+        };
+        match filters
+            .iter()
+            .find(|f| !rules.allows(self.principal, Access::Subscribe, f))
+        {
+            Some(f) => Err(End::Denied(Access::Subscribe, (*f).to_owned())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Validates, authorizes and forwards one client packet into `batch`.
+fn forward(
+    f: &Frame,
+    frame: &[u8],
+    version: Version,
+    limits: &codec::Limits,
+    rights: &mut Rights<'_>,
+    aliases: &mut Aliases,
+    batch: &mut Vec<u8>,
+) -> Result<Checked, End> {
+    let body = &frame[f.header_len..];
+    let checked = codec::check_client_packet(f, body, version, limits).map_err(End::Violation)?;
+    match f.kind {
+        codec::PacketType::Publish if version == Version::V5 => {
+            forward_v5_publish(f, frame, aliases, limits, rights, batch)?;
+            return Ok(checked);
+        }
+        codec::PacketType::Publish if rights.rules.is_some() => {
+            rights.publish(codec::publish_topic_v311(body).map_err(End::Violation)?)?;
+        }
+        codec::PacketType::Subscribe if rights.rules.is_some() => {
+            rights.subscribe(
+                &codec::subscribe_filters(body, version, limits).map_err(End::Violation)?,
+            )?;
+        }
+        _ => {}
+    }
+    batch.extend_from_slice(frame);
+    Ok(checked)
+}
+
 async fn pump<S>(
     client: &mut S,
     internal: TcpStream,
     inbuf: &mut BytesMut,
     version: Version,
+    mut rights: Rights<'_>,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> End
@@ -288,31 +389,38 @@ where
     let mut saw_disconnect = false;
     let mut aliases = Aliases::default();
     loop {
-        // Validate every complete frame already buffered; forward them in one write.
+        // Validate every complete frame already buffered; forward them in one write. The
+        // packets before a bad one are still forwarded.
+        let mut stop = None;
         loop {
             let f = match codec::peek_frame(inbuf, limits.max_packet_size) {
-                Err(v) => return End::Violation(v),
+                Err(v) => {
+                    stop = Some(End::Violation(v));
+                    break;
+                }
                 Ok(Some(f)) if inbuf.len() >= f.len() => f,
                 Ok(_) => break,
             };
             let frame = inbuf.split_to(f.len());
             stats.packets_in.fetch_add(1, Ordering::Relaxed);
-            match codec::check_client_packet(&f, &frame[f.header_len..], version, &limits) {
-                Ok(Checked::Forward)
-                    if version == Version::V5 && f.kind == codec::PacketType::Publish =>
-                {
-                    if let Err(v) =
-                        forward_v5_publish(&f, &frame, &mut aliases, &limits, &mut batch)
-                    {
-                        return End::Violation(v);
-                    }
-                }
-                Ok(Checked::Forward) => batch.extend_from_slice(&frame),
+            match forward(
+                &f,
+                &frame,
+                version,
+                &limits,
+                &mut rights,
+                &mut aliases,
+                &mut batch,
+            ) {
+                Ok(Checked::Forward) => {}
                 Ok(Checked::Disconnect) => {
-                    batch.extend_from_slice(&frame);
                     saw_disconnect = true;
+                    break;
                 }
-                Err(v) => return End::Violation(v),
+                Err(end) => {
+                    stop = Some(end);
+                    break;
+                }
             }
         }
         if !batch.is_empty() {
@@ -323,6 +431,9 @@ where
             if batch.capacity() > 64 * 1024 {
                 batch.shrink_to(4096);
             }
+        }
+        if let Some(end) = stop {
+            return end;
         }
         if saw_disconnect {
             // The client said goodbye; rumqttd drops its will on DISCONNECT. Let it see EOF.
@@ -384,10 +495,13 @@ fn forward_v5_publish(
     frame: &[u8],
     aliases: &mut Aliases,
     limits: &codec::Limits,
+    rights: &mut Rights<'_>,
     out: &mut Vec<u8>,
-) -> Result<(), Violation> {
-    let parts = codec::split_publish_v5(f, &frame[f.header_len..], limits)?;
+) -> Result<(), End> {
+    let parts =
+        codec::split_publish_v5(f, &frame[f.header_len..], limits).map_err(End::Violation)?;
     if !parts.has_properties {
+        rights.publish(parts.topic)?;
         out.extend_from_slice(frame);
         return Ok(());
     }
@@ -396,7 +510,9 @@ fn forward_v5_publish(
             let new = parts.topic.len();
             let old = aliases.map.get(&a).map_or(0, String::len);
             if aliases.bytes - old + new > MAX_ALIAS_BYTES {
-                return Err(Violation::Quota("topic alias table too large"));
+                return Err(End::Violation(Violation::Quota(
+                    "topic alias table too large",
+                )));
             }
             aliases.bytes = aliases.bytes - old + new;
             aliases.map.insert(a, parts.topic.to_owned());
@@ -406,10 +522,13 @@ fn forward_v5_publish(
             .map
             .get(&a)
             .cloned()
-            .ok_or(Violation::Protocol("unknown topic alias"))?,
+            .ok_or(End::Violation(Violation::Protocol("unknown topic alias")))?,
         (false, None) => parts.topic.to_owned(),
-        (true, None) => return Err(Violation::TopicNameInvalid("empty topic")),
+        (true, None) => {
+            return Err(End::Violation(Violation::TopicNameInvalid("empty topic")));
+        }
     };
+    rights.publish(&topic)?;
     out.extend_from_slice(&codec::encode_publish_v5(
         frame[0],
         &topic,

@@ -54,8 +54,8 @@ pub struct ReasonLabel {
 pub struct Sampled {
     /// Open broker connections.
     pub broker_connections: Option<u64>,
-    /// Broker refusals: auth, protocol, busy, violations, tls.
-    pub broker_refused: Option<[u64; 5]>,
+    /// Broker refusals: auth, protocol, busy, violations, tls, topic rights.
+    pub broker_refused: Option<[u64; 6]>,
     /// MQTT client: messages dropped, connection errors.
     pub mqtt: Option<(u64, u64)>,
 }
@@ -212,9 +212,16 @@ impl Metrics {
             self.broker_connections.set(clamp(c));
         }
         if let Some(r) = s.broker_refused {
-            for (reason, v) in ["auth", "protocol", "busy", "violation", "tls"]
-                .iter()
-                .zip(r)
+            for (reason, v) in [
+                "auth",
+                "protocol",
+                "busy",
+                "violation",
+                "tls",
+                "not_authorized",
+            ]
+            .iter()
+            .zip(r)
             {
                 let c = self.broker_refused.get_or_create(&ReasonLabel {
                     reason: (*reason).to_owned(),

@@ -1,8 +1,9 @@
 //! MQTT topic names and who may speak on them (PROTOCOL.md §5).
 //!
-//! rumqttd has no per-topic ACL, so every receiver checks ownership on the signed envelope:
-//! a message is accepted only if its `sender_id` owns the topic it arrived on. With an
-//! external broker, `deploy/` ships ACL files expressing the same rules.
+//! Every receiver checks ownership on the signed envelope: a message is accepted only if its
+//! `sender_id` owns the topic it arrived on. The embedded broker also enforces these rights
+//! per connection ([`may_publish_on`], [`may_subscribe`]); with an external broker,
+//! `deploy/` ships an ACL file expressing the same rules.
 
 use std::fmt;
 
@@ -203,6 +204,70 @@ pub fn is_valid_filter(filter: &str) -> bool {
     })
 }
 
+/// Whether every topic `filter` can match is also matched by `pattern` (both MQTT filters):
+/// `pdsno/status/+` covers `pdsno/status/x` and itself, not `pdsno/status/#` or `pdsno/#`.
+pub fn filter_covers(pattern: &str, filter: &str) -> bool {
+    let mut p = pattern.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (p.next(), f.next()) {
+            (Some("#"), _) => return p.next().is_none(),
+            (Some("+"), Some(fl)) if fl != "#" => {}
+            (Some(pl), Some(fl)) if pl == fl && fl != "+" && fl != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filters a controller may subscribe to (PROTOCOL.md §5, the same rules as the ACL
+/// file in `deploy/mosquitto`): the global controller reads everything; every controller
+/// reads all statuses and the answers addressed to it; a regional controller also reads its
+/// region's discovery reports, events and policy and the global policy; a local controller
+/// its region's policy. Any filter covered by one of these is allowed.
+pub fn subscribe_rights(controller_id: &str) -> Vec<String> {
+    let Some(id) = ControllerId::parse(controller_id) else {
+        return Vec::new();
+    };
+    let mut v = vec![
+        status_filter(),
+        Topic::Reply(controller_id.to_owned()).to_string(),
+    ];
+    match (id.role, id.region) {
+        (Role::Global, _) => return vec!["#".to_owned()],
+        (Role::Regional, Some(r)) => {
+            v.push(discovery_filter(&r));
+            v.push(Topic::PolicyGlobal.to_string());
+            v.push(Topic::PolicyRegion(r.clone()).to_string());
+            v.push(Topic::EventsRegion(r).to_string());
+        }
+        (Role::Local, Some(r)) => v.push(Topic::PolicyRegion(r).to_string()),
+        _ => return Vec::new(),
+    }
+    v
+}
+
+/// Whether `controller_id` may subscribe to `filter` (a shared subscription
+/// `$share/{group}/{filter}` is judged by its filter).
+pub fn may_subscribe(controller_id: &str, filter: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((_, f)) => f,
+            None => return false,
+        },
+        None => filter,
+    };
+    subscribe_rights(controller_id)
+        .iter()
+        .any(|p| filter_covers(p, filter))
+}
+
+/// Whether `controller_id` may publish on the MQTT topic `name`: a pdsno topic it owns
+/// ([`Topic::may_publish`]); nothing outside the pdsno tree.
+pub fn may_publish_on(controller_id: &str, name: &str) -> bool {
+    Topic::parse(name).is_some_and(|t| t.may_publish(controller_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +415,125 @@ mod tests {
         assert!(!is_valid_filter("pdsno/#/x"));
         assert!(!is_valid_filter("pdsno/a+"));
         assert!(!is_valid_filter(""));
+    }
+
+    #[test]
+    fn filter_coverage() {
+        for (p, f) in [
+            ("pdsno/status/+", "pdsno/status/+"),
+            ("pdsno/status/+", "pdsno/status/local_cntl_zone-A_1"),
+            ("pdsno/#", "pdsno/#"),
+            ("pdsno/#", "pdsno"),
+            ("pdsno/#", "pdsno/status/+"),
+            ("pdsno/#", "pdsno/+/x/#"),
+            ("#", "anything/at/all"),
+            ("pdsno/policy/global", "pdsno/policy/global"),
+        ] {
+            assert!(filter_covers(p, f), "{p} covers {f}");
+        }
+        for (p, f) in [
+            ("pdsno/status/+", "pdsno/status/#"),
+            ("pdsno/status/+", "pdsno/#"),
+            ("pdsno/status/+", "pdsno/+/x"),
+            ("pdsno/status/+", "pdsno/status"),
+            ("pdsno/status/+", "pdsno/status/a/b"),
+            ("pdsno/policy/global", "pdsno/policy/+"),
+            ("pdsno/policy/global", "pdsno/policy/global/#"),
+            ("pdsno/x/#", "pdsno/+/y"),
+        ] {
+            assert!(!filter_covers(p, f), "{p} must not cover {f}");
+        }
+    }
+
+    #[test]
+    fn subscription_rights_per_tier() {
+        let gc = "global_cntl_1";
+        let rc = "regional_cntl_zone-A_1";
+        let lc = "local_cntl_zone-A_1";
+        for f in [
+            "#",
+            "pdsno/#",
+            "pdsno/discovery/+/+",
+            "$share/g/pdsno/status/+",
+        ] {
+            assert!(may_subscribe(gc, f), "{f}");
+        }
+        for f in [
+            "pdsno/discovery/zone-A/+",
+            "pdsno/discovery/zone-A/local_cntl_zone-A_3",
+            "pdsno/policy/global",
+            "pdsno/policy/zone-A",
+            "pdsno/status/+",
+            "pdsno/reply/regional_cntl_zone-A_1",
+            "pdsno/events/zone-A",
+            "$share/rcs/pdsno/discovery/zone-A/+",
+        ] {
+            assert!(may_subscribe(rc, f), "RC may read {f}");
+        }
+        for f in [
+            "#",
+            "pdsno/#",
+            "pdsno/discovery/zone-B/+",
+            "pdsno/discovery/+/+",
+            "pdsno/reply/+",
+            "pdsno/reply/regional_cntl_zone-A_2",
+            "pdsno/policy/zone-B",
+            "pdsno/policy/+",
+            "$share/x",
+            "other/topic",
+        ] {
+            assert!(!may_subscribe(rc, f), "RC may not read {f}");
+        }
+        for f in [
+            "pdsno/policy/zone-A",
+            "pdsno/reply/local_cntl_zone-A_1",
+            "pdsno/status/+",
+        ] {
+            assert!(may_subscribe(lc, f), "LC may read {f}");
+        }
+        for f in [
+            "pdsno/policy/global",
+            "pdsno/discovery/zone-A/+",
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1",
+            "pdsno/reply/local_cntl_zone-A_2",
+            "pdsno/events/zone-A",
+        ] {
+            assert!(!may_subscribe(lc, f), "LC may not read {f}");
+        }
+        assert!(
+            !may_subscribe("temp-rc-1", "pdsno/status/+"),
+            "no assigned id, no rights"
+        );
+    }
+
+    #[test]
+    fn publish_rights_follow_topic_ownership() {
+        let lc = "local_cntl_zone-A_1";
+        assert!(may_publish_on(
+            lc,
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1"
+        ));
+        assert!(may_publish_on(lc, "pdsno/status/local_cntl_zone-A_1"));
+        assert!(may_publish_on(lc, "pdsno/events/zone-A"));
+        assert!(may_publish_on(lc, "pdsno/reply/regional_cntl_zone-A_1"));
+        for t in [
+            "pdsno/discovery/zone-A/local_cntl_zone-A_2",
+            "pdsno/status/regional_cntl_zone-A_1",
+            "pdsno/policy/zone-A",
+            "pdsno/policy/global",
+            "pdsno/events/zone-B",
+            "elsewhere",
+        ] {
+            assert!(!may_publish_on(lc, t), "LC may not publish {t}");
+        }
+        assert!(may_publish_on("global_cntl_1", "pdsno/policy/global"));
+        assert!(!may_publish_on(
+            "regional_cntl_zone-A_1",
+            "pdsno/policy/global"
+        ));
+        assert!(may_publish_on(
+            "regional_cntl_zone-A_1",
+            "pdsno/policy/zone-A"
+        ));
     }
 }

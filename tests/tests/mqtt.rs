@@ -613,3 +613,184 @@ async fn a_busy_port_is_an_error_returned_to_the_caller() {
         "{stderr}"
     );
 }
+
+/// A PUBLISH packet by hand (QoS 0 unless `packet_id`; MQTT 5 adds an empty property list).
+fn publish_packet(v: Version, topic: &str, payload: &[u8], packet_id: Option<u16>) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&u16::try_from(topic.len()).expect("short").to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if let Some(id) = packet_id {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    if v == Version::V5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    assert!(body.len() < 128);
+    let first = if packet_id.is_some() { 0x32 } else { 0x30 };
+    let mut p = vec![first, u8::try_from(body.len()).expect("short")];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// A SUBSCRIBE packet by hand, QoS 0 for every filter.
+fn subscribe_packet(v: Version, filters: &[&str]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x07];
+    if v == Version::V5 {
+        body.push(0);
+    }
+    for f in filters {
+        body.extend_from_slice(&u16::try_from(f.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+        body.push(0);
+    }
+    assert!(body.len() < 128);
+    let mut p = vec![0x82, u8::try_from(body.len()).expect("short")];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Reads until the broker closes `s`; returns what it sent before closing.
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(T, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the broker kept the connection open; got {got:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_rights_close_the_offender_and_keep_the_rest() {
+    use pdsno_broker::{Access, Principal, TopicRules};
+    let mut cfg = BrokerConfig::plain(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some("127.0.0.1:0".parse().expect("addr")),
+    );
+    cfg.operators
+        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
+    // ctl-1 may publish under own/ and subscribe to own/+; operators are not restricted.
+    cfg.topic_rules = Some(TopicRules::new(|who, access, topic| match who {
+        Principal::Credential(_) => match access {
+            Access::Publish => topic.starts_with("own/"),
+            Access::Subscribe => topic == "own/+",
+        },
+        _ => true,
+    }));
+    let check: CredentialCheck = Arc::new(|req| {
+        Box::pin(async move { req.username == "ctl-1" && req.password.as_slice() == b"pw" })
+    });
+    let broker = EmbeddedBroker::start(cfg, Some(check))
+        .await
+        .expect("broker starts");
+    let v4 = broker.plain_addr(Version::V311).expect("v4");
+    let v5 = broker.plain_addr(Version::V5).expect("v5");
+    let ops = connected(settings(v4, "ops-watch", OPS_USER, OPS_PASSWORD)).await;
+    let mut own = subscribed(&ops, &ops, "own/+", 0, "own/probe").await;
+    let mut other = subscribed(&ops, &ops, "other/+", 0, "other/probe").await;
+    let ctl = |v: Version, will: Option<Will>| {
+        connect_packet(v, "ctl-1", Some("ctl-1"), Some("pw"), will)
+    };
+
+    // 1. MQTT 3.1.1: an allowed and a forbidden PUBLISH in one write. The first is
+    //    delivered, the second is not, and the connection is closed.
+    let (mut s, ack) = raw_connect(v4, &ctl(Version::V311, None)).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let mut two = publish_packet(Version::V311, "own/a", b"before", None);
+    two.extend(publish_packet(Version::V311, "other/x", b"forbidden", None));
+    s.write_all(&two).await.expect("write");
+    assert_eq!(
+        until_closed(&mut s).await,
+        b"",
+        "3.1.1 has no reason to give"
+    );
+    let m = recv(&mut own).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("own/a", &b"before"[..])
+    );
+    assert_eq!(broker.stats().denied, 1);
+
+    // 2. MQTT 5: a SUBSCRIBE with one filter outside the rights is refused as a whole:
+    //    DISCONNECT 0x87 (not authorized).
+    let (mut s, ack) = raw_connect(v5, &ctl(Version::V5, None)).await;
+    assert_eq!(&ack[..4], [0x20, ack[1], 0x00, 0x00]);
+    s.write_all(&subscribe_packet(Version::V5, &["own/+", "other/#"]))
+        .await
+        .expect("write");
+    assert_eq!(
+        until_closed(&mut s).await,
+        pdsno_broker::codec::disconnect_v5(0x87)
+    );
+    assert_eq!(broker.stats().denied, 2);
+
+    // 3. MQTT 5: a forbidden PUBLISH, QoS 1: no PUBACK, DISCONNECT 0x87, nothing delivered.
+    let (mut s, _) = raw_connect(v5, &ctl(Version::V5, None)).await;
+    s.write_all(&publish_packet(
+        Version::V5,
+        "other/y",
+        b"forbidden",
+        Some(1),
+    ))
+    .await
+    .expect("write");
+    assert_eq!(
+        until_closed(&mut s).await,
+        pdsno_broker::codec::disconnect_v5(0x87)
+    );
+    assert_eq!(broker.stats().denied, 3);
+
+    // 4. A will on a topic the client may not publish on: CONNACK "not authorized".
+    let will = Will {
+        properties: vec![],
+        topic: "other/will".into(),
+        payload: b"gone".to_vec(),
+        qos: 0,
+        retain: true,
+    };
+    let (_s, ack) = raw_connect(v4, &ctl(Version::V311, Some(will))).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(broker.stats().denied, 4);
+
+    // 5. Inside its rights the controller works: subscribe own/+ and receive, publish QoS 1
+    //    on own/ and get the PUBACK.
+    let (mut s, _) = raw_connect(v4, &ctl(Version::V311, None)).await;
+    s.write_all(&subscribe_packet(Version::V311, &["own/+"]))
+        .await
+        .expect("write");
+    let mut suback = [0u8; 5];
+    tokio::time::timeout(T, s.read_exact(&mut suback))
+        .await
+        .expect("SUBACK in time")
+        .expect("SUBACK");
+    assert_eq!(suback, [0x90, 0x03, 0x00, 0x07, 0x00]);
+    s.write_all(&publish_packet(Version::V311, "own/b", b"fine", Some(9)))
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.windows(4).any(|w| w == [0x40, 0x02, 0x00, 0x09]) {
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("PUBACK in time")
+            .expect("read");
+        assert!(n > 0, "closed: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(recv(&mut own).await.payload, &b"fine"[..]);
+
+    // Nothing forbidden ever reached a subscriber; operators are not restricted.
+    ops.publish_confirmed("other/z", "by ops", 1, false)
+        .await
+        .expect("ops publishes anywhere");
+    let m = recv(&mut other).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("other/z", &b"by ops"[..])
+    );
+    assert_eq!(broker.stats().denied, 4);
+    broker.shutdown().await;
+}

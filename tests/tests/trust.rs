@@ -865,6 +865,154 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
     );
 }
 
+/// One raw MQTT 3.1.1 packet: `first` byte, then `body` (short).
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first, u8::try_from(body.len()).expect("short body")];
+    p.extend_from_slice(body);
+    p
+}
+
+fn mqtt_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// GET `path` on a node's REST port; the body.
+fn http_get_text(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// The embedded broker holds each controller to its own topics: an LC's credential cannot
+/// overwrite the retained regional policy, read the whole tree, or leave a will on another
+/// controller's status topic; and a working topology never trips the rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_stay_inside_their_topic_rights() {
+    let lab = Lab::new();
+    let ops = "ops:ops-password";
+    let gc = lab.global(&["--user", ops]);
+    let broker = gc.mqtt.expect("embedded broker");
+    let mut rc = lab.child("regional", "temp-rc-t", &gc, "zone-A", &[]);
+    let mut lc = lab.child("local", "temp-lc-t", &rc, "zone-A", &[]);
+    rc.proc
+        .wait_line(WAIT, |l| l.starts_with("policy version=1 republished"));
+    lc.proc
+        .wait_line(WAIT, |l| l.starts_with("policy version=1 applied"));
+    let cred = nib(&lc)
+        .state_str(StateKey::MqttCredential)
+        .expect("state")
+        .expect("the LC has an MQTT credential");
+    // Stop the LC so its credential can be played without a session take-over fight.
+    lc.proc.kill();
+    let as_lc = || mqtt_connect(broker, &lc.id, Some(&lc.id), Some(cred.as_bytes()));
+
+    // Overwriting the retained regional policy: closed, not stored.
+    let (code, mut s) = as_lc();
+    assert_eq!(code, 0);
+    let mut body = Vec::new();
+    mqtt_str(&mut body, "pdsno/policy/zone-A");
+    body.extend_from_slice(b"{\"forged\":true}");
+    s.write_all(&packet(0x31, &body)).expect("PUBLISH");
+    assert!(
+        closed_by_peer(&mut s, WAIT),
+        "a forbidden PUBLISH left the LC connected"
+    );
+
+    // Reading the whole tree: closed.
+    let (code, mut s) = as_lc();
+    assert_eq!(code, 0);
+    let mut body = vec![0x00, 0x01];
+    mqtt_str(&mut body, "pdsno/#");
+    body.push(0);
+    s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
+    assert!(
+        closed_by_peer(&mut s, WAIT),
+        "a forbidden SUBSCRIBE left the LC connected"
+    );
+
+    // A will on the RC's status topic: refused at CONNECT.
+    let connect = pdsno_broker::codec::Connect {
+        version: pdsno_broker::codec::Version::V311,
+        clean: true,
+        keep_alive: 30,
+        properties: Vec::new(),
+        client_id: lc.id.clone(),
+        will: Some(pdsno_broker::codec::Will {
+            properties: Vec::new(),
+            topic: format!("pdsno/status/{}", rc.id),
+            payload: b"{}".to_vec(),
+            qos: 0,
+            retain: true,
+        }),
+        username: Some(lc.id.clone()),
+        password: Some(cred.as_bytes().to_vec()),
+        auth_method: false,
+    };
+    let mut s = TcpStream::connect(broker).expect("connect");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s.write_all(&connect.encode()).expect("CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x05], "not authorized");
+
+    // Its own status topic is fine (QoS 1: PUBACK).
+    let (code, mut s) = as_lc();
+    assert_eq!(code, 0);
+    let mut body = Vec::new();
+    mqtt_str(&mut body, &format!("pdsno/status/{}", lc.id));
+    body.extend_from_slice(&[0x00, 0x05]);
+    body.extend_from_slice(b"{}");
+    s.write_all(&packet(0x32, &body)).expect("PUBLISH");
+    let mut puback = [0u8; 4];
+    s.read_exact(&mut puback).expect("PUBACK");
+    assert_eq!(puback, [0x40, 0x02, 0x00, 0x05]);
+
+    // The retained regional policy is still the RC's signed copy.
+    let (code, mut s) = mqtt_connect(broker, "ops-reader", Some("ops"), Some(b"ops-password"));
+    assert_eq!(code, 0);
+    let mut body = vec![0x00, 0x01];
+    mqtt_str(&mut body, "pdsno/policy/zone-A");
+    body.push(0);
+    s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let retained = loop {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(start) = got.iter().position(|b| *b == b'{')
+            && let Ok(v) = pdsno_shared::json::parse(&got[start..])
+        {
+            break v;
+        }
+    };
+    assert_eq!(
+        retained.get("message_type").and_then(Value::as_str),
+        Some("POLICY_UPDATE"),
+        "{retained:?}"
+    );
+    assert_eq!(
+        retained.get("sender_id").and_then(Value::as_str),
+        Some(rc.id.as_str())
+    );
+
+    // Exactly the three offences were counted: the running topology tripped nothing.
+    let text = http_get_text(gc.rest, "/metrics");
+    assert!(
+        text.contains("pdsno_broker_refused_total{reason=\"not_authorized\"} 3\n"),
+        "{text}"
+    );
+}
+
 #[test]
 fn every_example_config_checks() {
     let dir = pdsno_tests::workspace_root().join("deploy/config");

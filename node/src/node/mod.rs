@@ -344,6 +344,7 @@ async fn start_broker(
         });
     }
     bc.operators = cfg.users.clone();
+    bc.topic_rules = Some(topic_rules());
     let broker = EmbeddedBroker::start(bc, Some(creds.broker_check()))
         .await
         .map_err(startup)?;
@@ -359,6 +360,22 @@ async fn start_broker(
         }
     }
     Ok(broker)
+}
+
+/// The embedded broker's topic rights: a controller (its MQTT user name is its id) may
+/// publish only on the topics it owns and subscribe only to what its tier reads
+/// (PROTOCOL.md §5); operator accounts, and anonymous clients where the operator allowed
+/// them, are not restricted.
+fn topic_rules() -> pdsno_broker::TopicRules {
+    use pdsno_broker::{Access, Principal};
+    use pdsno_shared::topics;
+    pdsno_broker::TopicRules::new(|who: &Principal, access: Access, topic: &str| match who {
+        Principal::Credential(id) => match access {
+            Access::Publish => topics::may_publish_on(id, topic),
+            Access::Subscribe => topics::may_subscribe(id, topic),
+        },
+        Principal::Operator(_) | Principal::Anonymous => true,
+    })
 }
 
 fn advertised(cfg: &NodeConfig, addr: std::net::SocketAddr, tls: bool) -> String {
@@ -510,6 +527,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                 st.refused_busy,
                 st.violations,
                 st.tls_failures,
+                st.denied,
             ]);
         });
     }
