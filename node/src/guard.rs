@@ -16,8 +16,12 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
+use chrono::{DateTime, Utc};
+use pdsno_shared::time::parse_iso;
+
 use crate::audit::Audit;
 use crate::metrics::Metrics;
+use crate::nib::events::EventRow;
 
 /// Configured limits.
 #[derive(Clone, Debug, PartialEq)]
@@ -245,6 +249,44 @@ impl Guard {
         locked
     }
 
+    /// Re-establishes the lockouts of an earlier run that have not ended yet, from the
+    /// audit log's `ADMISSION_LOCKOUT` events (a restart must not open the door to an
+    /// address that was locked out). Returns how many were restored.
+    pub fn restore_lockouts(&self, events: &[EventRow], now: DateTime<Utc>) -> usize {
+        let mono = Instant::now();
+        let mut map = self.failures();
+        let mut n = 0;
+        for ev in events {
+            if ev.event_type != "ADMISSION_LOCKOUT" {
+                continue;
+            }
+            let Ok(details) = pdsno_shared::json::parse(ev.details.as_bytes()) else {
+                continue;
+            };
+            let ip = details
+                .get("source")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse::<IpAddr>().ok());
+            let secs = details.get("lockout_secs").and_then(|v| v.as_u64());
+            let (Some(ip), Some(secs), Ok(at)) = (ip, secs, parse_iso(&ev.timestamp)) else {
+                continue;
+            };
+            let end = at + chrono::Duration::seconds(i64::try_from(secs).unwrap_or(i64::MAX / 2));
+            let Ok(left) = (end - now).to_std() else {
+                continue; // ended (or the clock went back past its end)
+            };
+            // Never longer than it was when imposed (a clock set back must not extend it).
+            let left = left.min(Duration::from_secs(secs));
+            let until = mono + left;
+            let f = map.entry(ip).or_default();
+            if f.locked_until.is_none_or(|u| u < until) {
+                f.locked_until = Some(until);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Records a successful admission from `ip`: its failure count starts again.
     pub fn admission_succeeded(&self, ip: IpAddr) {
         let mut map = self.failures();
@@ -380,5 +422,62 @@ mod tests {
         assert!(g.check_admission(a, "rest").is_err());
         std::thread::sleep(Duration::from_millis(80));
         assert!(g.check_admission(a, "rest").is_ok());
+    }
+
+    fn lockout_event(ip: &str, at: &str, secs: u64) -> EventRow {
+        EventRow {
+            seq: 1,
+            event_id: "event-000000000001".into(),
+            event_type: "ADMISSION_LOCKOUT".into(),
+            actor: "global_cntl_1".into(),
+            subject: Some(ip.into()),
+            action: "Locked out".into(),
+            decision: Some("LOCKED_OUT".into()),
+            timestamp: at.into(),
+            details: format!(
+                r#"{{"failures":5,"last_reason":"x","lockout_secs":{secs},"source":"{ip}"}}"#
+            ),
+            prev_hash: String::new(),
+            hash: String::new(),
+            signature: String::new(),
+        }
+    }
+
+    #[test]
+    fn lockouts_of_an_earlier_run_are_restored_until_they_end() {
+        let g = guard(Limits::default());
+        let now = parse_iso("2026-03-01T12:10:00+00:00").expect("time");
+        let mut broken = lockout_event("10.0.0.9", "2026-03-01T12:09:00+00:00", 900);
+        broken.details = "not json".into();
+        let mut other_type = lockout_event("10.0.0.8", "2026-03-01T12:09:00+00:00", 900);
+        other_type.event_type = "MESSAGE_REJECTED".into();
+        let events = [
+            // 15 min imposed 5 min ago: 10 min left.
+            lockout_event("10.0.0.1", "2026-03-01T12:05:00+00:00", 900),
+            // Ended a minute ago.
+            lockout_event("10.0.0.2", "2026-03-01T11:54:00+00:00", 900),
+            // "In the future" (the clock was set back): no longer than imposed.
+            lockout_event("10.0.0.3", "2026-03-01T13:00:00+00:00", 60),
+            lockout_event("not-an-ip", "2026-03-01T12:09:00+00:00", 900),
+            broken,
+            other_type,
+        ];
+        assert_eq!(g.restore_lockouts(&events, now), 2);
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let r = g
+            .check_admission(ip("10.0.0.1"), "grpc")
+            .expect_err("still locked");
+        assert!(
+            matches!(r, Refusal::LockedOut { retry_after } if (599..=600).contains(&retry_after)),
+            "{r:?}"
+        );
+        assert!(g.check_admission(ip("10.0.0.2"), "grpc").is_ok(), "ended");
+        let r = g
+            .check_admission(ip("10.0.0.3"), "grpc")
+            .expect_err("locked");
+        assert!(r.retry_after() <= 60, "{r:?}");
+        for free in ["10.0.0.8", "10.0.0.9"] {
+            assert!(g.check_admission(ip(free), "grpc").is_ok(), "{free}");
+        }
     }
 }

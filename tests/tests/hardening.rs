@@ -218,6 +218,60 @@ fn admission_lockout_per_source_is_audited_and_expires() {
     assert!(out.starts_with("OK events="), "{out}");
 }
 
+/// A lockout is not lifted by restarting the node: it is restored from the audit log.
+#[test]
+fn a_lockout_survives_a_restart() {
+    let lab = Lab::new();
+    let args = [
+        "--regions",
+        "zone-A,zone-B",
+        "--lockout-failures",
+        "1",
+        "--lockout-secs",
+        "300",
+    ];
+    let mut gc = lab.ready(lab.spawn("global", "global", &args), "global");
+    let parent = "global_cntl_1";
+    rt().block_on(async {
+        let link = ParentLink::new(&gc.grpc_url()).expect("link");
+        let bad = RawChild::new(&lab, "rc-bad", "zone-A", "regional");
+        let (status, reason) = handshake(&link, parent, &bad, |p| {
+            p.insert("signed_nonce".into(), "AAAA".into());
+        })
+        .await;
+        assert_eq!(status, "REJECTED", "{reason}");
+    });
+    gc.proc.kill();
+
+    let gc = lab.ready(lab.spawn("global", "global", &args), "global");
+    rt().block_on(async {
+        let link = ParentLink::new(&gc.grpc_url()).expect("link");
+        let good = RawChild::new(&lab, "rc-good", "zone-A", "regional");
+        match link.request_validation(&good.request(parent, 0)).await {
+            Err(LinkError::Status { code, message }) => {
+                assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+                assert!(message.contains("Retry after"), "{message}");
+                let secs: u64 = message
+                    .rsplit("Retry after ")
+                    .next()
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .expect("seconds in the message");
+                assert!((200..=300).contains(&secs), "{message}");
+            }
+            other => panic!("the restart lifted the lockout: {other:?}"),
+        }
+        let body = good.request(parent, 0).to_json();
+        let (code, _, text) = http(gc.rest, "POST", "/message/validation_request", &body).await;
+        assert_eq!(code, 429, "{text}");
+    });
+    // Restoring records nothing new: one lockout, one event.
+    let dir = gc.data_dir.display().to_string();
+    let (code, out, err) = pdsno(&["audit", "tail", "--data-dir", &dir, "-n", "100"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.matches("ADMISSION_LOCKOUT").count(), 1, "{out}");
+}
+
 #[test]
 fn audit_verify_reports_the_first_broken_link() {
     let lab = Lab::new();

@@ -250,6 +250,18 @@ impl Nib {
         events::list(&self.conn(), after, limit)
     }
 
+    /// The newest `limit` audit events of `event_type`, newest first.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn latest_events_of_type(
+        &self,
+        event_type: &str,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, NibError> {
+        events::latest_of_type(&self.conn(), event_type, limit)
+    }
+
     /// The id a consumed token was spent on, if it was.
     ///
     /// # Errors

@@ -162,6 +162,24 @@ pub(crate) fn list(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Ev
     Ok(rows)
 }
 
+/// The newest `limit` events of `event_type`, newest first.
+///
+/// # Errors
+/// On an SQLite failure.
+pub(crate) fn latest_of_type(
+    conn: &Connection,
+    event_type: &str,
+    limit: usize,
+) -> Result<Vec<EventRow>, NibError> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM events WHERE event_type = ?1 ORDER BY seq DESC LIMIT ?2"
+    ))?;
+    let rows = st
+        .query_map(params![event_type, limit as i64], read_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// Where and why a chain is broken.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("event chain broken at seq {seq}: {reason}")]

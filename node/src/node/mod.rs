@@ -610,6 +610,18 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     let audit = crate::audit::Audit::new(trust.clone());
     inbound.observe(metrics.clone(), Some(audit.clone()));
     let guard = crate::guard::Guard::new(cfg.limits.clone(), Some(audit.clone()), metrics.clone());
+    match nib.latest_events_of_type("ADMISSION_LOCKOUT", 10_000) {
+        Ok(events) => {
+            let n = guard.restore_lockouts(&events, clock.now());
+            if n > 0 {
+                tracing::warn!(
+                    addresses = n,
+                    "admission lockouts of the previous run still in force"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read earlier lockouts from the audit log"),
+    }
     {
         let t = trust.clone();
         let source: Option<Arc<dyn CredentialSource>> =
