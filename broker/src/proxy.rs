@@ -249,23 +249,30 @@ pub(crate) async fn serve<S>(
         principal: &principal,
         last_publish: None,
     };
+    let mut link = Link {
+        version: connect.version,
+        rights,
+        outgoing: OutgoingFrames::default(),
+    };
     let end = pump(
         &mut client,
         internal,
         &mut inbuf,
-        connect.version,
-        rights,
+        &mut link,
         &shared,
         &cancel,
     )
     .await;
+    // Our own DISCONNECT may only go between rumqttd's packets; in the middle of one the
+    // client just sees the connection close.
+    let say_why = connect.version == Version::V5 && link.outgoing.at_boundary();
     shared.unregister(&connect.client_id, session);
     stats.active.fetch_sub(1, Ordering::Relaxed);
     match &end {
         End::Violation(v) => {
             stats.violations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, client_id = %connect.client_id, violation = %v, "closed a client that broke the protocol");
-            if connect.version == Version::V5 {
+            if say_why {
                 let _ = client
                     .write_all(&codec::disconnect_v5(v.reason_code()))
                     .await;
@@ -274,7 +281,7 @@ pub(crate) async fn serve<S>(
         End::Denied(access, topic) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, client_id = %connect.client_id, ?principal, ?access, %topic, "closed a client that went outside its topic rights");
-            if connect.version == Version::V5 {
+            if say_why {
                 // 0x87: not authorized.
                 let _ = client.write_all(&codec::disconnect_v5(0x87)).await;
             }
@@ -285,7 +292,7 @@ pub(crate) async fn serve<S>(
         }
         End::Shutdown => {
             tracing::info!(%peer, client_id = %connect.client_id, "closing the session (shutdown or revocation)");
-            if connect.version == Version::V5 {
+            if say_why {
                 // 0x8B: server shutting down.
                 let _ = client.write_all(&codec::disconnect_v5(0x8B)).await;
             }
@@ -298,6 +305,13 @@ pub(crate) async fn serve<S>(
         }
     }
     let _ = client.shutdown().await;
+}
+
+/// One client connection's state in the pump.
+struct Link<'a> {
+    version: Version,
+    rights: Rights<'a>,
+    outgoing: OutgoingFrames,
 }
 
 /// A connection's topic rights; the last topic it was allowed to publish on is remembered
@@ -372,8 +386,7 @@ async fn pump<S>(
     client: &mut S,
     internal: TcpStream,
     inbuf: &mut BytesMut,
-    version: Version,
-    mut rights: Rights<'_>,
+    link: &mut Link<'_>,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> End
@@ -406,9 +419,9 @@ where
             match forward(
                 &f,
                 &frame,
-                version,
+                link.version,
                 &limits,
-                &mut rights,
+                &mut link.rights,
                 &mut aliases,
                 &mut batch,
             ) {
@@ -463,6 +476,7 @@ where
             r = ir.read(&mut out) => match r {
                 Ok(0) => return End::BrokerClosed,
                 Ok(n) => {
+                    link.outgoing.feed(&out[..n]);
                     if let Err(e) = client.write_all(&out[..n]).await {
                         return End::Io(e);
                     }
@@ -473,6 +487,49 @@ where
                 return End::FrameTimeout;
             }
         }
+    }
+}
+
+/// Where the broker-to-client byte stream stands. rumqttd's output is forwarded in chunks
+/// that may end inside a packet; the front door tracks packet boundaries (fixed headers
+/// only) so that a packet of its own is never spliced into one of rumqttd's.
+#[derive(Default)]
+struct OutgoingFrames {
+    /// Bytes of the current packet still to come after its fixed header.
+    left: usize,
+    /// Fixed-header bytes of the next packet read so far.
+    header: [u8; 5],
+    header_len: usize,
+    /// A header we could not read (never from rumqttd): boundaries are unknown from here.
+    lost: bool,
+}
+
+impl OutgoingFrames {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.lost {
+            if self.left > 0 {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            self.header[self.header_len] = data[0];
+            self.header_len += 1;
+            data = &data[1..];
+            if self.header_len >= 2 && self.header[self.header_len - 1] & 0x80 == 0 {
+                self.left = self.header[1..self.header_len]
+                    .iter()
+                    .enumerate()
+                    .fold(0usize, |v, (i, b)| v | (usize::from(b & 0x7F) << (7 * i)));
+                self.header_len = 0;
+            } else if self.header_len == self.header.len() {
+                self.lost = true;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        !self.lost && self.left == 0 && self.header_len == 0
     }
 }
 
@@ -536,4 +593,39 @@ fn forward_v5_publish(
         parts.payload,
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OutgoingFrames;
+
+    #[test]
+    fn outgoing_boundaries_are_tracked_across_any_split() {
+        // PINGRESP, a PUBLISH with a two-byte remaining length (200), a SUBACK.
+        let mut stream = vec![0xD0, 0x00, 0x30, 0xC8, 0x01];
+        stream.extend(std::iter::repeat_n(0xAB, 200));
+        stream.extend([0x90, 0x03, 0x00, 0x01, 0x00]);
+        let ends = [2, 205, stream.len()];
+        for split in 0..=stream.len() {
+            let mut o = OutgoingFrames::default();
+            o.feed(&stream[..split]);
+            assert_eq!(
+                o.at_boundary(),
+                split == 0 || ends.contains(&split),
+                "split at {split}"
+            );
+            o.feed(&stream[split..]);
+            assert!(o.at_boundary(), "whole stream, split at {split}");
+        }
+        // Byte by byte.
+        let mut o = OutgoingFrames::default();
+        for (i, b) in stream.iter().enumerate() {
+            o.feed(&[*b]);
+            assert_eq!(o.at_boundary(), ends.contains(&(i + 1)), "after byte {i}");
+        }
+        // A length that never ends: boundaries are lost for good.
+        let mut o = OutgoingFrames::default();
+        o.feed(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x00]);
+        assert!(!o.at_boundary());
+    }
 }
