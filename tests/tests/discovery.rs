@@ -324,6 +324,25 @@ async fn operator(broker: std::net::SocketAddr) -> MqttClient {
     c
 }
 
+/// `pdsno policy set` with `policy` (JSON text) at the GC; its standard output.
+fn policy_set(lab: &Lab, gc: &NodeProc, policy: &str) -> String {
+    let file = lab.dir.path().join("policy.json");
+    std::fs::write(&file, policy).expect("write the policy file");
+    let (code, out, err) = run(
+        &pdsno_tests::pdsno_bin().display().to_string(),
+        &[
+            "policy",
+            "set",
+            &file.display().to_string(),
+            "--data-dir",
+            &gc.data_dir.display().to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out} {err}");
+    out
+}
+
 fn applied_versions(p: &pdsno_tests::Proc) -> Vec<u64> {
     p.lines()
         .iter()
@@ -351,24 +370,8 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
         .await;
     }
     // A new version from the operator reaches every LC, both signatures checked.
-    let file = lab.dir.path().join("policy.json");
-    std::fs::write(
-        &file,
-        r#"{"discovery":{"missed_cycles_before_inactive":3},"label":"v2"}"#,
-    )
-    .expect("write");
-    let (code, out, err) = run(
-        &pdsno_tests::pdsno_bin().display().to_string(),
-        &[
-            "policy",
-            "set",
-            &file.display().to_string(),
-            "--data-dir",
-            &gc.data_dir.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "{out} {err}");
+    let v2 = r#"{"discovery":{"missed_cycles_before_inactive":3},"label":"v2"}"#;
+    let out = policy_set(&lab, &gc, v2);
     assert!(out.contains("policy version 2 published"), "{out}");
     for lc in [&lc1, &lc2] {
         eventually("v2 at the LC", WAIT, || {
@@ -483,18 +486,7 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
     // A controller that was away gets the current policy when it comes back.
     let mut lc2 = lc2;
     lc2.proc.kill();
-    let (code, out, _) = run(
-        &pdsno_tests::pdsno_bin().display().to_string(),
-        &[
-            "policy",
-            "set",
-            &file.display().to_string(),
-            "--data-dir",
-            &gc.data_dir.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "{out}");
+    policy_set(&lab, &gc, v2);
     let p = lab.spawn("local", "temp-lc-p2", &hb);
     let back = lab.ready(p, "temp-lc-p2");
     eventually("v3 after the restart", WAIT, || {
@@ -738,20 +730,7 @@ async fn an_external_broker_outage_loses_no_report_and_policy_resyncs() {
         "reports should wait in the outbox, found {queued}"
     );
     // Meanwhile the operator publishes a policy: the GC cannot reach anyone.
-    let pfile = lab.dir.path().join("p.json");
-    std::fs::write(&pfile, r#"{"label":"during the outage"}"#).expect("write");
-    let (code, out, err) = run(
-        &pdsno_tests::pdsno_bin().display().to_string(),
-        &[
-            "policy",
-            "set",
-            &pfile.display().to_string(),
-            "--data-dir",
-            &gc.data_dir.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "{out} {err}");
+    policy_set(&lab, &gc, r#"{"label":"during the outage"}"#);
 
     // 3. Both come back: the queue drains, every device arrives, the policy re-syncs.
     let _broker = Mosquitto::start(port);
@@ -802,20 +781,7 @@ async fn policy_is_pushed_down_the_tree_over_grpc_while_the_broker_is_down() {
     .await;
 
     broker.proc.kill();
-    let pfile = lab.dir.path().join("p.json");
-    std::fs::write(&pfile, r#"{"label":"pushed"}"#).expect("write");
-    let (code, out, err) = run(
-        &pdsno_tests::pdsno_bin().display().to_string(),
-        &[
-            "policy",
-            "set",
-            &pfile.display().to_string(),
-            "--data-dir",
-            &gc.data_dir.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "{out} {err}");
+    policy_set(&lab, &gc, r#"{"label":"pushed"}"#);
     eventually("the RC applies and hands on version 2", WAIT, || {
         let ok = rc
             .proc
