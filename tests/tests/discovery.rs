@@ -806,6 +806,55 @@ async fn policy_is_pushed_down_the_tree_over_grpc_while_the_broker_is_down() {
     );
 }
 
+/// A lab with no broker at all: admission, discovery up to the GC inventory, a policy to
+/// the LC and liveness (heartbeats), over gRPC alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_free_topology_works_over_grpc_alone() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--no-embedded-broker"]);
+    assert!(gc.mqtt.is_none());
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-n",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.2", "--summary-interval", "0.3"],
+    );
+    let file = lab.dir.path().join("n.json");
+    let devices = [
+        ("02:00:00:00:60:01", "10.6.0.1"),
+        ("02:00:00:00:60:02", "10.6.0.2"),
+    ];
+    write_devices(&file, &devices);
+    let a = file_args(&file);
+    let mut lc = lab.child("local", "temp-lc-n", &rc, "zone-A", &strs(&a));
+    let want = set(&devices.map(|d| d.0));
+    eventually("devices at the RC and in the GC inventory", WAIT, || {
+        let ok = active(&rc, Some(&lc.id)) == want && inventory(&gc, "active") == want;
+        async move { ok }
+    })
+    .await;
+    assert!(num(&status(&lc).await, &["transport", "sent", "grpc"]).unwrap_or(0) > 0);
+    assert_eq!(
+        num(&status(&lc).await, &["transport", "sent", "mqtt"]).unwrap_or(0),
+        0
+    );
+
+    policy_set(&lab, &gc, r#"{"label":"no broker"}"#);
+    eventually("the LC applies version 2", WAIT, || {
+        let ok = applied_versions(&lc.proc).contains(&2);
+        async move { ok }
+    })
+    .await;
+
+    rc.proc
+        .wait_line(WAIT, |l| l == format!("liveness id={} state=online", lc.id));
+    // No broker, no last will: a silent child shows as stale after three intervals.
+    lc.proc.kill();
+    rc.proc
+        .wait_line(WAIT, |l| l == format!("liveness id={} state=stale", lc.id));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_sub_shows_the_traffic_as_signed_envelopes() {
     let lab = Lab::new();
