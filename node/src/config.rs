@@ -110,6 +110,9 @@ pub struct FileConfig {
     pub rate_limit_rps: Option<u32>,
     /// Burst allowed above the rate (default 400).
     pub rate_limit_burst: Option<u32>,
+    /// Source networks (CIDR) exempt from the rate limit, e.g. a NAT gateway in front of
+    /// many controllers.
+    pub rate_limit_exempt: Option<Vec<String>>,
     /// Failed admission attempts from one address before a lockout (default 5; 0 = never).
     pub lockout_failures: Option<u32>,
     /// The window in which those failures count (default 60 s).
@@ -298,6 +301,15 @@ pub struct NodeArgs {
     /// Burst allowed above --rate-limit-rps.
     #[arg(long, env = "PDSNO_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// A source network (CIDR) exempt from the rate limit, e.g. a NAT gateway in front of
+    /// many controllers (repeatable; the admission lockout still applies).
+    #[arg(
+        long,
+        env = "PDSNO_RATE_LIMIT_EXEMPT",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub rate_limit_exempt: Vec<String>,
     /// Failed admission attempts from one address before a lockout (0 = never).
     #[arg(long, env = "PDSNO_LOCKOUT_FAILURES")]
     pub lockout_failures: Option<u32>,
@@ -446,6 +458,25 @@ fn seconds(name: &str, v: Option<f64>, default: f64) -> Result<std::time::Durati
         return Err(err(name, "must be between 0.01 and 86400 seconds"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Parses `rate_limit_exempt` networks (`10.0.0.0/8`, `fd00::/8`; a bare address is one host).
+fn networks(list: Vec<String>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    err(
+                        "rate_limit_exempt",
+                        format!("{s:?} is not a network (CIDR such as 10.0.0.0/8) or an address"),
+                    )
+                })
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -777,6 +808,11 @@ impl NodeConfig {
             limits: crate::guard::Limits {
                 rate_per_sec: a.rate_limit_rps.or(file.rate_limit_rps).unwrap_or(200),
                 burst: a.rate_limit_burst.or(file.rate_limit_burst).unwrap_or(400),
+                rate_limit_exempt: networks(if a.rate_limit_exempt.is_empty() {
+                    file.rate_limit_exempt.unwrap_or_default()
+                } else {
+                    a.rate_limit_exempt.clone()
+                })?,
                 lockout_failures: a.lockout_failures.or(file.lockout_failures).unwrap_or(5),
                 lockout_window: seconds(
                     "lockout_window_secs",

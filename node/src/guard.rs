@@ -30,6 +30,9 @@ pub struct Limits {
     pub rate_per_sec: u32,
     /// Burst above the rate.
     pub burst: u32,
+    /// Source networks the rate limit does not apply to (e.g. a NAT gateway in front of
+    /// many controllers); the admission lockout still does.
+    pub rate_limit_exempt: Vec<ipnet::IpNet>,
     /// Failed admissions from one address that trigger a lockout (0 = never).
     pub lockout_failures: u32,
     /// The window those failures are counted in.
@@ -45,6 +48,7 @@ impl Default for Limits {
         Limits {
             rate_per_sec: 200,
             burst: 400,
+            rate_limit_exempt: Vec::new(),
             lockout_failures: 5,
             lockout_window: Duration::from_secs(60),
             lockout: Duration::from_secs(900),
@@ -182,6 +186,15 @@ impl Guard {
         let Some(l) = &self.limiter else {
             return Ok(());
         };
+        let ip = ip.to_canonical();
+        if self
+            .limits
+            .rate_limit_exempt
+            .iter()
+            .any(|n| n.contains(&ip))
+        {
+            return Ok(());
+        }
         match l.check_key(&ip) {
             Ok(()) => Ok(()),
             Err(not_until) => {
@@ -479,5 +492,35 @@ mod tests {
         for free in ["10.0.0.8", "10.0.0.9"] {
             assert!(g.check_admission(ip(free), "grpc").is_ok(), "{free}");
         }
+    }
+
+    #[test]
+    fn exempt_networks_skip_the_rate_limit_only() {
+        let g = guard(Limits {
+            rate_per_sec: 1,
+            burst: 1,
+            rate_limit_exempt: vec![
+                "10.1.0.0/16".parse().expect("net"),
+                "fd00::/8".parse().expect("net"),
+            ],
+            lockout_failures: 1,
+            ..Limits::default()
+        });
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        for inside in ["10.1.2.3", "::ffff:10.1.200.1", "fd00::5"] {
+            for _ in 0..100 {
+                assert!(g.check_rate(ip(inside), "rest").is_ok(), "{inside}");
+            }
+        }
+        assert!(g.check_rate(ip("10.2.0.1"), "rest").is_ok());
+        assert!(
+            g.check_rate(ip("10.2.0.1"), "rest").is_err(),
+            "outside: limited"
+        );
+        assert!(
+            g.admission_failed(ip("10.1.2.3"), "x"),
+            "the lockout still applies"
+        );
+        assert!(g.check_admission(ip("10.1.2.3"), "rest").is_err());
     }
 }

@@ -218,6 +218,36 @@ fn admission_lockout_per_source_is_audited_and_expires() {
     assert!(out.starts_with("OK events="), "{out}");
 }
 
+/// An exempt network (a NAT gateway in front of many controllers) is not rate limited;
+/// a malformed network is a configuration error naming the key.
+#[test]
+fn an_exempt_network_is_not_rate_limited() {
+    let lab = Lab::new();
+    let gc = lab.global(&[
+        "--rate-limit-rps",
+        "1",
+        "--rate-limit-burst",
+        "1",
+        "--rate-limit-exempt",
+        "192.0.2.0/24,127.0.0.0/8",
+    ]);
+    rt().block_on(async {
+        for i in 0..30 {
+            let (code, _, body) = http(gc.rest, "GET", "/info", "").await;
+            assert_eq!(code, 200, "request {i}: {body}");
+        }
+    });
+    let (code, _, err) = pdsno(&[
+        "global",
+        "--data-dir",
+        &lab.data("bad-net").display().to_string(),
+        "--rate-limit-exempt",
+        "10.0.0.0/33",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("rate_limit_exempt"), "{err}");
+}
+
 /// A lockout is not lifted by restarting the node: it is restored from the audit log.
 #[test]
 fn a_lockout_survives_a_restart() {
