@@ -12,7 +12,8 @@
 //! - whatever is signed verifies, through the wire form too, with HMAC and Ed25519;
 //! - a single changed byte never yields a different message that still verifies;
 //! - a nonce is accepted once;
-//! - decoding is total: arbitrary text never panics, and what decodes re-encodes stably.
+//! - decoding is total: arbitrary text never panics, and what decodes re-encodes stably;
+//! - a subscription granted by topic-filter coverage never matches beyond its pattern.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::collection::{btree_map, vec};
@@ -556,6 +557,76 @@ proptest! {
         if let Ok(e) = Envelope::from_value(v.clone()) {
             prop_assert_eq!(e.to_json_bytes(), json::to_canonical_bytes(&v));
             prop_assert!(Envelope::from_slice(&e.to_json_bytes()).ok() == Some(e));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Topic rights: a filter allowed because a pattern covers it can never match a topic the
+// pattern does not (the embedded broker grants subscriptions by coverage).
+
+fn arb_filter() -> impl Strategy<Value = String> {
+    (
+        vec(
+            prop::sample::select(&["a", "b", "c", "+"][..]).prop_map(String::from),
+            0..4,
+        ),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(mut levels, hash, root)| {
+            if hash || levels.is_empty() {
+                levels.push("#".into());
+            }
+            if root {
+                levels.insert(0, "pdsno".into());
+            }
+            levels.join("/")
+        })
+}
+
+fn arb_topic() -> impl Strategy<Value = String> {
+    (
+        vec(
+            prop::sample::select(&["a", "b", "c", "d"][..]).prop_map(String::from),
+            0..5,
+        ),
+        any::<bool>(),
+    )
+        .prop_map(|(levels, root)| {
+            let mut t = if root {
+                vec!["pdsno".to_owned()]
+            } else {
+                Vec::new()
+            };
+            t.extend(levels);
+            if t.is_empty() {
+                t.push("a".into());
+            }
+            t.join("/")
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// Coverage is sound: if `pattern` covers `filter`, every topic `filter` matches,
+    /// `pattern` matches too.
+    #[test]
+    fn a_covered_filter_never_reaches_beyond_its_pattern(
+        pattern in arb_filter(),
+        filter in arb_filter(),
+        topics in vec(arb_topic(), 1..24),
+    ) {
+        use pdsno_shared::topics::{filter_covers, filter_matches};
+        prop_assert!(filter_covers(&pattern, &pattern));
+        if filter_covers(&pattern, &filter) {
+            for t in &topics {
+                prop_assert!(
+                    !filter_matches(&filter, t) || filter_matches(&pattern, t),
+                    "{filter} matches {t} but {pattern} does not"
+                );
+            }
         }
     }
 }
