@@ -94,10 +94,13 @@ impl Gate {
             .cloned()
         {
             // Argon2 is deliberately slow; keep it off the executor threads.
+            let read_only = account.is_read_only();
             let ok = tokio::task::spawn_blocking(move || account.verify(&password))
                 .await
                 .unwrap_or(false);
-            return if ok {
+            return if ok && read_only {
+                Ok(Principal::Reader(username))
+            } else if ok {
                 Ok(Principal::Operator(username))
             } else {
                 Err(Refusal::BadCredentials)
@@ -128,6 +131,8 @@ pub enum Principal {
     Anonymous,
     /// An operator account.
     Operator(String),
+    /// A read-only operator account: it may subscribe, never publish (nor leave a will).
+    Reader(String),
     /// A credential accepted by the caller's check.
     Credential(String),
 }
@@ -163,6 +168,20 @@ impl TopicRules {
     pub fn allows(&self, principal: &Principal, access: Access, topic: &str) -> bool {
         (self.0)(principal, access, topic)
     }
+}
+
+/// Whether `principal` may do `access` on `topic` under the optional caller's `rules`: a
+/// read-only account never publishes, whatever the rules; without rules anything else goes.
+pub fn permitted(
+    rules: Option<&TopicRules>,
+    principal: &Principal,
+    access: Access,
+    topic: &str,
+) -> bool {
+    if access == Access::Publish && matches!(principal, Principal::Reader(_)) {
+        return false;
+    }
+    rules.is_none_or(|r| r.allows(principal, access, topic))
 }
 
 impl fmt::Debug for TopicRules {

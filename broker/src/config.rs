@@ -96,6 +96,7 @@ impl BrokerLimits {
 pub struct OperatorAccount {
     name: String,
     hash: String,
+    read_only: bool,
 }
 
 /// Why an account could not be created.
@@ -128,6 +129,7 @@ impl OperatorAccount {
         Ok(OperatorAccount {
             name: name.to_owned(),
             hash,
+            read_only: false,
         })
     }
 
@@ -152,7 +154,21 @@ impl OperatorAccount {
         Ok(OperatorAccount {
             name: name.to_owned(),
             hash: hash.to_owned(),
+            read_only: false,
         })
+    }
+
+    /// The same account, allowed to subscribe only (monitoring, `mosquitto_sub`): it
+    /// authenticates as [`crate::Principal::Reader`], and any PUBLISH or will is refused.
+    #[must_use]
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// Whether the account may only subscribe.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The account name.
@@ -177,6 +193,7 @@ impl fmt::Debug for OperatorAccount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OperatorAccount")
             .field("name", &self.name)
+            .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
 }

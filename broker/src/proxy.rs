@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Access, Principal, TopicRules};
+use crate::auth::{Access, Principal, TopicRules, permitted};
 use crate::codec::{self, Checked, ConnectError, Frame, Refusal, Version, Violation};
 use crate::inner::INTERNAL_USER;
 use crate::{Shared, Stats};
@@ -185,8 +185,13 @@ pub(crate) async fn serve<S>(
     };
 
     // A will is a publish made later on the client's behalf: it needs the same right.
-    if let (Some(rules), Some(w)) = (&shared.topic_rules, &connect.will)
-        && !rules.allows(&principal, Access::Publish, &w.topic)
+    if let Some(w) = &connect.will
+        && !permitted(
+            shared.topic_rules.as_ref(),
+            &principal,
+            Access::Publish,
+            &w.topic,
+        )
     {
         stats.denied.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
@@ -323,14 +328,16 @@ struct Rights<'a> {
 }
 
 impl Rights<'_> {
+    /// Whether anything is checked at all for this connection.
+    fn restricted(&self) -> bool {
+        self.rules.is_some() || matches!(self.principal, Principal::Reader(_))
+    }
+
     fn publish(&mut self, topic: &str) -> Result<(), End> {
-        let Some(rules) = self.rules else {
-            return Ok(());
-        };
-        if self.last_publish.as_deref() == Some(topic) {
+        if !self.restricted() || self.last_publish.as_deref() == Some(topic) {
             return Ok(());
         }
-        if !rules.allows(self.principal, Access::Publish, topic) {
+        if !permitted(self.rules, self.principal, Access::Publish, topic) {
             return Err(End::Denied(Access::Publish, topic.to_owned()));
         }
         self.last_publish = Some(topic.to_owned());
@@ -338,12 +345,12 @@ impl Rights<'_> {
     }
 
     fn subscribe(&self, filters: &[&str]) -> Result<(), End> {
-        let Some(rules) = self.rules else {
+        if !self.restricted() {
             return Ok(());
-        };
+        }
         match filters
             .iter()
-            .find(|f| !rules.allows(self.principal, Access::Subscribe, f))
+            .find(|f| !permitted(self.rules, self.principal, Access::Subscribe, f))
         {
             Some(f) => Err(End::Denied(Access::Subscribe, (*f).to_owned())),
             None => Ok(()),
@@ -368,10 +375,10 @@ fn forward(
             forward_v5_publish(f, frame, aliases, limits, rights, batch)?;
             return Ok(checked);
         }
-        codec::PacketType::Publish if rights.rules.is_some() => {
+        codec::PacketType::Publish if rights.restricted() => {
             rights.publish(codec::publish_topic_v311(body).map_err(End::Violation)?)?;
         }
-        codec::PacketType::Subscribe if rights.rules.is_some() => {
+        codec::PacketType::Subscribe if rights.restricted() => {
             rights.subscribe(
                 &codec::subscribe_filters(body, version, limits).map_err(End::Violation)?,
             )?;

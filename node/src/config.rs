@@ -131,6 +131,9 @@ pub struct UserEntry {
     pub name: String,
     /// `$argon2id$...` hash.
     pub password_hash: String,
+    /// Subscribe only, never publish (monitoring accounts).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Flags shared by `pdsno global|regional|local`; each also reads a `PDSNO_*` variable.
@@ -204,6 +207,10 @@ pub struct NodeArgs {
     /// Embedded broker operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub users: Vec<SecretArg>,
+    /// Embedded broker read-only account NAME:PASSWORD: subscribes, never publishes
+    /// (repeatable).
+    #[arg(long = "reader", value_name = "NAME:PASSWORD")]
+    pub readers: Vec<SecretArg>,
     /// Seconds an admission challenge stays valid.
     #[arg(
         long = "challenge-ttl",
@@ -684,11 +691,21 @@ impl NodeConfig {
                 OperatorAccount::parse_flag(u.expose()).map_err(|e| err("user", e.to_string()))?,
             );
         }
-        for u in file.mqtt_users.unwrap_or_default() {
+        for u in &a.readers {
             users.push(
-                OperatorAccount::with_hash(&u.name, &u.password_hash)
-                    .map_err(|e| err(&format!("mqtt_users.{}", u.name), e.to_string()))?,
+                OperatorAccount::parse_flag(u.expose())
+                    .map_err(|e| err("reader", e.to_string()))?
+                    .read_only(),
             );
+        }
+        for u in file.mqtt_users.unwrap_or_default() {
+            let account = OperatorAccount::with_hash(&u.name, &u.password_hash)
+                .map_err(|e| err(&format!("mqtt_users.{}", u.name), e.to_string()))?;
+            users.push(if u.read_only {
+                account.read_only()
+            } else {
+                account
+            });
         }
         let parent = a.parent.clone().or(file.parent);
         let cfg = NodeConfig {
@@ -921,6 +938,64 @@ mod tests {
 
     fn args(v: &[&str]) -> NodeArgs {
         T::parse_from(std::iter::once("t").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn operator_accounts_full_and_read_only_from_flags_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = OperatorAccount::with_password("x", "pw")
+            .expect("hash")
+            .hash()
+            .to_owned();
+        let secret = dir.path().join("bootstrap.secret");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let file = dir.path().join("gc.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "bootstrap_secret_file = \"{}\"\n[[mqtt_users]]\nname = \"mon\"\npassword_hash = \"{hash}\"\nread_only = true\n\n[[mqtt_users]]\nname = \"admin\"\npassword_hash = \"{hash}\"\n",
+                secret.display()
+            ),
+        )
+        .expect("write");
+        let cfg = NodeConfig::resolve(
+            Role::Global,
+            &args(&[
+                "--config",
+                file.to_str().expect("utf-8"),
+                "--user",
+                "ops:ops-pw",
+                "--reader",
+                "watch:watch-pw",
+            ]),
+        )
+        .expect("valid");
+        let accounts: Vec<(&str, bool)> = cfg
+            .users
+            .iter()
+            .map(|u| (u.name(), u.is_read_only()))
+            .collect();
+        assert_eq!(
+            accounts,
+            [
+                ("ops", false),
+                ("watch", true),
+                ("mon", true),
+                ("admin", false)
+            ]
+        );
+        assert!(cfg.users[1].verify(b"watch-pw"));
+        let e = NodeConfig::resolve(
+            Role::Global,
+            &args(&[
+                "--config",
+                file.to_str().expect("utf-8"),
+                "--reader",
+                "nopassword",
+            ]),
+        )
+        .expect_err("malformed");
+        assert!(e.to_string().contains("reader"), "{e}");
     }
 
     #[test]

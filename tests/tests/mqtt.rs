@@ -794,3 +794,79 @@ async fn topic_rights_close_the_offender_and_keep_the_rest() {
     assert_eq!(broker.stats().denied, 4);
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_account_subscribes_but_never_publishes() {
+    let mut cfg = BrokerConfig::plain("127.0.0.1:0".parse().expect("addr"), None);
+    cfg.operators
+        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
+    cfg.operators.push(
+        OperatorAccount::with_password("mon", "mon-password")
+            .expect("account")
+            .read_only(),
+    );
+    let broker = EmbeddedBroker::start(cfg, None)
+        .await
+        .expect("broker starts");
+    let addr = broker.plain_addr(Version::V311).expect("v4");
+    let ops = connected(settings(addr, "ops-1", OPS_USER, OPS_PASSWORD)).await;
+    let mon = connected(settings(addr, "mon-1", "mon", "mon-password")).await;
+    let mut rx = subscribed(&mon, &ops, "pdsno/#", 1, "pdsno/probe").await;
+    ops.publish_confirmed("pdsno/status/x", "seen", 1, false)
+        .await
+        .expect("publish");
+    assert_eq!(recv(&mut rx).await.payload, &b"seen"[..]);
+
+    // Its PUBLISH closes the connection and reaches nobody.
+    let (mut s, ack) = raw_connect(
+        addr,
+        &connect_packet(
+            Version::V311,
+            "mon-raw",
+            Some("mon"),
+            Some("mon-password"),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    s.write_all(&publish_packet(
+        Version::V311,
+        "pdsno/status/x",
+        b"forged",
+        None,
+    ))
+    .await
+    .expect("write");
+    assert_eq!(until_closed(&mut s).await, b"");
+    // Nor may it leave a will.
+    let will = Will {
+        properties: vec![],
+        topic: "pdsno/status/mon".into(),
+        payload: b"gone".to_vec(),
+        qos: 0,
+        retain: false,
+    };
+    let (_s, ack) = raw_connect(
+        addr,
+        &connect_packet(
+            Version::V311,
+            "mon-will",
+            Some("mon"),
+            Some("mon-password"),
+            Some(will),
+        ),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(broker.stats().denied, 2);
+    ops.publish_confirmed("pdsno/status/x", "after", 1, false)
+        .await
+        .expect("publish");
+    assert_eq!(
+        recv(&mut rx).await.payload,
+        &b"after"[..],
+        "nothing forged in between"
+    );
+    broker.shutdown().await;
+}

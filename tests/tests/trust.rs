@@ -894,12 +894,12 @@ fn http_get_text(addr: SocketAddr, path: &str) -> String {
 
 /// The embedded broker holds each controller to its own topics: an LC's credential cannot
 /// overwrite the retained regional policy, read the whole tree, or leave a will on another
-/// controller's status topic; and a working topology never trips the rules.
+/// controller's status topic; a read-only account reads but cannot publish; and a working
+/// topology never trips the rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controllers_stay_inside_their_topic_rights() {
     let lab = Lab::new();
-    let ops = "ops:ops-password";
-    let gc = lab.global(&["--user", ops]);
+    let gc = lab.global(&["--reader", "mon:mon-password"]);
     let broker = gc.mqtt.expect("embedded broker");
     let mut rc = lab.child("regional", "temp-rc-t", &gc, "zone-A", &[]);
     let mut lc = lab.child("local", "temp-lc-t", &rc, "zone-A", &[]);
@@ -976,8 +976,20 @@ async fn controllers_stay_inside_their_topic_rights() {
     s.read_exact(&mut puback).expect("PUBACK");
     assert_eq!(puback, [0x40, 0x02, 0x00, 0x05]);
 
-    // The retained regional policy is still the RC's signed copy.
-    let (code, mut s) = mqtt_connect(broker, "ops-reader", Some("ops"), Some(b"ops-password"));
+    // A read-only account cannot publish either.
+    let (code, mut s) = mqtt_connect(broker, "mon-1", Some("mon"), Some(b"mon-password"));
+    assert_eq!(code, 0);
+    let mut body = Vec::new();
+    mqtt_str(&mut body, "pdsno/policy/zone-A");
+    body.extend_from_slice(b"{}");
+    s.write_all(&packet(0x31, &body)).expect("PUBLISH");
+    assert!(
+        closed_by_peer(&mut s, WAIT),
+        "a read-only account published"
+    );
+
+    // It reads: the retained regional policy is still the RC's signed copy.
+    let (code, mut s) = mqtt_connect(broker, "mon-2", Some("mon"), Some(b"mon-password"));
     assert_eq!(code, 0);
     let mut body = vec![0x00, 0x01];
     mqtt_str(&mut body, "pdsno/policy/zone-A");
@@ -1005,10 +1017,10 @@ async fn controllers_stay_inside_their_topic_rights() {
         Some(rc.id.as_str())
     );
 
-    // Exactly the three offences were counted: the running topology tripped nothing.
+    // Exactly the four offences were counted: the running topology tripped nothing.
     let text = http_get_text(gc.rest, "/metrics");
     assert!(
-        text.contains("pdsno_broker_refused_total{reason=\"not_authorized\"} 3\n"),
+        text.contains("pdsno_broker_refused_total{reason=\"not_authorized\"} 4\n"),
         "{text}"
     );
 }

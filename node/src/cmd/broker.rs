@@ -45,6 +45,9 @@ pub struct BrokerArgs {
     /// Operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub users: Vec<crate::config::SecretArg>,
+    /// Read-only operator account NAME:PASSWORD: subscribes, never publishes (repeatable).
+    #[arg(long = "reader", value_name = "NAME:PASSWORD")]
+    pub readers: Vec<crate::config::SecretArg>,
     /// Accept clients without credentials (off by default).
     #[arg(long, env = "PDSNO_MQTT_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -98,6 +101,13 @@ impl BrokerArgs {
         for u in &self.users {
             cfg.operators
                 .push(OperatorAccount::parse_flag(u.expose()).map_err(|e| format!("--user: {e}"))?);
+        }
+        for u in &self.readers {
+            cfg.operators.push(
+                OperatorAccount::parse_flag(u.expose())
+                    .map_err(|e| format!("--reader: {e}"))?
+                    .read_only(),
+            );
         }
         cfg.allow_anonymous = self.allow_anonymous;
         cfg.limits.max_connections = self.max_connections.max(1);

@@ -365,7 +365,7 @@ async fn start_broker(
 /// The embedded broker's topic rights: a controller (its MQTT user name is its id) may
 /// publish only on the topics it owns and subscribe only to what its tier reads
 /// (PROTOCOL.md §5); operator accounts, and anonymous clients where the operator allowed
-/// them, are not restricted.
+/// them, are not restricted (read-only accounts never publish: the broker sees to that).
 fn topic_rules() -> pdsno_broker::TopicRules {
     use pdsno_broker::{Access, Principal};
     use pdsno_shared::topics;
@@ -374,7 +374,7 @@ fn topic_rules() -> pdsno_broker::TopicRules {
             Access::Publish => topics::may_publish_on(id, topic),
             Access::Subscribe => topics::may_subscribe(id, topic),
         },
-        Principal::Operator(_) | Principal::Anonymous => true,
+        Principal::Operator(_) | Principal::Reader(_) | Principal::Anonymous => true,
     })
 }
 
