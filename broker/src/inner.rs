@@ -24,10 +24,16 @@ use crate::config::BrokerLimits;
 /// The user name the front door presents to rumqttd.
 pub(crate) const INTERNAL_USER: &str = "pdsno-front-door";
 
-/// The running rumqttd: one internal listener per protocol version.
+/// Internal listeners per protocol version. rumqttd's accept loop sleeps after every
+/// accept (`next_connection_delay_ms`, and tokio's timer turns even a zero delay into a
+/// wait for the next millisecond tick), so one listener takes at most ~1,000 connections a
+/// second; the front door spreads its connections over several.
+pub(crate) const ACCEPT_LANES: usize = 8;
+
+/// The running rumqttd: [`ACCEPT_LANES`] internal listeners per protocol version.
 pub(crate) struct Inner {
-    pub(crate) v4: SocketAddr,
-    pub(crate) v5: SocketAddr,
+    pub(crate) v4: Vec<SocketAddr>,
+    pub(crate) v5: Vec<SocketAddr>,
     pub(crate) secret: Zeroizing<String>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -86,12 +92,15 @@ pub(crate) async fn start(limits: &BrokerLimits) -> Result<Inner, BrokerError> {
     };
     let router_tx = Router::new(0, router_cfg).spawn();
     let mut inner = Inner {
-        v4: free_loopback_port()?,
-        v5: free_loopback_port()?,
+        v4: Vec::new(),
+        v5: Vec::new(),
         secret,
         tasks: Vec::new(),
     };
-    for version in [Version::V311, Version::V5] {
+    let lanes = [Version::V311, Version::V5]
+        .into_iter()
+        .flat_map(|v| std::iter::repeat_n(v, ACCEPT_LANES));
+    for version in lanes {
         let mut last_err = String::new();
         let mut started = false;
         for _attempt in 0..5 {
@@ -121,8 +130,8 @@ pub(crate) async fn start(limits: &BrokerLimits) -> Result<Inner, BrokerError> {
             match probe(addr, version, &inner.secret, &task).await {
                 Ok(()) => {
                     match version {
-                        Version::V311 => inner.v4 = addr,
-                        Version::V5 => inner.v5 = addr,
+                        Version::V311 => inner.v4.push(addr),
+                        Version::V5 => inner.v5.push(addr),
                     }
                     inner.tasks.push(task);
                     started = true;

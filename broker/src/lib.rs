@@ -162,8 +162,11 @@ pub(crate) struct Shared {
     pub(crate) gate: auth::Gate,
     pub(crate) topic_rules: Option<auth::TopicRules>,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) inner_v4: SocketAddr,
-    pub(crate) inner_v5: SocketAddr,
+    /// rumqttd's internal listeners ([`inner::ACCEPT_LANES`] per version).
+    pub(crate) inner_v4: Vec<SocketAddr>,
+    pub(crate) inner_v5: Vec<SocketAddr>,
+    /// Round robin over the internal listeners.
+    pub(crate) next_lane: AtomicU64,
     pub(crate) secret: Zeroizing<String>,
     /// Live sessions by client id (a client id can have a session per listener briefly,
     /// while rumqttd takes one over).
@@ -173,6 +176,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The internal rumqttd listener for the next connection of `version`.
+    pub(crate) fn internal_addr(&self, version: Version) -> Option<SocketAddr> {
+        let lanes = match version {
+            Version::V311 => &self.inner_v4,
+            Version::V5 => &self.inner_v5,
+        };
+        let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        lanes.get(usize::try_from(n).unwrap_or(0) % lanes.len().max(1)).copied()
+    }
+
     pub(crate) fn register(&self, client_id: &str, token: CancellationToken) -> u64 {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut g = self
@@ -368,8 +381,9 @@ impl EmbeddedBroker {
             },
             topic_rules: config.topic_rules.clone(),
             stats: stats.clone(),
-            inner_v4: inner.v4,
-            inner_v5: inner.v5,
+            inner_v4: inner.v4.clone(),
+            inner_v5: inner.v5.clone(),
+            next_lane: AtomicU64::new(0),
             secret: inner.secret.clone(),
             sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_session: AtomicU64::new(1),

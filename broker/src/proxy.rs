@@ -205,16 +205,11 @@ pub(crate) async fn serve<S>(
     }
 
     // 3. Hand over to rumqttd with the internal credential.
-    let internal_addr = match connect.version {
-        Version::V311 => shared.inner_v4,
-        Version::V5 => shared.inner_v5,
+    let internal = match shared.internal_addr(connect.version) {
+        Some(addr) => timeout(shared.limits.connect_timeout, TcpStream::connect(addr)).await,
+        None => Ok(Err(std::io::Error::other("no internal listener"))),
     };
-    let mut internal = match timeout(
-        shared.limits.connect_timeout,
-        TcpStream::connect(internal_addr),
-    )
-    .await
-    {
+    let mut internal = match internal {
         Ok(Ok(s)) => s,
         _ => {
             tracing::error!(%peer, "embedded broker unreachable");
