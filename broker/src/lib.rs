@@ -183,7 +183,9 @@ impl Shared {
             Version::V5 => &self.inner_v5,
         };
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
-        lanes.get(usize::try_from(n).unwrap_or(0) % lanes.len().max(1)).copied()
+        lanes
+            .get(usize::try_from(n).unwrap_or(0) % lanes.len().max(1))
+            .copied()
     }
 
     pub(crate) fn register(&self, client_id: &str, token: CancellationToken) -> u64 {

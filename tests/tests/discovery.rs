@@ -18,7 +18,7 @@ use pdsno_shared::time::format_iso;
 use pdsno_tests::{Lab, Mosquitto, NodeProc, run};
 
 mod common;
-use common::{eventually, nib, num, status};
+use common::{eventually, metrics, nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -209,6 +209,13 @@ async fn devices_reach_the_rc_and_the_global_inventory() {
         .cloned()
         .unwrap_or_default();
     assert!(rejected.is_empty(), "{rejected:?}");
+    // Reports, acknowledgements, heartbeats and policy all stayed inside the controllers'
+    // topic rights on the embedded broker.
+    let text = metrics(&gc);
+    assert!(
+        text.contains("pdsno_broker_refused_total{reason=\"not_authorized\"} 0\n"),
+        "{text}"
+    );
 }
 
 /// Runs `pdsno local ... --scan-once`; returns its stdout.

@@ -148,6 +148,19 @@ pub async fn status(node: &pdsno_tests::NodeProc) -> Value {
     .expect("status")
 }
 
+/// The node's `/metrics` text (OpenMetrics), over plain HTTP.
+pub fn metrics(node: &pdsno_tests::NodeProc) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(node.rest).expect("connect to REST");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
 /// Polls `f` every 50 ms until it holds.
 ///
 /// # Panics
