@@ -1,14 +1,15 @@
 //! Arbitrary bytes as a client's stream into the embedded broker's front door codec, the
 //! way a connection reads it: frame by frame, the first one as CONNECT (3.1.1 and 5), the
 //! rest validated as client packets, MQTT 5 PUBLISH bodies split. Nothing may panic, a
-//! frame never claims more bytes than the limit allows, and a CONNECT that decodes
-//! re-encodes to one that decodes the same.
+//! frame never claims more bytes than the limit allows, a CONNECT that decodes re-encodes
+//! to one that decodes the same, and a validated PUBLISH or SUBSCRIBE yields the topic or
+//! filters its topic rights are checked against.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pdsno_broker::codec::{
     self, Checked, Limits, PacketType, Version, check_client_packet, decode_connect, peek_frame,
-    split_publish_v5,
+    publish_topic_v311, split_publish_v5, subscribe_filters,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -87,6 +88,19 @@ fuzz_target!(|data: &[u8]| {
                                 (p.topic, p.packet_id, p.payload)
                             );
                         }
+                    }
+                    Ok(Checked::Forward) if frame.kind == PacketType::Publish => {
+                        // What the topic rights are checked against: a validated 3.1.1
+                        // PUBLISH always yields its topic.
+                        let t = publish_topic_v311(body).expect("a validated PUBLISH has a topic");
+                        assert!(!t.is_empty());
+                    }
+                    Ok(Checked::Forward) if frame.kind == PacketType::Subscribe => {
+                        let filters = subscribe_filters(body, v, &limits)
+                            .expect("a validated SUBSCRIBE yields its filters");
+                        assert!(
+                            !filters.is_empty() && filters.len() <= limits.max_filters_per_packet
+                        );
                     }
                     Ok(_) | Err(_) => {}
                 }
