@@ -1,11 +1,13 @@
 //! Who may connect (operator accounts, the caller's credential check, anonymous access)
 //! and what a connection may do with topics (the caller's [`TopicRules`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -59,6 +61,80 @@ pub(crate) struct Gate {
     pub(crate) allow_anonymous: bool,
     pub(crate) operators: Vec<OperatorAccount>,
     pub(crate) check: Option<CredentialCheck>,
+    pub(crate) lockout: OperatorLockout,
+}
+
+/// Most (address, account) pairs remembered; beyond it, pairs neither locked nor failing
+/// recently are forgotten first.
+const MAX_LOCKOUT_ENTRIES: usize = 16_384;
+
+#[derive(Default)]
+struct Failures {
+    recent: Vec<Instant>,
+    until: Option<Instant>,
+}
+
+/// Wrong operator passwords per (address, account), and the lockouts they start.
+pub(crate) struct OperatorLockout {
+    failures: u32,
+    window: Duration,
+    lockout: Duration,
+    map: Mutex<HashMap<(IpAddr, String), Failures>>,
+}
+
+impl OperatorLockout {
+    pub(crate) fn new(failures: u32, window: Duration, lockout: Duration) -> Self {
+        OperatorLockout {
+            failures,
+            window,
+            lockout,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, String), Failures>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn locked(&self, ip: IpAddr, account: &str) -> bool {
+        let now = Instant::now();
+        self.map()
+            .get(&(ip, account.to_owned()))
+            .and_then(|f| f.until)
+            .is_some_and(|u| u > now)
+    }
+
+    /// Records a wrong password; true when it starts a lockout.
+    fn failed(&self, ip: IpAddr, account: &str) -> bool {
+        if self.failures == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut map = self.map();
+        if map.len() >= MAX_LOCKOUT_ENTRIES {
+            let window = self.window;
+            map.retain(|_, f| {
+                f.until.is_some_and(|u| u > now)
+                    || f.recent.iter().any(|t| now.duration_since(*t) < window)
+            });
+            if map.len() >= MAX_LOCKOUT_ENTRIES {
+                return false; // under a flood: refuse by password checks alone
+            }
+        }
+        let f = map.entry((ip, account.to_owned())).or_default();
+        f.recent.retain(|t| now.duration_since(*t) < self.window);
+        f.recent.push(now);
+        if f.recent.len() >= self.failures as usize {
+            f.recent.clear();
+            f.until = Some(now + self.lockout);
+            return true;
+        }
+        false
+    }
+
+    fn succeeded(&self, ip: IpAddr, account: &str) {
+        self.map().remove(&(ip, account.to_owned()));
+    }
 }
 
 impl Gate {
@@ -93,18 +169,26 @@ impl Gate {
             .find(|a| a.name() == username)
             .cloned()
         {
+            if self.lockout.locked(peer.ip(), &username) {
+                return Err(Refusal::Banned);
+            }
             // Argon2 is deliberately slow; keep it off the executor threads.
             let read_only = account.is_read_only();
             let ok = tokio::task::spawn_blocking(move || account.verify(&password))
                 .await
                 .unwrap_or(false);
-            return if ok && read_only {
-                Ok(Principal::Reader(username))
-            } else if ok {
-                Ok(Principal::Operator(username))
+            if !ok {
+                if self.lockout.failed(peer.ip(), &username) {
+                    tracing::warn!(source = %peer.ip(), account = %username, "operator account locked for this address after repeated wrong passwords");
+                }
+                return Err(Refusal::BadCredentials);
+            }
+            self.lockout.succeeded(peer.ip(), &username);
+            return Ok(if read_only {
+                Principal::Reader(username)
             } else {
-                Err(Refusal::BadCredentials)
-            };
+                Principal::Operator(username)
+            });
         }
         let Some(check) = &self.check else {
             return Err(Refusal::BadCredentials);

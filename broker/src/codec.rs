@@ -1010,6 +1010,8 @@ pub enum Refusal {
     BadCredentials,
     /// Not allowed to connect (anonymous access off).
     NotAuthorized,
+    /// Refused for a while after repeated wrong passwords (3.1.1: not authorized).
+    Banned,
     /// MQTT 5: an authentication method we do not offer.
     BadAuthMethod,
     /// MQTT 5: malformed CONNECT.
@@ -1025,7 +1027,7 @@ pub fn connack_refusal(v: Version, why: Refusal) -> Vec<u8> {
                 Refusal::IdentifierRejected => 0x02,
                 Refusal::ServerUnavailable | Refusal::Malformed => 0x03,
                 Refusal::BadCredentials | Refusal::BadAuthMethod => 0x04,
-                Refusal::NotAuthorized => 0x05,
+                Refusal::NotAuthorized | Refusal::Banned => 0x05,
             };
             vec![0x20, 0x02, 0x00, code]
         }
@@ -1036,6 +1038,7 @@ pub fn connack_refusal(v: Version, why: Refusal) -> Vec<u8> {
                 Refusal::ServerUnavailable => 0x88,
                 Refusal::BadCredentials => 0x86,
                 Refusal::NotAuthorized => 0x87,
+                Refusal::Banned => 0x8A,
                 Refusal::BadAuthMethod => 0x8C,
                 Refusal::Malformed => 0x81,
             };

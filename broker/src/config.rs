@@ -61,6 +61,16 @@ pub struct BrokerLimits {
     pub segment_count: usize,
     /// Packets read from a connection per batch before the router is notified.
     pub read_batch: usize,
+    /// Wrong passwords for one operator account from one address (within
+    /// `operator_lockout_window`) before that address is refused for the account during
+    /// `operator_lockout` without a password check (0 = never). Operator passwords are
+    /// chosen by people and each check costs an Argon2 hash; controller credentials are
+    /// random 256-bit secrets and are not locked.
+    pub operator_lockout_failures: u32,
+    /// The window those failures count in.
+    pub operator_lockout_window: Duration,
+    /// How long the address is refused for that account.
+    pub operator_lockout: Duration,
 }
 
 impl Default for BrokerLimits {
@@ -76,6 +86,9 @@ impl Default for BrokerLimits {
             segment_size: 1024 * 1024,
             segment_count: 4,
             read_batch: 100,
+            operator_lockout_failures: 5,
+            operator_lockout_window: Duration::from_secs(60),
+            operator_lockout: Duration::from_secs(300),
         }
     }
 }

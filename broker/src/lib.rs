@@ -111,6 +111,9 @@ pub struct Stats {
     /// Connections refused or closed for a topic outside the client's rights (a PUBLISH,
     /// a SUBSCRIBE, or the will of a CONNECT).
     pub denied: AtomicU64,
+    /// CONNECTs refused without a password check: their address is locked out of that
+    /// operator account after repeated wrong passwords.
+    pub banned: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -136,6 +139,8 @@ pub struct StatsSnapshot {
     pub tls_failures: u64,
     /// See [`Stats::denied`].
     pub denied: u64,
+    /// See [`Stats::banned`].
+    pub banned: u64,
 }
 
 impl Stats {
@@ -152,6 +157,7 @@ impl Stats {
             packets_in: g(&self.packets_in),
             tls_failures: g(&self.tls_failures),
             denied: g(&self.denied),
+            banned: g(&self.banned),
         }
     }
 }
@@ -380,6 +386,11 @@ impl EmbeddedBroker {
                 allow_anonymous: config.allow_anonymous,
                 operators: config.operators.clone(),
                 check,
+                lockout: auth::OperatorLockout::new(
+                    config.limits.operator_lockout_failures,
+                    config.limits.operator_lockout_window,
+                    config.limits.operator_lockout,
+                ),
             },
             topic_rules: config.topic_rules.clone(),
             stats: stats.clone(),

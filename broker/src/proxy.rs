@@ -164,7 +164,11 @@ pub(crate) async fn serve<S>(
     let principal = match admitted {
         Ok(Ok(p)) => p,
         Ok(Err(refusal)) => {
-            stats.refused_auth.fetch_add(1, Ordering::Relaxed);
+            if refusal == Refusal::Banned {
+                stats.banned.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.refused_auth.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::info!(%peer, client_id = %connect.client_id, user = ?connect.username, ?refusal, "refused connection");
             let _ = client
                 .write_all(&codec::connack_refusal(connect.version, refusal))

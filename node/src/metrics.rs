@@ -54,8 +54,8 @@ pub struct ReasonLabel {
 pub struct Sampled {
     /// Open broker connections.
     pub broker_connections: Option<u64>,
-    /// Broker refusals: auth, protocol, busy, violations, tls, topic rights.
-    pub broker_refused: Option<[u64; 6]>,
+    /// Broker refusals: auth, protocol, busy, violations, tls, topic rights, locked out.
+    pub broker_refused: Option<[u64; 7]>,
     /// MQTT client: messages dropped, connection errors.
     pub mqtt: Option<(u64, u64)>,
 }

@@ -870,3 +870,61 @@ async fn a_read_only_account_subscribes_but_never_publishes() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_wrong_operator_passwords_lock_that_account_for_that_address() {
+    let mut cfg = BrokerConfig::plain(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some("127.0.0.1:0".parse().expect("addr")),
+    );
+    cfg.limits.operator_lockout_failures = 3;
+    cfg.limits.operator_lockout = Duration::from_millis(1500);
+    cfg.operators
+        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
+    cfg.operators
+        .push(OperatorAccount::with_password("mon", "mon-password").expect("account"));
+    let check: CredentialCheck = Arc::new(|req| {
+        Box::pin(async move { req.username == "ctl-1" && req.password.as_slice() == b"pw" })
+    });
+    let broker = EmbeddedBroker::start(cfg, Some(check))
+        .await
+        .expect("broker starts");
+    let v4 = broker.plain_addr(Version::V311).expect("v4");
+    let v5 = broker.plain_addr(Version::V5).expect("v5");
+    let ops = |v: Version, pw: &str| connect_packet(v, "ops-x", Some(OPS_USER), Some(pw), None);
+
+    for _ in 0..3 {
+        let (_s, ack) = raw_connect(v4, &ops(Version::V311, "wrong")).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x04], "bad user name or password");
+    }
+    // Locked: even the right password is refused, without a check (5: banned).
+    let (_s, ack) = raw_connect(v4, &ops(Version::V311, OPS_PASSWORD)).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x05]);
+    let (_s, ack) = raw_connect(v5, &ops(Version::V5, OPS_PASSWORD)).await;
+    assert_eq!(ack, [0x20, 0x03, 0x00, 0x8A, 0x00]);
+    assert_eq!(broker.stats().banned, 2);
+    // Other accounts from the same address, and controllers, are not affected.
+    let (_s, ack) = raw_connect(
+        v4,
+        &connect_packet(
+            Version::V311,
+            "mon-x",
+            Some("mon"),
+            Some("mon-password"),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let (_s, ack) = raw_connect(
+        v4,
+        &connect_packet(Version::V311, "ctl-1", Some("ctl-1"), Some("pw"), None),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    // The lockout ends; the right password works again.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let (_s, ack) = raw_connect(v4, &ops(Version::V311, OPS_PASSWORD)).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    broker.shutdown().await;
+}

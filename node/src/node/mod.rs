@@ -528,6 +528,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                 st.violations,
                 st.tls_failures,
                 st.denied,
+                st.banned,
             ]);
         });
     }
