@@ -30,7 +30,8 @@ pub struct FileConfig {
     pub listen_mqtt_v5: Option<SocketAddr>,
     /// Run the embedded broker (global controller; default true).
     pub embedded_broker: Option<bool>,
-    /// External broker URL (`mqtt://host:port`, `mqtts://...`).
+    /// External broker URL (`mqtt://host:port`, `mqtts://...`); a comma-separated list
+    /// names the members of a broker cluster, tried in turn.
     pub mqtt_url: Option<String>,
     /// The parent's gRPC URL (regional and local controllers).
     pub parent: Option<String>,
@@ -67,7 +68,8 @@ pub struct FileConfig {
     pub key_grace_secs: Option<u64>,
     /// The gRPC URL others should use to reach this node (default: the bound address).
     pub advertise_grpc: Option<String>,
-    /// The MQTT URL the global controller hands to admitted controllers.
+    /// The MQTT URL the global controller hands to admitted controllers (a
+    /// comma-separated list for a broker cluster).
     pub advertise_mqtt: Option<String>,
     /// User name on an external broker (default: the controller id).
     pub mqtt_username: Option<String>,
@@ -160,8 +162,9 @@ pub struct NodeArgs {
     /// Do not run the embedded broker (use --mqtt-url).
     #[arg(long, env = "PDSNO_NO_EMBEDDED_BROKER")]
     pub no_embedded_broker: bool,
-    /// External MQTT broker URL.
-    #[arg(long, env = "PDSNO_MQTT_URL", value_name = "URL")]
+    /// External MQTT broker URL; a comma-separated list names the members of a broker
+    /// cluster, tried in turn when one fails.
+    #[arg(long, env = "PDSNO_MQTT_URL", value_name = "URL[,URL...]")]
     pub mqtt_url: Option<String>,
     /// The parent's gRPC URL. Default: the one this controller was admitted through, and
     /// for a first start the parent tier's default port on loopback
@@ -234,8 +237,9 @@ pub struct NodeArgs {
     /// The gRPC URL others should use to reach this node.
     #[arg(long, env = "PDSNO_ADVERTISE_GRPC", value_name = "URL")]
     pub advertise_grpc: Option<String>,
-    /// The MQTT URL the global controller hands to admitted controllers.
-    #[arg(long, env = "PDSNO_ADVERTISE_MQTT", value_name = "URL")]
+    /// The MQTT URL the global controller hands to admitted controllers (a comma-separated
+    /// list for a broker cluster).
+    #[arg(long, env = "PDSNO_ADVERTISE_MQTT", value_name = "URL[,URL...]")]
     pub advertise_mqtt: Option<String>,
     /// User name on an external broker (default: the controller id).
     #[arg(long, env = "PDSNO_MQTT_USERNAME")]
@@ -874,8 +878,11 @@ impl NodeConfig {
         self.tls.check().map_err(|(key, msg)| err(key, msg))?;
         if self.tls.require_tls {
             let plain = |u: &Option<String>| {
-                u.as_deref()
-                    .is_some_and(|u| u.starts_with("http://") || u.starts_with("mqtt://"))
+                u.as_deref().is_some_and(|u| {
+                    u.split(',')
+                        .map(str::trim)
+                        .any(|u| u.starts_with("http://") || u.starts_with("mqtt://"))
+                })
             };
             for (key, u) in [
                 ("parent", &self.parent),
@@ -905,10 +912,11 @@ impl NodeConfig {
             return Err(err("scan_once", "only local controllers scan"));
         }
         if let Some(u) = &self.mqtt_url {
-            crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("mqtt_url", e))?;
+            crate::transport::mqtt::BrokerUrl::parse_list(u).map_err(|e| err("mqtt_url", e))?;
         }
         if let Some(u) = &self.advertise_mqtt {
-            crate::transport::mqtt::BrokerUrl::parse(u).map_err(|e| err("advertise_mqtt", e))?;
+            crate::transport::mqtt::BrokerUrl::parse_list(u)
+                .map_err(|e| err("advertise_mqtt", e))?;
         }
         if let Some(u) = &self.advertise_grpc
             && !(u.starts_with("http://") || u.starts_with("https://"))
@@ -938,6 +946,27 @@ mod tests {
 
     fn args(v: &[&str]) -> NodeArgs {
         T::parse_from(std::iter::once("t").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn a_broker_cluster_is_a_url_list_and_each_member_is_checked() {
+        let ok = NodeConfig::resolve(
+            Role::Local,
+            &args(&[
+                "--region",
+                "zone-A",
+                "--mqtt-url",
+                "mqtt://a:1883,mqtt://b:1883",
+            ]),
+        )
+        .expect("a list");
+        assert_eq!(ok.mqtt_url.as_deref(), Some("mqtt://a:1883,mqtt://b:1883"));
+        let e = NodeConfig::resolve(
+            Role::Local,
+            &args(&["--region", "zone-A", "--mqtt-url", "mqtt://a,ftp://b"]),
+        )
+        .expect_err("bad member");
+        assert!(e.to_string().contains("mqtt_url"), "{e}");
     }
 
     #[test]

@@ -928,3 +928,56 @@ async fn repeated_wrong_operator_passwords_lock_that_account_for_that_address() 
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     broker.shutdown().await;
 }
+
+/// A client given the members of a broker cluster moves on to the next one when its broker
+/// dies: its subscriptions follow, and what it published meanwhile is delivered there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_fails_over_to_the_next_broker_of_a_cluster() {
+    let mut a = Mosquitto::start(0);
+    let b = Mosquitto::start(0);
+    let url = |addr: SocketAddr| BrokerUrl::parse(&format!("mqtt://{addr}")).expect("url");
+    let mut s = MqttSettings::new(url(a.addr), "pdsno-failover");
+    s.alternates = vec![url(b.addr)];
+    s.backoff_min = Duration::from_millis(50);
+    s.backoff_max = Duration::from_millis(200);
+    let client = connected(s).await;
+    let mut own = client.subscribe("fo/in/#", 1).await.expect("subscribe");
+    let mut other = MqttSettings::new(url(b.addr), "watcher-b");
+    other.backoff_min = Duration::from_millis(50);
+    let watcher = connected(other).await;
+    let mut seen_at_b = watcher.subscribe("fo/out/#", 1).await.expect("subscribe");
+
+    a.proc.kill();
+    let mut st = client.state();
+    tokio::time::timeout(
+        T,
+        st.wait_for(|s| matches!(s, LinkState::Disconnected { .. })),
+    )
+    .await
+    .expect("noticed")
+    .expect("state");
+    let sent = client
+        .publish("fo/out/1", "while failing over", 1, false)
+        .await
+        .expect("queued");
+    client.wait_connected(T).await.expect("connected to b");
+    tokio::time::timeout(T, sent)
+        .await
+        .expect("confirmed in time")
+        .expect("not dropped")
+        .expect("confirmed by b");
+    let m = recv(&mut seen_at_b).await;
+    assert_eq!(&m.payload[..], b"while failing over");
+    // Its subscription was renewed at b.
+    loop {
+        watcher
+            .publish_confirmed("fo/in/x", "to the client", 1, false)
+            .await
+            .expect("publish at b");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), own.recv()).await {
+            assert_eq!(&m.payload[..], b"to the client");
+            break;
+        }
+    }
+    assert!(client.stats().connects >= 2);
+}

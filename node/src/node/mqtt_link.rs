@@ -63,6 +63,8 @@ impl std::fmt::Debug for MqttNode {
 pub struct ConnectInfo {
     /// The broker.
     pub url: BrokerUrl,
+    /// Other members of its cluster, tried in turn when it fails.
+    pub alternates: Vec<BrokerUrl>,
     /// User name.
     pub username: String,
     /// Password (none: user name only).
@@ -103,12 +105,16 @@ pub fn connect_info(
     // configuration gives (maybe no password). One the GC told us about is its embedded
     // broker: wait for the credential it issues.
     let configured = cfg.mqtt_url.is_some();
-    let url = BrokerUrl::parse(&url)?;
-    if !url.tls && crate::tls::plaintext_refused() {
+    let mut urls = BrokerUrl::parse_list(&url)?;
+    if let Some(plain) = urls.iter().find(|u| !u.tls)
+        && crate::tls::plaintext_refused()
+    {
         return Err(format!(
-            "plaintext MQTT ({url}) is refused under require_tls; use an mqtts:// broker"
+            "plaintext MQTT ({plain}) is refused under require_tls; use an mqtts:// broker"
         ));
     }
+    let url = urls.remove(0);
+    let alternates = urls;
     let username = cfg
         .mqtt_username
         .clone()
@@ -130,6 +136,7 @@ pub fn connect_info(
     }
     Ok(Some(ConnectInfo {
         url,
+        alternates,
         username,
         password,
         ca_file: cfg.mqtt_ca_file.clone(),
@@ -205,6 +212,7 @@ impl MqttNode {
             }
         };
         let mut s = MqttSettings::new(ci.url.clone(), self.trust.me.clone());
+        s.alternates = ci.alternates.clone();
         s.username = Some(ci.username.clone());
         s.password = ci.password.clone();
         s.ca_file = ci.ca_file.clone();

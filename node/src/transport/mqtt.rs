@@ -100,6 +100,26 @@ impl BrokerUrl {
     }
 }
 
+impl BrokerUrl {
+    /// Parses a comma-separated list of broker URLs (the members of a broker cluster, tried
+    /// in turn): at least one.
+    ///
+    /// # Errors
+    /// An empty list, or the first URL that does not parse.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
+        let urls = s
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(BrokerUrl::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Err(format!("no broker URL in {s:?}"));
+        }
+        Ok(urls)
+    }
+}
+
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
@@ -129,6 +149,10 @@ pub struct Will {
 pub struct MqttSettings {
     /// The broker.
     pub url: BrokerUrl,
+    /// Other members of the same broker cluster: after a failed or lost connection the
+    /// client moves on to the next one (then back to `url`), keeping its subscriptions and
+    /// its queue of unconfirmed messages.
+    pub alternates: Vec<BrokerUrl>,
     /// MQTT client id.
     pub client_id: String,
     /// User name.
@@ -159,6 +183,14 @@ impl fmt::Debug for MqttSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MqttSettings")
             .field("url", &self.url.to_string())
+            .field(
+                "alternates",
+                &self
+                    .alternates
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
@@ -173,6 +205,7 @@ impl MqttSettings {
     pub fn new(url: BrokerUrl, client_id: impl Into<String>) -> Self {
         MqttSettings {
             url,
+            alternates: Vec::new(),
             client_id: client_id.into(),
             username: None,
             password: None,
@@ -375,6 +408,38 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String>
     .map_err(|e| e.to_string())
 }
 
+/// rumqttc options for `url` with the rest of `settings`.
+fn options(settings: &MqttSettings, url: &BrokerUrl) -> Result<MqttOptions, String> {
+    let mut opts = MqttOptions::new(settings.client_id.clone(), url.host.clone(), url.port);
+    opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(1)));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(settings.max_packet_size, settings.max_packet_size);
+    opts.set_inflight(settings.max_inflight.max(1));
+    if let Some(u) = &settings.username {
+        let p = settings
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .unwrap_or_default();
+        opts.set_credentials(u.clone(), p);
+    }
+    if let Some(w) = &settings.will {
+        opts.set_last_will(LastWill::new(
+            w.topic.clone(),
+            w.payload.clone(),
+            qos_of(w.qos),
+            w.retain,
+        ));
+    }
+    if url.tls {
+        let cfg = tls_config(settings.ca_file.as_ref())?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(cfg),
+        )));
+    }
+    Ok(opts)
+}
+
 impl MqttClient {
     /// Starts the supervisor; it connects in the background.
     ///
@@ -384,36 +449,10 @@ impl MqttClient {
         if settings.client_id.is_empty() {
             return Err("MQTT client id must not be empty".into());
         }
-        let mut opts = MqttOptions::new(
-            settings.client_id.clone(),
-            settings.url.host.clone(),
-            settings.url.port,
-        );
-        opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(1)));
-        opts.set_clean_session(true);
-        opts.set_max_packet_size(settings.max_packet_size, settings.max_packet_size);
-        opts.set_inflight(settings.max_inflight.max(1));
-        if let Some(u) = &settings.username {
-            let p = settings
-                .password
-                .as_ref()
-                .map(|p| p.expose().to_owned())
-                .unwrap_or_default();
-            opts.set_credentials(u.clone(), p);
-        }
-        if let Some(w) = &settings.will {
-            opts.set_last_will(LastWill::new(
-                w.topic.clone(),
-                w.payload.clone(),
-                qos_of(w.qos),
-                w.retain,
-            ));
-        }
-        if settings.url.tls {
-            let cfg = tls_config(settings.ca_file.as_ref())?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(cfg),
-            )));
+        let opts = options(&settings, &settings.url)?;
+        // Alternates are checked now, so a bad one is an error here, not at failover.
+        for u in &settings.alternates {
+            options(&settings, u)?;
         }
         // Room for every inflight publish plus resubscriptions; the supervisor never hands
         // more than that.
@@ -434,6 +473,7 @@ impl MqttClient {
             connected: false,
             next_seq: 0,
             failures: 0,
+            broker: 0,
         };
         let task = tokio::spawn(sup.run(eventloop, cmd_rx));
         Ok((
@@ -589,6 +629,8 @@ struct Supervisor {
     connected: bool,
     next_seq: u64,
     failures: u32,
+    /// Which broker the event loop is pointed at: 0 = `settings.url`, i = `alternates[i-1]`.
+    broker: usize,
 }
 
 enum Step {
@@ -724,7 +766,7 @@ impl Supervisor {
                     let _ = self.client.try_subscribe(s.filter.clone(), qos_of(s.qos));
                 }
                 self.subs.retain(|s| !s.tx.is_closed());
-                tracing::info!(client_id = %self.settings.client_id, url = %self.settings.url, subscriptions = self.subs.len(), queued = self.outbox.len(), "MQTT connected");
+                tracing::info!(client_id = %self.settings.client_id, url = %self.current_url(), subscriptions = self.subs.len(), queued = self.outbox.len(), "MQTT connected");
                 let _ = self.state.send(LinkState::Connected);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -802,13 +844,49 @@ impl Supervisor {
             }
         }
         if was_connected {
-            tracing::warn!(client_id = %self.settings.client_id, url = %self.settings.url, %error, queued = self.outbox.len(), "MQTT connection lost");
+            tracing::warn!(client_id = %self.settings.client_id, url = %self.current_url(), %error, queued = self.outbox.len(), "MQTT connection lost");
         } else {
-            tracing::debug!(client_id = %self.settings.client_id, url = %self.settings.url, %error, attempt = self.failures, "MQTT connect failed");
+            tracing::debug!(client_id = %self.settings.client_id, url = %self.current_url(), %error, attempt = self.failures, "MQTT connect failed");
         }
         let _ = self.state.send(LinkState::Disconnected {
             last_error: Some(error),
         });
+        self.next_broker(eventloop);
+    }
+
+    /// The broker the event loop is pointed at.
+    fn current_url(&self) -> &BrokerUrl {
+        match self.broker {
+            0 => &self.settings.url,
+            i => self
+                .settings
+                .alternates
+                .get(i - 1)
+                .unwrap_or(&self.settings.url),
+        }
+    }
+
+    /// After a failed or lost connection: point the event loop at the next broker of the
+    /// cluster (subscriptions and the outbox are the supervisor's, so they carry over).
+    fn next_broker(&mut self, eventloop: &mut EventLoop) {
+        let n = self.settings.alternates.len() + 1;
+        if n < 2 {
+            return;
+        }
+        let next = (self.broker + 1) % n;
+        let url = match next {
+            0 => self.settings.url.clone(),
+            i => self.settings.alternates[i - 1].clone(),
+        };
+        match options(&self.settings, &url) {
+            Ok(opts) => {
+                eventloop.mqtt_options = opts;
+                eventloop.network = None;
+                self.broker = next;
+                tracing::info!(client_id = %self.settings.client_id, url = %url, "trying the next broker");
+            }
+            Err(e) => tracing::warn!(url = %url, error = %e, "cannot use the next broker"),
+        }
     }
 
     /// Exponential backoff with full jitter.
@@ -880,6 +958,22 @@ mod tests {
         assert!(BrokerUrl::parse("http://x").is_err());
         assert!(BrokerUrl::parse("mqtt://:1883").is_err());
         assert!(BrokerUrl::parse("mqtt://host:notaport").is_err());
+    }
+
+    #[test]
+    fn url_lists_name_a_cluster() {
+        let l =
+            BrokerUrl::parse_list("mqtts://a:8883, mqtts://b ,mqtts://[::1]:9000").expect("list");
+        let shown: Vec<String> = l.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["mqtts://a:8883", "mqtts://b:8883", "mqtts://[::1]:9000"]
+        );
+        assert_eq!(BrokerUrl::parse_list("mqtt://one").expect("one").len(), 1);
+        assert!(BrokerUrl::parse_list("").is_err());
+        assert!(BrokerUrl::parse_list(" , ").is_err());
+        let e = BrokerUrl::parse_list("mqtt://a,http://b").expect_err("bad member");
+        assert!(e.contains("http://b"), "{e}");
     }
 
     #[test]
