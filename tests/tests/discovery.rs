@@ -813,6 +813,54 @@ async fn policy_is_pushed_down_the_tree_over_grpc_while_the_broker_is_down() {
     );
 }
 
+/// Controllers pointed at a broker cluster fail over to its next member when theirs dies,
+/// and reports keep flowing over MQTT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_fail_over_to_the_next_broker_of_a_cluster() {
+    let mut a = Mosquitto::start(0);
+    let b = Mosquitto::start(0);
+    let cluster = format!("mqtt://{},mqtt://{}", a.addr, b.addr);
+    let lab = Lab::new();
+    let gc = lab.global(&["--no-embedded-broker", "--mqtt-url", &cluster]);
+    let rc_args = ["--heartbeat-interval", "0.2", "--summary-interval", "0.3"];
+    let mut rc = lab.child("regional", "temp-rc-f", &gc, "zone-A", &rc_args);
+    let file = lab.dir.path().join("f.json");
+    let mut devices = vec![("02:00:00:00:70:01", "10.7.0.1")];
+    write_devices(&file, &devices);
+    let a_args = file_args(&file);
+    let mut lc = lab.child("local", "temp-lc-f", &rc, "zone-A", &strs(&a_args));
+    let on = |addr: std::net::SocketAddr| format!("mqtt connected broker={addr}");
+    for p in [&mut rc.proc, &mut lc.proc] {
+        p.wait_line(WAIT, |l| l == on(a.addr));
+    }
+    eventually("the first device at the RC", WAIT, || {
+        let ok = active(&rc, None).contains("02:00:00:00:70:01");
+        async move { ok }
+    })
+    .await;
+
+    a.proc.kill();
+    for p in [&mut rc.proc, &mut lc.proc] {
+        p.wait_line(WAIT, |l| l == on(b.addr));
+    }
+    let mqtt_before = num(&status(&lc).await, &["transport", "sent", "mqtt"]).unwrap_or(0);
+    devices.push(("02:00:00:00:70:02", "10.7.0.2"));
+    write_devices(&file, &devices);
+    eventually(
+        "the new device at the RC, sent over MQTT via b",
+        WAIT,
+        || {
+            let lc = &lc;
+            let ok = active(&rc, None).contains("02:00:00:00:70:02");
+            async move {
+                ok && num(&status(lc).await, &["transport", "sent", "mqtt"]).unwrap_or(0)
+                    > mqtt_before
+            }
+        },
+    )
+    .await;
+}
+
 /// A lab with no broker at all: admission, discovery up to the GC inventory, a policy to
 /// the LC and liveness (heartbeats), over gRPC alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -961,6 +961,7 @@ async fn our_client_fails_over_to_the_next_broker_of_a_cluster() {
         .await
         .expect("queued");
     client.wait_connected(T).await.expect("connected to b");
+    assert_eq!(client.broker(), url(b.addr));
     tokio::time::timeout(T, sent)
         .await
         .expect("confirmed in time")

@@ -254,7 +254,8 @@ impl MqttNode {
         loop {
             let connected = *state.borrow_and_update() == LinkState::Connected;
             if connected {
-                println!("mqtt connected broker={}:{}", ci.url.host, ci.url.port);
+                let b = client.broker();
+                println!("mqtt connected broker={}:{}", b.host, b.port);
                 self.on_connected().await;
             }
             tokio::select! {

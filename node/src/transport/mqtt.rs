@@ -381,6 +381,7 @@ pub struct MqttClient {
     state: watch::Receiver<LinkState>,
     stats: Arc<ClientStats>,
     client_id: Arc<str>,
+    broker: Arc<std::sync::Mutex<BrokerUrl>>,
 }
 
 impl fmt::Debug for MqttClient {
@@ -461,6 +462,7 @@ impl MqttClient {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (state_tx, state_rx) = watch::channel(LinkState::Disconnected { last_error: None });
         let stats = Arc::new(ClientStats::default());
+        let broker = Arc::new(std::sync::Mutex::new(settings.url.clone()));
         let sup = Supervisor {
             client,
             settings: settings.clone(),
@@ -474,6 +476,7 @@ impl MqttClient {
             next_seq: 0,
             failures: 0,
             broker: 0,
+            current: broker.clone(),
         };
         let task = tokio::spawn(sup.run(eventloop, cmd_rx));
         Ok((
@@ -482,6 +485,7 @@ impl MqttClient {
                 state: state_rx,
                 stats,
                 client_id: settings.client_id.into(),
+                broker,
             },
             task,
         ))
@@ -605,6 +609,15 @@ impl MqttClient {
         self.stats.snapshot()
     }
 
+    /// The broker the client uses (or tries) now: the first URL, or the member of the
+    /// cluster it failed over to.
+    pub fn broker(&self) -> BrokerUrl {
+        self.broker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Disconnects cleanly (no last will) and stops the supervisor.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -631,6 +644,8 @@ struct Supervisor {
     failures: u32,
     /// Which broker the event loop is pointed at: 0 = `settings.url`, i = `alternates[i-1]`.
     broker: usize,
+    /// The same, for [`MqttClient::broker`].
+    current: Arc<std::sync::Mutex<BrokerUrl>>,
 }
 
 enum Step {
@@ -883,6 +898,10 @@ impl Supervisor {
                 eventloop.mqtt_options = opts;
                 eventloop.network = None;
                 self.broker = next;
+                *self
+                    .current
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = url.clone();
                 tracing::info!(client_id = %self.settings.client_id, url = %url, "trying the next broker");
             }
             Err(e) => tracing::warn!(url = %url, error = %e, "cannot use the next broker"),
