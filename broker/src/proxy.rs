@@ -198,7 +198,7 @@ pub(crate) async fn serve<S>(
         )
     {
         stats.denied.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
+        tracing::info!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
         let _ = client
             .write_all(&codec::connack_refusal(
                 connect.version,
@@ -284,7 +284,7 @@ pub(crate) async fn serve<S>(
         }
         End::Denied(access, topic) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, client_id = %connect.client_id, ?principal, ?access, %topic, "closed a client that went outside its topic rights");
+            tracing::info!(%peer, client_id = %connect.client_id, ?principal, ?access, %topic, "closed a client that went outside its topic rights");
             if say_why {
                 // 0x87: not authorized.
                 let _ = client.write_all(&codec::disconnect_v5(0x87)).await;
