@@ -19,25 +19,33 @@ use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(10);
 
-/// An in-process broker with the operator account and a credential check accepting
-/// `ctl-1` / `issued-secret` when the client id is the user name.
-async fn embedded() -> BrokerHandle {
+/// MQTT 3.1.1 and 5 listeners on free loopback ports, with the operator account.
+fn base_config() -> BrokerConfig {
     let mut cfg = BrokerConfig::plain(
         "127.0.0.1:0".parse().expect("addr"),
         Some("127.0.0.1:0".parse().expect("addr")),
     );
     cfg.operators
         .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
-    let check: CredentialCheck = Arc::new(|req| {
+    cfg
+}
+
+/// Starts `cfg` with a credential check accepting `ctl-1` / `secret` when the client id is
+/// the user name.
+async fn start_with_ctl(cfg: BrokerConfig, secret: &'static [u8]) -> BrokerHandle {
+    let check: CredentialCheck = Arc::new(move |req| {
         Box::pin(async move {
-            req.username == "ctl-1"
-                && req.client_id == "ctl-1"
-                && req.password.as_slice() == b"issued-secret"
+            req.username == "ctl-1" && req.client_id == "ctl-1" && req.password.as_slice() == secret
         })
     });
     EmbeddedBroker::start(cfg, Some(check))
         .await
         .expect("broker starts")
+}
+
+/// An in-process broker with the operator account and `ctl-1` / `issued-secret`.
+async fn embedded() -> BrokerHandle {
+    start_with_ctl(base_config(), b"issued-secret").await
 }
 
 fn settings(addr: SocketAddr, id: &str, user: &str, password: &str) -> MqttSettings {
@@ -666,12 +674,7 @@ async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_rights_close_the_offender_and_keep_the_rest() {
     use pdsno_broker::{Access, Principal, TopicRules};
-    let mut cfg = BrokerConfig::plain(
-        "127.0.0.1:0".parse().expect("addr"),
-        Some("127.0.0.1:0".parse().expect("addr")),
-    );
-    cfg.operators
-        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
+    let mut cfg = base_config();
     // ctl-1 may publish under own/ and subscribe to own/+; operators are not restricted.
     cfg.topic_rules = Some(TopicRules::new(|who, access, topic| match who {
         Principal::Credential(_) => match access {
@@ -680,12 +683,7 @@ async fn topic_rights_close_the_offender_and_keep_the_rest() {
         },
         _ => true,
     }));
-    let check: CredentialCheck = Arc::new(|req| {
-        Box::pin(async move { req.username == "ctl-1" && req.password.as_slice() == b"pw" })
-    });
-    let broker = EmbeddedBroker::start(cfg, Some(check))
-        .await
-        .expect("broker starts");
+    let broker = start_with_ctl(cfg, b"pw").await;
     let v4 = broker.plain_addr(Version::V311).expect("v4");
     let v5 = broker.plain_addr(Version::V5).expect("v5");
     let ops = connected(settings(v4, "ops-watch", OPS_USER, OPS_PASSWORD)).await;
@@ -873,22 +871,12 @@ async fn a_read_only_account_subscribes_but_never_publishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_wrong_operator_passwords_lock_that_account_for_that_address() {
-    let mut cfg = BrokerConfig::plain(
-        "127.0.0.1:0".parse().expect("addr"),
-        Some("127.0.0.1:0".parse().expect("addr")),
-    );
+    let mut cfg = base_config();
     cfg.limits.operator_lockout_failures = 3;
     cfg.limits.operator_lockout = Duration::from_millis(1500);
     cfg.operators
-        .push(OperatorAccount::with_password(OPS_USER, OPS_PASSWORD).expect("account"));
-    cfg.operators
         .push(OperatorAccount::with_password("mon", "mon-password").expect("account"));
-    let check: CredentialCheck = Arc::new(|req| {
-        Box::pin(async move { req.username == "ctl-1" && req.password.as_slice() == b"pw" })
-    });
-    let broker = EmbeddedBroker::start(cfg, Some(check))
-        .await
-        .expect("broker starts");
+    let broker = start_with_ctl(cfg, b"pw").await;
     let v4 = broker.plain_addr(Version::V311).expect("v4");
     let v5 = broker.plain_addr(Version::V5).expect("v5");
     let ops = |v: Version, pw: &str| connect_packet(v, "ops-x", Some(OPS_USER), Some(pw), None);
