@@ -71,6 +71,13 @@ pub struct BrokerLimits {
     pub operator_lockout_window: Duration,
     /// How long the address is refused for that account.
     pub operator_lockout: Duration,
+    /// PUBLISH packets per second a controller connection (an accepted credential) may
+    /// send over time (0 = no limit). Above it the front door stops reading from that
+    /// connection until the budget refills: TCP back-pressure, nothing dropped. A
+    /// compromised controller cannot flood its subscribers; operators are not limited.
+    pub controller_publish_rate: u32,
+    /// PUBLISH packets a controller may send at once above the rate.
+    pub controller_publish_burst: u32,
 }
 
 impl Default for BrokerLimits {
@@ -89,6 +96,8 @@ impl Default for BrokerLimits {
             operator_lockout_failures: 5,
             operator_lockout_window: Duration::from_secs(60),
             operator_lockout: Duration::from_secs(300),
+            controller_publish_rate: 500,
+            controller_publish_burst: 2000,
         }
     }
 }

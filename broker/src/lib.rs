@@ -114,6 +114,8 @@ pub struct Stats {
     /// CONNECTs refused without a password check: their address is locked out of that
     /// operator account after repeated wrong passwords.
     pub banned: AtomicU64,
+    /// Times a controller connection was paused for publishing above its rate.
+    pub throttled: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -141,6 +143,8 @@ pub struct StatsSnapshot {
     pub denied: u64,
     /// See [`Stats::banned`].
     pub banned: u64,
+    /// See [`Stats::throttled`].
+    pub throttled: u64,
 }
 
 impl Stats {
@@ -158,6 +162,7 @@ impl Stats {
             tls_failures: g(&self.tls_failures),
             denied: g(&self.denied),
             banned: g(&self.banned),
+            throttled: g(&self.throttled),
         }
     }
 }

@@ -253,10 +253,18 @@ pub(crate) async fn serve<S>(
         principal: &principal,
         last_publish: None,
     };
+    let rate = shared.limits.controller_publish_rate;
+    let bucket = (rate > 0 && matches!(principal, Principal::Credential(_))).then(|| {
+        Bucket::new(
+            f64::from(rate),
+            f64::from(shared.limits.controller_publish_burst.max(1)),
+        )
+    });
     let mut link = Link {
         version: connect.version,
         rights,
         outgoing: OutgoingFrames::default(),
+        bucket,
     };
     let end = pump(
         &mut client,
@@ -316,6 +324,42 @@ struct Link<'a> {
     version: Version,
     rights: Rights<'a>,
     outgoing: OutgoingFrames,
+    /// The publish budget of a controller connection.
+    bucket: Option<Bucket>,
+}
+
+/// A token bucket of PUBLISH packets.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), std::time::Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.rate,
+            ))
+        }
+    }
 }
 
 /// A connection's topic rights; the last topic it was allowed to publish on is remembered
@@ -407,11 +451,12 @@ where
     let mut partial_since: Option<Instant> = None;
     let mut saw_disconnect = false;
     let mut aliases = Aliases::default();
+    let mut paused_until: Option<Instant> = None;
     loop {
         // Validate every complete frame already buffered; forward them in one write. The
         // packets before a bad one are still forwarded.
         let mut stop = None;
-        loop {
+        while paused_until.is_none() {
             let f = match codec::peek_frame(inbuf, limits.max_packet_size) {
                 Err(v) => {
                     stop = Some(End::Violation(v));
@@ -420,6 +465,16 @@ where
                 Ok(Some(f)) if inbuf.len() >= f.len() => f,
                 Ok(_) => break,
             };
+            // A controller over its publish rate: leave this PUBLISH (and what follows)
+            // in the buffer and stop reading until the budget is back (back-pressure).
+            if f.kind == codec::PacketType::Publish
+                && let Some(b) = link.bucket.as_mut()
+                && let Err(wait) = b.take(Instant::now())
+            {
+                stats.throttled.fetch_add(1, Ordering::Relaxed);
+                paused_until = Some(Instant::now() + wait);
+                break;
+            }
             let frame = inbuf.split_to(f.len());
             stats.packets_in.fetch_add(1, Ordering::Relaxed);
             match forward(
@@ -464,7 +519,11 @@ where
             (false, None) => Some(Instant::now()),
             (false, since) => since,
         };
-        let deadline = partial_since.map(|t| t + shared.limits.frame_timeout);
+        // No frame deadline while we are the ones not reading.
+        let deadline = match paused_until {
+            Some(_) => None,
+            None => partial_since.map(|t| t + shared.limits.frame_timeout),
+        };
         if inbuf.capacity() - inbuf.len() < 512 {
             let want = codec::peek_frame(inbuf, limits.max_packet_size)
                 .ok()
@@ -474,10 +533,19 @@ where
         }
         tokio::select! {
             _ = cancel.cancelled() => return End::Shutdown,
-            r = client.read_buf(inbuf) => match r {
+            r = client.read_buf(inbuf), if paused_until.is_none() => match r {
                 Ok(0) => return End::ClientClosed,
                 Ok(_) => {}
                 Err(e) => return End::Io(e),
+            },
+            () = async {
+                match paused_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                paused_until = None;
+                partial_since = None;
             },
             r = ir.read(&mut out) => match r {
                 Ok(0) => return End::BrokerClosed,
@@ -603,7 +671,32 @@ fn forward_v5_publish(
 
 #[cfg(test)]
 mod tests {
-    use super::OutgoingFrames;
+    use super::{Bucket, OutgoingFrames};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn the_publish_budget_refills_at_the_rate_up_to_the_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100.0, 50.0);
+        b.last = t0;
+        for _ in 0..50 {
+            assert_eq!(b.take(t0), Ok(()), "the burst is free");
+        }
+        let wait = b.take(t0).expect_err("empty");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-9, "{wait:?}");
+        assert_eq!(
+            b.take(t0 + Duration::from_millis(10)),
+            Ok(()),
+            "one per 10 ms"
+        );
+        // A long idle time refills only up to the burst.
+        let later = t0 + Duration::from_secs(100);
+        for _ in 0..50 {
+            assert_eq!(b.take(later), Ok(()));
+        }
+        assert!(b.take(later).is_err());
+    }
 
     #[test]
     fn outgoing_boundaries_are_tracked_across_any_split() {

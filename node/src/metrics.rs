@@ -8,7 +8,8 @@
 //!   connection cap, TLS handshake);
 //! - `pdsno_admission_seconds`: handling time of admission messages (histogram);
 //! - `pdsno_lockouts_total`;
-//! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}` (embedded broker);
+//! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}`,
+//!   `pdsno_broker_throttled_total` (embedded broker);
 //! - `pdsno_mqtt_dropped_total` (this node's MQTT client: QoS 0 while offline, outbox
 //!   overflow, subscriber queue full), `pdsno_mqtt_connection_errors_total`.
 
@@ -56,6 +57,8 @@ pub struct Sampled {
     pub broker_connections: Option<u64>,
     /// Broker refusals: auth, protocol, busy, violations, tls, topic rights, locked out.
     pub broker_refused: Option<[u64; 7]>,
+    /// Times the broker paused a controller publishing above its rate.
+    pub broker_throttled: Option<u64>,
     /// MQTT client: messages dropped, connection errors.
     pub mqtt: Option<(u64, u64)>,
 }
@@ -73,6 +76,7 @@ pub struct Metrics {
     pub lockouts: Counter,
     broker_connections: Gauge,
     broker_refused: Family<ReasonLabel, Counter>,
+    broker_throttled: Counter,
     mqtt_dropped: Counter,
     mqtt_errors: Counter,
     samplers: Mutex<Vec<Sampler>>,
@@ -128,6 +132,12 @@ impl Metrics {
             "Connections the embedded broker refused or closed, by reason",
             broker_refused.clone(),
         );
+        let broker_throttled = Counter::default();
+        registry.register(
+            "broker_throttled",
+            "Times the embedded broker paused a controller publishing above its rate",
+            broker_throttled.clone(),
+        );
         let mqtt_dropped = Counter::default();
         registry.register(
             "mqtt_dropped",
@@ -149,6 +159,7 @@ impl Metrics {
             lockouts,
             broker_connections,
             broker_refused,
+            broker_throttled,
             mqtt_dropped,
             mqtt_errors,
             samplers: Mutex::new(Vec::new()),
@@ -211,6 +222,11 @@ impl Metrics {
         if let Some(c) = s.broker_connections {
             self.broker_connections.set(clamp(c));
         }
+        if let Some(t) = s.broker_throttled {
+            self.broker_throttled
+                .inner()
+                .store(t, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(r) = s.broker_refused {
             for (reason, v) in [
                 "auth",
@@ -263,7 +279,10 @@ mod tests {
         m.message("DISCOVERY_REPORT", "mqtt", "replay");
         m.refused("rest", "rate_limited");
         m.admission_time(Duration::from_millis(3));
-        m.add_sampler(|s| s.broker_connections = Some(7));
+        m.add_sampler(|s| {
+            s.broker_connections = Some(7);
+            s.broker_throttled = Some(3);
+        });
         let text = m.render();
         assert!(
             text.contains(
@@ -281,6 +300,7 @@ mod tests {
         );
         assert!(text.contains("pdsno_admission_seconds_count 1"), "{text}");
         assert!(text.contains("pdsno_broker_connections 7"), "{text}");
+        assert!(text.contains("pdsno_broker_throttled_total 3"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

@@ -970,3 +970,68 @@ async fn our_client_fails_over_to_the_next_broker_of_a_cluster() {
     }
     assert!(client.stats().connects >= 2);
 }
+
+/// A controller publishing above its rate is slowed down by back-pressure (the front door
+/// stops reading), not cut off: every message arrives. Operators are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_above_its_publish_rate_is_slowed_not_dropped() {
+    let mut cfg = base_config();
+    cfg.limits.controller_publish_rate = 100;
+    cfg.limits.controller_publish_burst = 50;
+    let broker = start_with_ctl(cfg, b"pw").await;
+    let v4 = broker.plain_addr(Version::V311).expect("v4");
+    let ops = connected(settings(v4, "ops-rate", OPS_USER, OPS_PASSWORD)).await;
+    let mut rx = subscribed(&ops, &ops, "rate/+", 0, "rate/probe").await;
+
+    let (mut s, ack) = raw_connect(
+        v4,
+        &connect_packet(Version::V311, "ctl-1", Some("ctl-1"), Some("pw"), None),
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let mut all = Vec::new();
+    for i in 0..250u32 {
+        all.extend(publish_packet(
+            Version::V311,
+            "rate/x",
+            &i.to_be_bytes(),
+            None,
+        ));
+    }
+    let started = std::time::Instant::now();
+    s.write_all(&all).await.expect("write");
+    for i in 0..250u32 {
+        let m = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("every message arrives")
+            .expect("open");
+        assert_eq!(&m.payload[..], &i.to_be_bytes(), "in order, none lost");
+    }
+    // 200 messages above the burst at 100/s: at least ~2 s (a lower bound only).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not slowed: {:?}",
+        started.elapsed()
+    );
+    let throttled = broker.stats().throttled;
+    assert!(throttled > 0);
+
+    for i in 0..500u32 {
+        ops.publish("rate/ops", i.to_be_bytes().to_vec(), 0, false)
+            .await
+            .expect("publish");
+    }
+    let mut got = 0;
+    while got < 500 {
+        let m = recv(&mut rx).await;
+        if m.topic == "rate/ops" {
+            got += 1;
+        }
+    }
+    assert_eq!(
+        broker.stats().throttled,
+        throttled,
+        "operators are not limited"
+    );
+    broker.shutdown().await;
+}

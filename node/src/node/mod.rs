@@ -521,6 +521,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         metrics.add_sampler(move |s| {
             let st = control.stats();
             s.broker_connections = Some(st.active);
+            s.broker_throttled = Some(st.throttled);
             s.broker_refused = Some([
                 st.refused_auth,
                 st.refused_protocol,
