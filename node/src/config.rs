@@ -123,6 +123,11 @@ pub struct FileConfig {
     pub lockout_secs: Option<f64>,
     /// Concurrent connections per listener (default 1024).
     pub max_connections: Option<usize>,
+    /// PUBLISH packets per second a controller may send through the embedded broker
+    /// (default 500; 0 = no limit); above it the broker slows it down (back-pressure).
+    pub mqtt_publish_rate: Option<u32>,
+    /// PUBLISH packets a controller may send at once above that rate (default 2000).
+    pub mqtt_publish_burst: Option<u32>,
 }
 
 /// An operator account in the file: a name and an Argon2 PHC hash (never a password).
@@ -333,6 +338,13 @@ pub struct NodeArgs {
     /// Concurrent connections per listener.
     #[arg(long, env = "PDSNO_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// PUBLISH packets per second a controller may send through the embedded broker
+    /// (0 = no limit); above it the broker slows it down.
+    #[arg(long, env = "PDSNO_MQTT_PUBLISH_RATE")]
+    pub mqtt_publish_rate: Option<u32>,
+    /// PUBLISH packets a controller may send at once above --mqtt-publish-rate.
+    #[arg(long, env = "PDSNO_MQTT_PUBLISH_BURST")]
+    pub mqtt_publish_burst: Option<u32>,
     /// Validate the configuration and exit (0 if valid, else the first error).
     #[arg(long)]
     pub check_config: bool,
@@ -406,6 +418,10 @@ pub struct NodeConfig {
     pub root_public_key: Option<PublicKey>,
     /// Operator accounts.
     pub users: Vec<OperatorAccount>,
+    /// Embedded broker: PUBLISH packets per second per controller (0 = no limit).
+    pub mqtt_publish_rate: u32,
+    /// Embedded broker: burst above that rate.
+    pub mqtt_publish_burst: u32,
     /// Admission challenge lifetime.
     pub challenge_ttl: std::time::Duration,
     /// Heartbeat period.
@@ -746,6 +762,14 @@ impl NodeConfig {
             blocklist: a.blocklist.clone().or(file.blocklist).unwrap_or_default(),
             root_public_key,
             users,
+            mqtt_publish_rate: a
+                .mqtt_publish_rate
+                .or(file.mqtt_publish_rate)
+                .unwrap_or(500),
+            mqtt_publish_burst: a
+                .mqtt_publish_burst
+                .or(file.mqtt_publish_burst)
+                .unwrap_or(2000),
             challenge_ttl: std::time::Duration::from_secs(
                 a.challenge_ttl_secs
                     .or(file.challenge_ttl_secs)
@@ -1014,6 +1038,18 @@ mod tests {
             ]
         );
         assert!(cfg.users[1].verify(b"watch-pw"));
+        assert_eq!((cfg.mqtt_publish_rate, cfg.mqtt_publish_burst), (500, 2000));
+        let tuned = NodeConfig::resolve(
+            Role::Global,
+            &args(&[
+                "--config",
+                file.to_str().expect("utf-8"),
+                "--mqtt-publish-rate",
+                "0",
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(tuned.mqtt_publish_rate, 0, "0 turns the limit off");
         let e = NodeConfig::resolve(
             Role::Global,
             &args(&[

@@ -344,6 +344,8 @@ async fn start_broker(
         });
     }
     bc.operators = cfg.users.clone();
+    bc.limits.controller_publish_rate = cfg.mqtt_publish_rate;
+    bc.limits.controller_publish_burst = cfg.mqtt_publish_burst;
     bc.topic_rules = Some(topic_rules());
     let broker = EmbeddedBroker::start(bc, Some(creds.broker_check()))
         .await
