@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pdsno_node::nib::{KeyState, Nib, StateKey, StoredKey};
+use pdsno_node::nib::{KeyState, StateKey, StoredKey};
 use pdsno_node::transport::parent::{LinkError, ParentLink};
 use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::{Map, Value};
@@ -16,11 +16,10 @@ use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::sign_hmac;
 use pdsno_tests::{Lab, NodeProc, Proc, field, run};
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::{nib, status};
 
-fn nib(node: &NodeProc) -> Nib {
-    Nib::open(node.data_dir.join("nib.db")).expect("open the node's NIB")
-}
+const WAIT: Duration = Duration::from_secs(30);
 
 /// The stored pairwise keys `node` holds for `peer`.
 fn keys_with(node: &NodeProc, peer: &str) -> Vec<StoredKey> {
@@ -36,20 +35,6 @@ fn current_key(node: &NodeProc, peer: &str) -> Option<StoredKey> {
     keys_with(node, peer)
         .into_iter()
         .find(|k| k.state == KeyState::Current)
-}
-
-/// The node's status through its admin API.
-async fn status(node: &NodeProc) -> Value {
-    let key = pdsno_node::admin::read_key(&node.data_dir).expect("admin key");
-    pdsno_node::admin::call(
-        &node.grpc_url(),
-        &key,
-        "status",
-        &Value::Object(Map::new()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("status")
 }
 
 fn heartbeats(st: &Value) -> (u64, u64, u64) {
@@ -654,20 +639,27 @@ async fn scheduled_rotation_happens_by_itself() {
     assert!(acked > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_interrupted_by_restarts_completes() {
-    let lab = Lab::new();
+/// A GC on a fixed gRPC address (so it can come back on the same one) and an RC of zone-A,
+/// heartbeating every 0.1 s, that has agreed its key with it; and that address.
+fn gc_and_keyed_rc(lab: &Lab, rc_name: &str) -> (NodeProc, NodeProc, String) {
     let port = pdsno_tests::free_port_for_late_server();
     let listen = format!("127.0.0.1:{port}");
-    let mut gc = lab.global(&["--listen-grpc", &listen]);
+    let gc = lab.global(&["--listen-grpc", &listen]);
     let mut rc = lab.child(
         "regional",
-        "temp-rc-x",
+        rc_name,
         &gc,
         "zone-A",
         &["--heartbeat-interval", "0.1"],
     );
     rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    (gc, rc, listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_interrupted_by_restarts_completes() {
+    let lab = Lab::new();
+    let (mut gc, mut rc, listen) = gc_and_keyed_rc(&lab, "temp-rc-x");
     let first = current_key(&rc, &gc.id).expect("first key");
     let gc_id = gc.id.clone();
 
@@ -877,21 +869,6 @@ fn mqtt_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// GET `path` on a node's REST port; the body.
-fn http_get_text(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
-
 /// The embedded broker holds each controller to its own topics: an LC's credential cannot
 /// overwrite the retained regional policy, read the whole tree, or leave a will on another
 /// controller's status topic; a read-only account reads but cannot publish; and a working
@@ -1018,7 +995,7 @@ async fn controllers_stay_inside_their_topic_rights() {
     );
 
     // Exactly the four offences were counted: the running topology tripped nothing.
-    let text = http_get_text(gc.rest, "/metrics");
+    let text = common::metrics(&gc);
     assert!(
         text.contains("pdsno_broker_refused_total{reason=\"not_authorized\"} 4\n"),
         "{text}"
@@ -1120,17 +1097,7 @@ async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_that_lost_the_pair_key_gets_a_new_one() {
     let lab = Lab::new();
-    let port = pdsno_tests::free_port_for_late_server();
-    let listen = format!("127.0.0.1:{port}");
-    let mut gc = lab.global(&["--listen-grpc", &listen]);
-    let mut rc = lab.child(
-        "regional",
-        "temp-rc-l",
-        &gc,
-        "zone-A",
-        &["--heartbeat-interval", "0.1"],
-    );
-    rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let (mut gc, rc, listen) = gc_and_keyed_rc(&lab, "temp-rc-l");
     let first = current_key(&rc, &gc.id).expect("key");
     // The GC comes back from an older copy of its state: it no longer knows the key.
     gc.proc.kill();
@@ -1191,8 +1158,6 @@ fn http_post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
         .expect("status");
     (status, out[split + 4..].to_vec())
 }
-
-mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_exchange_over_the_rest_compat_route() {
