@@ -41,7 +41,9 @@ pub struct FileConfig {
     pub temp_id: Option<String>,
     /// File holding the bootstrap token.
     pub bootstrap_token_file: Option<PathBuf>,
-    /// File holding the bootstrap secret (parents mint and check tokens with it).
+    /// File holding the bootstrap secret (parents mint and check tokens with it). Required
+    /// on the global controller; a regional controller creates its own in its data
+    /// directory when none is given.
     pub bootstrap_secret_file: Option<PathBuf>,
     /// File holding the shared message-signing secret (network key = its SHA-256).
     pub secret_file: Option<PathBuf>,
@@ -96,6 +98,8 @@ pub struct FileConfig {
     pub summary_interval_secs: Option<f64>,
     /// New devices in one report above which a spike is flagged (default 100).
     pub spike_threshold: Option<usize>,
+    /// Most devices one local controller may own at its regional controller (default 65536).
+    pub max_devices_per_lc: Option<u64>,
     /// This node's certificate chain (PEM): turns on TLS for gRPC, REST and the embedded broker.
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of `tls_cert`.
@@ -188,7 +192,9 @@ pub struct NodeArgs {
     /// File holding the bootstrap token.
     #[arg(long, env = "PDSNO_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
-    /// File holding the bootstrap secret (or PDSNO_BOOTSTRAP_SECRET holds the secret).
+    /// File holding the bootstrap secret (or PDSNO_BOOTSTRAP_SECRET holds the secret), mode
+    /// 0600. Global: required. Regional: default DATA_DIR/bootstrap.secret, created on first
+    /// start; never the global controller's.
     #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE", value_name = "FILE")]
     pub bootstrap_secret_file: Option<PathBuf>,
     /// Shared message-signing secret (network key = its SHA-256). Prefer the variable.
@@ -290,6 +296,10 @@ pub struct NodeArgs {
     /// New devices in one report above which a discovery spike is flagged.
     #[arg(long, env = "PDSNO_SPIKE_THRESHOLD")]
     pub spike_threshold: Option<usize>,
+    /// Most devices one local controller may own (regional controllers; more are refused
+    /// and audited as DEVICE_CAP_REACHED). Default 65536.
+    #[arg(long, env = "PDSNO_MAX_DEVICES_PER_LC")]
+    pub max_devices_per_lc: Option<u64>,
     /// Run one discovery cycle, deliver its report, and exit (local controllers).
     #[arg(long)]
     pub scan_once: bool,
@@ -458,6 +468,8 @@ pub struct NodeConfig {
     pub summary_interval: std::time::Duration,
     /// Spike threshold.
     pub spike_threshold: usize,
+    /// Device cap per local controller.
+    pub max_devices_per_lc: u64,
     /// One cycle and exit.
     pub scan_once: bool,
     /// TLS files and requirements.
@@ -568,6 +580,21 @@ fn read_secret(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
     }
     let text =
         std::fs::read_to_string(path).map_err(|e| err(key, format!("{}: {e}", path.display())))?;
+    // A secret other local users can read is a secret they have: refused, like identity.key.
+    match crate::identity::loose_mode(path) {
+        Ok(None) => {}
+        Ok(Some(mode)) => {
+            return Err(err(
+                key,
+                format!(
+                    "{} is readable by other users (mode {mode:o}): run chmod 600 {} (and keep it owned by the user pdsno runs as)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(err(key, format!("{}: {e}", path.display()))),
+    }
     let s = text.trim_end_matches(['\n', '\r']).to_owned();
     if s.is_empty() {
         return Err(err(key, format!("{} is empty", path.display())));
@@ -840,6 +867,10 @@ impl NodeConfig {
                 30.0,
             )?,
             spike_threshold: a.spike_threshold.or(file.spike_threshold).unwrap_or(100),
+            max_devices_per_lc: a
+                .max_devices_per_lc
+                .or(file.max_devices_per_lc)
+                .unwrap_or(65_536),
             scan_once: a.scan_once,
             tls: crate::tls::TlsOptions {
                 cert: a.tls_cert.clone().or(file.tls_cert),
@@ -889,12 +920,6 @@ impl NodeConfig {
                     return Err(err(
                         "parent",
                         format!("{p:?} must be an http:// or https:// gRPC URL"),
-                    ));
-                }
-                if self.role == Role::Regional && self.bootstrap_secret.is_none() {
-                    return Err(err(
-                        "bootstrap_secret_file",
-                        "a regional controller needs a bootstrap secret to admit its local controllers",
                     ));
                 }
             }
@@ -993,6 +1018,33 @@ mod tests {
         assert!(e.to_string().contains("mqtt_url"), "{e}");
     }
 
+    fn write_private(path: &Path, text: &str) {
+        std::fs::write(path, text).expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_other_users_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("bootstrap.secret");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let s = secret.display().to_string();
+        let e = NodeConfig::resolve(Role::Global, &args(&["--bootstrap-secret-file", &s]))
+            .expect_err("group-readable secret");
+        assert_eq!(e.key, "bootstrap_secret_file");
+        assert!(e.message.contains(&format!("chmod 600 {s}")), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        NodeConfig::resolve(Role::Global, &args(&["--bootstrap-secret-file", &s]))
+            .expect("private secret");
+    }
+
     #[test]
     fn operator_accounts_full_and_read_only_from_flags_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1001,7 +1053,7 @@ mod tests {
             .hash()
             .to_owned();
         let secret = dir.path().join("bootstrap.secret");
-        std::fs::write(&secret, "s3cret\n").expect("write");
+        write_private(&secret, "s3cret\n");
         let file = dir.path().join("gc.toml");
         std::fs::write(
             &file,
@@ -1067,7 +1119,7 @@ mod tests {
     fn flags_override_the_file_and_unknown_keys_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = dir.path().join("bootstrap.secret");
-        std::fs::write(&secret, "s3cret\n").expect("write");
+        write_private(&secret, "s3cret\n");
         let file = dir.path().join("rc.toml");
         std::fs::write(
             &file,

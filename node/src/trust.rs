@@ -6,10 +6,16 @@
 //! retiring within grace), the network key, and its Ed25519 identity key if it is our
 //! parent or an active child. Revoked controllers have neither keys nor an active row, so
 //! nothing of theirs verifies.
+//!
+//! The network key is known to every controller of a deployment, so it says only "one of
+//! us", never who. It is therefore refused from a sender we share a pairwise key with (that
+//! key names the sender), and never accepted for a privileged message (key exchange,
+//! credentials, revocation, policy, config approval: see [`privileged`]), which is signed
+//! with a pairwise key or the sender's identity key instead.
 
 use std::sync::Arc;
 
-use pdsno_shared::envelope::Envelope;
+use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::ids::Role;
 use pdsno_shared::keys::{DEFAULT_GRACE, HmacKey, IdentityKey, KeyRing, PublicKey};
 use pdsno_shared::replay::NonceStore;
@@ -23,6 +29,25 @@ use crate::nib::Nib;
 pub const NETWORK_KEY_ID: &str = "network";
 /// Ring key id of an admission key (internal; never announced on the wire).
 pub const ADMISSION_KEY_ID: &str = "admission";
+
+/// True for message types that change who may do what (keys, credentials, revocation,
+/// policy, config approval): never signed or accepted under the shared network key.
+pub fn privileged(t: MessageType) -> bool {
+    use MessageType as T;
+    matches!(
+        t,
+        T::KeyExchangeInit
+            | T::KeyExchangeResponse
+            | T::KeyRotationRequest
+            | T::KeyRotationAck
+            | T::PolicyUpdate
+            | T::SyncRequest
+            | T::SyncResponse
+            | T::ConfigApproval
+            | T::ConfigRejection
+            | T::ExecutionInstruction
+    )
+}
 
 /// The keys of one node and the rules for using them.
 pub struct Trust {
@@ -82,6 +107,16 @@ impl Trust {
             .is_some_and(|r| r.status == "active")
     }
 
+    /// The network key, when it may verify `env`: the deployment has one, the sender shares
+    /// no confirmed pairwise key with us, and the message is not [`privileged`].
+    fn network_key_for(&self, env: &Envelope) -> Option<&HmacKey> {
+        let k = self.network_key.as_ref()?;
+        if privileged(env.message_type) || self.pair_keys.signing_key(&env.sender_id).is_some() {
+            return None;
+        }
+        Some(k)
+    }
+
     /// Verifies `env` from its sender with every key that may have signed it (plus
     /// `admission`, an unadmitted child's key); a pending pairwise key used by the peer is
     /// promoted.
@@ -101,7 +136,7 @@ impl Trust {
             .verify_ring(&env.sender_id, now)
             .unwrap_or_else(|| KeyRing::new(DEFAULT_GRACE));
         ring.set_announce_key_id(false);
-        if let Some(k) = &self.network_key {
+        if let Some(k) = self.network_key_for(env) {
             ring.add(Some(NETWORK_KEY_ID.into()), k.clone(), now);
         }
         if let Some(k) = admission {
@@ -139,7 +174,7 @@ impl Trust {
             .verify_ring(&env.sender_id, now)
             .unwrap_or_else(|| KeyRing::new(DEFAULT_GRACE));
         ring.set_announce_key_id(false);
-        if let Some(k) = &self.network_key {
+        if let Some(k) = self.network_key_for(env) {
             ring.add(Some(NETWORK_KEY_ID.into()), k.clone(), now);
         }
         let ed = self.identity_of(&env.sender_id);
@@ -161,7 +196,11 @@ impl Trust {
         let now = self.clock.now();
         if let Some((kid, key)) = self.pair_keys.signing_key(peer) {
             signing::sign_hmac(env, &key, Some(&kid), now);
-        } else if let Some(k) = &self.network_key {
+        } else if let Some(k) = self
+            .network_key
+            .as_ref()
+            .filter(|_| !privileged(env.message_type))
+        {
             signing::sign_hmac(env, k, None, now);
         } else {
             signing::sign_ed25519(env, &self.identity, None, now);

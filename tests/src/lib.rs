@@ -409,8 +409,8 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     })
 }
 
-/// A lab: a temporary directory holding data directories and a bootstrap secret shared by
-/// every parent.
+/// A lab: a temporary directory holding data directories and the global controller's
+/// bootstrap secret (each regional controller creates its own).
 pub struct Lab {
     /// The directory.
     pub dir: tempfile::TempDir,
@@ -432,7 +432,7 @@ impl Lab {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = "lab-bootstrap-secret-0123456789".to_owned();
         let secret_file = dir.path().join("bootstrap.secret");
-        std::fs::write(&secret_file, format!("{secret}\n")).expect("write secret");
+        write_private(&secret_file, &format!("{secret}\n"));
         Lab {
             dir,
             secret_file,
@@ -440,9 +440,25 @@ impl Lab {
         }
     }
 
-    /// A bootstrap token minted with the lab secret.
+    /// A bootstrap token minted with the lab secret (the global controller's: regional
+    /// tokens).
     pub fn token(&self, temp_id: &str, region: &str, kind: &str) -> String {
         pdsno_shared::bootstrap::bootstrap_token(self.secret.as_bytes(), temp_id, region, kind)
+    }
+
+    /// A bootstrap token that `parent` accepts: minted with a regional controller's own
+    /// secret (in its data directory), or with the lab secret for the global controller.
+    pub fn token_for(&self, parent: &NodeProc, temp_id: &str, region: &str, kind: &str) -> String {
+        let own = parent.data_dir.join("bootstrap.secret");
+        match std::fs::read_to_string(&own) {
+            Ok(s) => pdsno_shared::bootstrap::bootstrap_token(
+                s.trim_end().as_bytes(),
+                temp_id,
+                region,
+                kind,
+            ),
+            Err(_) => self.token(temp_id, region, kind),
+        }
     }
 
     /// The data directory of node `name`.
@@ -461,13 +477,11 @@ impl Lab {
         let data = self.data(name);
         let secret = self.secret_file.display().to_string();
         let data_s = data.display().to_string();
-        let mut args = vec![
-            tier,
-            "--data-dir",
-            &data_s,
-            "--bootstrap-secret-file",
-            &secret,
-        ];
+        let mut args = vec![tier, "--data-dir", &data_s];
+        // Only the global controller holds the lab secret; a regional controller makes its own.
+        if tier == "global" {
+            args.extend_from_slice(&["--bootstrap-secret-file", &secret]);
+        }
         // Free ports unless the caller pins one.
         let mut defaults = vec![
             ("--listen-grpc", "127.0.0.1:0"),
@@ -529,7 +543,7 @@ impl Lab {
         region: &str,
         extra: &[&str],
     ) -> NodeProc {
-        let token = self.token(name, region, tier);
+        let token = self.token_for(parent, name, region, tier);
         let url = parent.grpc_url();
         let mut args = vec![
             "--parent",
@@ -545,6 +559,27 @@ impl Lab {
         let p = self.spawn(tier, name, &args);
         self.ready(p, name)
     }
+}
+
+/// Writes `text` to `path` readable by the owner only (mode 0600), as pdsno wants its
+/// secret files.
+///
+/// # Panics
+/// When the file cannot be written.
+pub fn write_private(path: &Path, text: &str) {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    f.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// A Python interpreter with `grpcio`, `grpcio-reflection` and `protobuf`: `$PDSNO_PYTHON`

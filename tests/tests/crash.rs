@@ -211,13 +211,20 @@ async fn a_gc_killed_during_admissions_keeps_every_approval_and_never_reissues_a
     let (grpc_port, mqtt_port) = two_ports();
     let grpc = format!("127.0.0.1:{grpc_port}");
     let mqtt = format!("127.0.0.1:{mqtt_port}");
+    // One regional controller per region: a region for each.
+    let mut regions: Vec<String> = (1..=4).map(|i| format!("zone-r{i}")).collect();
+    regions.push("zone-h".into());
+    for w in 0..4 {
+        regions.extend((0..15).map(|n| format!("zone-k{w}-{n}")));
+    }
+    let regions = regions.join(",");
     let gc_args = [
         "--listen-grpc",
         grpc.as_str(),
         "--listen-mqtt",
         mqtt.as_str(),
-        "--quota-per-region",
-        "500",
+        "--regions",
+        regions.as_str(),
     ];
     let mut gc = lab.global(&gc_args);
     let url = gc.grpc_url();
@@ -227,8 +234,7 @@ async fn a_gc_killed_during_admissions_keeps_every_approval_and_never_reissues_a
     let starting: Vec<(String, Proc)> = (1..=4)
         .map(|i| {
             let name = format!("temp-rc-k{i}");
-            let region = if i % 2 == 0 { "zone-B" } else { "zone-A" };
-            let p = regional(&lab, &name, &url, region);
+            let p = regional(&lab, &name, &url, &format!("zone-r{i}"));
             (name, p)
         })
         .collect();
@@ -246,7 +252,7 @@ async fn a_gc_killed_during_admissions_keeps_every_approval_and_never_reissues_a
         .await
         .expect("the heartbeat is accepted before the crash");
     // ...and an admission left half-way: challenged, not yet answered.
-    let halfway = RawChild::new(&lab, "temp-halfway", "zone-A", "regional");
+    let halfway = RawChild::new(&lab, "temp-halfway", "zone-h", "regional");
     let halfway_request = halfway.request(&gc_id, 0);
     let halfway_challenge = link
         .request_validation(&halfway_request)
@@ -261,8 +267,9 @@ async fn a_gc_killed_during_admissions_keeps_every_approval_and_never_reissues_a
     for w in 0..4 {
         let children: Vec<RawChild> = (0..15)
             .map(|n| {
-                let region = if (w + n) % 2 == 0 { "zone-A" } else { "zone-B" };
-                RawChild::new(&lab, &format!("temp-k-{w}-{n}"), region, "regional")
+                // One regional controller per region.
+                let region = format!("zone-k{w}-{n}");
+                RawChild::new(&lab, &format!("temp-k-{w}-{n}"), &region, "regional")
             })
             .collect();
         workers.push(tokio::spawn(admit_until_stopped(

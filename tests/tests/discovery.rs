@@ -220,19 +220,16 @@ async fn devices_reach_the_rc_and_the_global_inventory() {
 
 /// Runs `pdsno local ... --scan-once`; returns its stdout.
 fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
-    let token = lab.token("temp-lc-once", "zone-A", "local");
+    let token = lab.token_for(rc, "temp-lc-once", "zone-A", "local");
     let data = lab.data("temp-lc-once").display().to_string();
     let url = rc.grpc_url();
     let f = file.display().to_string();
-    let secret = lab.secret_file.display().to_string();
     let (code, out, err) = run(
         &pdsno_tests::pdsno_bin().display().to_string(),
         &[
             "local",
             "--data-dir",
             &data,
-            "--bootstrap-secret-file",
-            &secret,
             "--listen-grpc",
             "127.0.0.1:0",
             "--listen-rest",

@@ -305,11 +305,11 @@ fn a_lockout_survives_a_restart() {
 #[test]
 fn audit_verify_reports_the_first_broken_link() {
     let lab = Lab::new();
-    let mut gc = lab.global(&[]);
+    let mut gc = lab.global(&["--regions", "zone-0,zone-1,zone-2"]);
     rt().block_on(async {
         let link = ParentLink::new(&gc.grpc_url()).expect("link");
         for i in 0..3 {
-            let c = RawChild::new(&lab, &format!("rc-{i}"), "zone-A", "regional");
+            let c = RawChild::new(&lab, &format!("rc-{i}"), &format!("zone-{i}"), "regional");
             let (status, _) = handshake(&link, "global_cntl_1", &c, |_| {}).await;
             assert_eq!(status, "APPROVED");
         }
@@ -391,7 +391,7 @@ fn secrets_stay_out_of_logs_and_debug_output() {
             lab.ready(lab.spawn_env(tier, name, &args, &env), name)
         };
     let rc = child("regional", "rc-1", &gc, &rc_token, &[]);
-    let lc_token = lab.token("lc-1", "zone-A", "local");
+    let lc_token = lab.token_for(&rc, "lc-1", "zone-A", "local");
     let mut lc = child(
         "local",
         "lc-1",

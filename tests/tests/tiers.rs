@@ -215,10 +215,11 @@ async fn every_reject_reason_is_produced() {
         req_outcome(thief.request(g, 0)).await,
         rejected("BOOTSTRAP_TOKEN_ALREADY_USED")
     );
-    let c = RawChild::new(&lab, "temp-quota", "zone-A", "regional");
+    // One regional controller per region.
+    let c = RawChild::new(&lab, "temp-second", "zone-A", "regional");
     assert_eq!(
         handshake(&link, g, &c, |_| {}).await,
-        rejected("CONTROLLER_QUOTA_EXCEEDED")
+        rejected("REGION_ALREADY_SERVED")
     );
     // A late response (challenge TTL is 2 s here).
     let c = RawChild::new(&lab, "temp-late", "zone-B", "regional");
@@ -237,7 +238,8 @@ async fn every_reject_reason_is_produced() {
     // An RC refuses a local controller of another region.
     let rc = lab.child("regional", "temp-rc-b", &gc, "zone-B", &[]);
     let rlink = ParentLink::new(&rc.grpc_url()).expect("url");
-    let c = RawChild::new(&lab, "temp-lc-a", "zone-A", "local");
+    let mut c = RawChild::new(&lab, "temp-lc-a", "zone-A", "local");
+    c.token = lab.token_for(&rc, "temp-lc-a", "zone-A", "local");
     assert_eq!(
         handshake(&rlink, &rc.id, &c, |_| {}).await,
         rejected("REGION_MISMATCH")

@@ -170,7 +170,7 @@ fn child_tls(
     region: &str,
     tls: &[String],
 ) -> NodeProc {
-    let token = lab.token(name, region, tier);
+    let token = lab.token_for(parent, name, region, tier);
     let url = format!("https://127.0.0.1:{}", parent.grpc.port());
     let mut args = vec![
         "--parent",
@@ -454,8 +454,6 @@ fn plaintext_and_foreign_certificates_are_refused() {
             "regional",
             "--data-dir",
             &lab.data("rc-rogue").display().to_string(),
-            "--bootstrap-secret-file",
-            &lab.secret_file.display().to_string(),
             "--listen-grpc",
             "127.0.0.1:0",
             "--listen-rest",
@@ -585,8 +583,6 @@ fn certificate_and_configuration_problems_are_named() {
             "regional",
             "--data-dir",
             &lab.data("rc-x").display().to_string(),
-            "--bootstrap-secret-file",
-            &lab.secret_file.display().to_string(),
             "--parent",
             "http://127.0.0.1:9",
             "--region",

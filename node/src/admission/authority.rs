@@ -6,7 +6,8 @@
 //! single-use 30 s challenge. CHALLENGE_RESPONSE: `UNKNOWN_CHALLENGE`,
 //! `CHALLENGE_EXPIRED`, `TEMP_ID_MISMATCH`, proof of possession (`INVALID_SIGNATURE`), policy
 //! (`CONTROLLER_TYPE_NOT_PERMITTED`, `INVALID_REGION`, `REGION_MISMATCH`,
-//! `CONTROLLER_QUOTA_EXCEEDED`), then one transaction assigns the id, consumes the token and
+//! `CONTROLLER_QUOTA_EXCEEDED`, and `REGION_ALREADY_SERVED` for a second regional
+//! controller of a region), then one transaction assigns the id, consumes the token and
 //! writes the audit event; a failure there is `ERROR IDENTITY_ASSIGNMENT_FAILED`.
 //!
 //! A spent token is refused, except for the controller it was spent on (same temp id, role,
@@ -64,6 +65,8 @@ pub mod reason {
     pub const REGION_MISMATCH: &str = "REGION_MISMATCH";
     /// Region full.
     pub const CONTROLLER_QUOTA_EXCEEDED: &str = "CONTROLLER_QUOTA_EXCEEDED";
+    /// The region already has an active regional controller (ours: one per region).
+    pub const REGION_ALREADY_SERVED: &str = "REGION_ALREADY_SERVED";
     /// The parent failed to record the admission.
     pub const IDENTITY_ASSIGNMENT_FAILED: &str = "IDENTITY_ASSIGNMENT_FAILED";
 }
@@ -506,8 +509,19 @@ impl Authority {
         {
             return Ok(self.refuse(&temp_id, reason::REGION_MISMATCH, now));
         }
+        // One regional controller per region: its local controllers' ids, its retained
+        // regional policy and its bootstrap secret are the region's. A replacement is
+        // admitted once the old one is revoked.
+        let quota = if role == Role::Regional {
+            1
+        } else {
+            self.cfg.quota_per_region
+        };
         match self.nib.count_active(role, &req.region) {
-            Ok(n) if n >= self.cfg.quota_per_region => {
+            Ok(n) if n >= quota && role == Role::Regional => {
+                return Ok(self.refuse(&temp_id, reason::REGION_ALREADY_SERVED, now));
+            }
+            Ok(n) if n >= quota => {
                 return Ok(self.refuse(&temp_id, reason::CONTROLLER_QUOTA_EXCEEDED, now));
             }
             Ok(_) => {}
@@ -711,6 +725,19 @@ impl Authority {
         );
         m.insert("role".into(), role.as_str().into());
         m.insert("region".into(), region.into());
+        if role == Role::Regional {
+            // Local controller ids already known in the region (admitted by an earlier,
+            // revoked RC): the new RC numbers its own above them, so an id is never
+            // minted twice in the tree.
+            match self.nib.highest_sequence(Role::Local, region) {
+                Ok(n) => {
+                    m.insert("local_id_floor".into(), n.into());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the local controller ids of the region");
+                }
+            }
+        }
         m.insert(
             "issuer_public_key".into(),
             self.identity.public().to_base64().into(),

@@ -68,6 +68,9 @@ pub struct Admission {
     pub root_public_key: PublicKey,
     /// A local child: the parent's chain (JSON object).
     pub chain: Option<Value>,
+    /// A regional child: the highest local controller sequence already used in its region
+    /// (its own local ids start above it).
+    pub local_id_floor: u64,
 }
 
 /// Why admission did not succeed.
@@ -379,6 +382,7 @@ pub fn trust(
                 parent_public_key: issuer,
                 root_public_key: issuer,
                 chain: None,
+                local_id_floor: m.get("local_id_floor").and_then(Value::as_u64).unwrap_or(0),
             })
         }
         Role::Local | Role::Global => {
@@ -442,6 +446,7 @@ pub fn trust(
                 parent_public_key: issuer,
                 root_public_key: root,
                 chain: Some(Value::Object(chain.clone())),
+                local_id_floor: 0,
             })
         }
     }

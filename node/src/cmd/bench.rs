@@ -36,7 +36,9 @@ pub struct AdmissionBenchArgs {
     /// File holding the parent's bootstrap secret (or PDSNO_BOOTSTRAP_SECRET).
     #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE")]
     pub bootstrap_secret_file: Option<std::path::PathBuf>,
-    /// Region to ask for.
+    /// Region to ask for. For regional controllers a prefix: a region has one regional
+    /// controller, so each admission asks for its own region `PREFIX-N` (start the global
+    /// controller without --regions).
     #[arg(long, default_value = "zone-A")]
     pub region: String,
     /// Child type to ask for (`regional` against a GC, `local` against an RC).
@@ -321,6 +323,11 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
                 {
                     let temp = format!("temp-bench-{}-{w}-{n}", hex_tag());
                     n += 1;
+                    let region = if role == Role::Regional {
+                        format!("{region}-{w}-{n}")
+                    } else {
+                        region.clone()
+                    };
                     let token = bootstrap_token(secret.as_bytes(), &temp, &region, role.as_str());
                     let cfg = ChildConfig {
                         temp_id: temp,

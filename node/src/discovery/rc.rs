@@ -15,8 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::Delivery;
 use crate::inbound::{HandlerReply, InboundError};
-use crate::nib::OutboxItem;
+use crate::nib::{IngestLimits, OutboxItem};
 use crate::trust::Trust;
+
+/// How far ahead of our clock a reporter's times may be (the signature freshness window);
+/// later ones are clamped to it.
+const MAX_AHEAD_SECS: i64 = pdsno_shared::signing::MAX_AGE_SECS;
 
 /// Most devices in one summary (a bigger window is split).
 const SUMMARY_DEVICES: usize = 5000;
@@ -25,7 +29,7 @@ const SUMMARY_DEVICES: usize = 5000;
 pub struct RegionalDiscovery {
     trust: Arc<Trust>,
     region: String,
-    spike_threshold: usize,
+    limits: IngestLimits,
 }
 
 impl std::fmt::Debug for RegionalDiscovery {
@@ -64,11 +68,11 @@ fn check_lc(trust: &Trust, sender: &str, region: &str) -> Result<(), InboundErro
 
 impl RegionalDiscovery {
     /// The regional side for `trust`'s node.
-    pub fn new(trust: Arc<Trust>, region: String, spike_threshold: usize) -> Self {
+    pub fn new(trust: Arc<Trust>, region: String, limits: IngestLimits) -> Self {
         RegionalDiscovery {
             trust,
             region,
-            spike_threshold,
+            limits,
         }
     }
 
@@ -96,8 +100,14 @@ impl RegionalDiscovery {
                 report.region, self.region
             )));
         }
+        // A reporter's clock is not trusted beyond the freshness skew: no time from it is
+        // later than when we received it, plus that skew.
+        let now = self.trust.clock.now();
+        let latest = now + chrono::Duration::seconds(MAX_AHEAD_SECS);
         let report_time = parse_iso(&report.timestamp)
-            .map_err(|e| InboundError::BadRequest(format!("timestamp: {e}")))?;
+            .map_err(|e| InboundError::BadRequest(format!("timestamp: {e}")))?
+            .min(latest);
+        let mut clamped = 0usize;
         for d in report
             .new_devices
             .iter_mut()
@@ -105,9 +115,16 @@ impl RegionalDiscovery {
         {
             d.mac = normalize_mac(&d.mac)
                 .ok_or_else(|| InboundError::BadRequest(format!("invalid MAC {:?}", d.mac)))?;
-            parse_iso(&d.last_seen).map_err(|e| {
+            let seen = parse_iso(&d.last_seen).map_err(|e| {
                 InboundError::BadRequest(format!("device {}: last_seen: {e}", d.mac))
             })?;
+            if seen > latest {
+                d.last_seen = format_iso(latest);
+                clamped += 1;
+            }
+        }
+        if clamped > 0 {
+            tracing::warn!(lc = %sender, devices = clamped, "discovery report from the future: last_seen clamped to the receive time");
         }
         for d in &mut report.inactive_devices {
             d.mac = normalize_mac(&d.mac)
@@ -134,11 +151,9 @@ impl RegionalDiscovery {
                 &report.new_devices,
                 &report.updated_devices,
                 &report.inactive_devices,
-                if report.extra.get("full").and_then(Value::as_bool) == Some(true) {
-                    usize::MAX
-                } else {
-                    self.spike_threshold
-                },
+                // `full` (a resync) never switches the spike detector off: an LC's first
+                // report is exempt on its own, later resyncs are flagged like any jump.
+                self.limits,
                 &self.trust.me,
                 &self.trust.identity,
                 self.trust.clock.now(),

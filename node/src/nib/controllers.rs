@@ -103,6 +103,18 @@ pub struct Conflict {
     pub found: Option<i64>,
 }
 
+/// A descendant's id is already bound to another identity key or another validating parent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{id} already belongs to a controller validated by {} (status {status})", validated_by.as_deref().unwrap_or("unknown"))]
+pub struct Rebind {
+    /// The id.
+    pub id: String,
+    /// Who validated the existing row.
+    pub validated_by: Option<String>,
+    /// The existing row's status.
+    pub status: String,
+}
+
 /// SHA-256 of a token (tokens themselves are never stored).
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -348,19 +360,88 @@ impl Nib {
     /// knows the whole tree below it. The row is active; an existing revoked row stays
     /// revoked.
     ///
+    /// An id is never re-bound: a row validated by another controller, or holding another
+    /// identity key, is left as it is and [`Rebind`] says whose it is.
+    ///
     /// # Errors
-    /// On an SQLite failure.
+    /// `Ok(Err(Rebind))` when the id belongs to another key or validator; `Err` on an
+    /// SQLite failure.
     pub fn register_descendant(
         &self,
         row: &ControllerRow,
         now: DateTime<Utc>,
-    ) -> Result<(), NibError> {
-        self.conn().execute(
+    ) -> Result<Result<(), Rebind>, NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<(Option<String>, Option<String>, String)> = tx
+            .query_row(
+                "SELECT validated_by, public_key, status FROM controllers WHERE controller_id = ?1",
+                params![row.controller_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((validated_by, public_key, status)) = existing {
+            if validated_by != row.validated_by
+                || public_key != row.public_key
+                || status == "revoked"
+            {
+                return Ok(Err(Rebind {
+                    id: row.controller_id.clone(),
+                    validated_by,
+                    status,
+                }));
+            }
+        }
+        tx.execute(
             "INSERT INTO controllers (controller_id, role, region, status, temp_id, public_key, certificate, validated_by, validated_at)
              VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(controller_id) DO UPDATE SET public_key = excluded.public_key, certificate = excluded.certificate,
+             ON CONFLICT(controller_id) DO UPDATE SET certificate = excluded.certificate,
                  version = controllers.version + 1 WHERE controllers.status != 'revoked'",
             params![row.controller_id, row.role, row.region, row.temp_id, row.public_key, row.certificate, row.validated_by, format_iso(now)],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// The highest sequence number among the assigned ids of `role` in `region` (0: none),
+    /// counting every row whatever its status, and the id sequence itself.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn highest_sequence(&self, role: Role, region: &str) -> Result<u64, NibError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT controller_id FROM controllers WHERE role = ?1")?;
+        let ids = st
+            .query_map(params![role.as_str()], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let from_rows = ids
+            .iter()
+            .filter_map(|id| ControllerId::parse(id))
+            .filter(|c| c.region.as_deref() == Some(region))
+            .map(|c| c.seq)
+            .max()
+            .unwrap_or(0);
+        let seq: Option<i64> = conn
+            .query_row(
+                "SELECT last FROM id_sequences WHERE kind = ?1",
+                params![format!("{}/{region}", role.as_str())],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(from_rows.max(seq.unwrap_or(0).max(0) as u64))
+    }
+
+    /// Makes the next id of `role` in `region` start above `floor` (the ids an earlier
+    /// holder of this role already used); never lowers the sequence.
+    ///
+    /// # Errors
+    /// On an SQLite failure.
+    pub fn raise_sequence(&self, role: Role, region: &str, floor: u64) -> Result<(), NibError> {
+        let floor = i64::try_from(floor).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "INSERT INTO id_sequences (kind, last) VALUES (?1, ?2)
+             ON CONFLICT(kind) DO UPDATE SET last = MAX(last, excluded.last)",
+            params![format!("{}/{region}", role.as_str()), floor],
         )?;
         Ok(())
     }

@@ -117,6 +117,25 @@ pub struct IngestOutcome {
     pub marked_inactive: u64,
     /// More new devices than the spike threshold.
     pub spike: bool,
+    /// New devices refused because the reporter reached its device cap.
+    pub over_cap: u64,
+}
+
+/// Bounds a regional controller applies to each local controller's reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngestLimits {
+    /// More new devices than this in one report (after the first) is an anomaly.
+    pub spike_threshold: usize,
+    /// Most devices one local controller may own.
+    pub max_devices_per_lc: u64,
+}
+
+impl IngestLimits {
+    /// The defaults: spike above 100 new devices, at most 65,536 devices per LC.
+    pub const DEFAULT: IngestLimits = IngestLimits {
+        spike_threshold: 100,
+        max_devices_per_lc: 65_536,
+    };
 }
 
 impl IngestOutcome {
@@ -128,6 +147,7 @@ impl IngestOutcome {
         m.insert("stored_updated".into(), self.stored_updated.into());
         m.insert("marked_inactive".into(), self.marked_inactive.into());
         m.insert("spike".into(), self.spike.into());
+        m.insert("over_cap".into(), self.over_cap.into());
         Value::Object(m)
     }
 
@@ -141,6 +161,7 @@ impl IngestOutcome {
             stored_updated: n("stored_updated"),
             marked_inactive: n("marked_inactive"),
             spike: v.get("spike").and_then(Value::as_bool).unwrap_or(false),
+            over_cap: n("over_cap"),
         }
     }
 }
@@ -304,6 +325,18 @@ fn device_by_mac(conn: &Connection, mac: &str) -> Result<Option<DeviceRow>, NibE
         .optional()?
         .map(finish_row)
         .transpose()
+}
+
+/// A device's contender and previous owner (see [`Nib::rc_ingest`]).
+fn ownership(conn: &Connection, mac: &str) -> Result<(Option<String>, Option<String>), NibError> {
+    Ok(conn
+        .query_row(
+            "SELECT claimant, previous_lc FROM devices WHERE mac = ?1",
+            params![mac],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((None, None)))
 }
 
 fn next_seq(conn: &Connection) -> Result<i64, NibError> {
@@ -578,11 +611,19 @@ impl Nib {
     }
 
     /// Applies one discovery report at a regional controller. New and updated devices are
-    /// upserted; when another local controller already reports a MAC, the newer
-    /// `last_seen` wins (`DEVICE_MULTI_LC` is logged either way, `DEVICE_LC_REASSIGNED`
-    /// when ownership moves). Inactive devices are marked so only if this local controller
-    /// owns them and has not seen them since the report was made. A report id applied
-    /// before returns its first outcome, marked duplicate.
+    /// upserted, within the reporter's device cap (`limits.max_devices_per_lc` rows; more
+    /// are refused, counted and audited once per report as `DEVICE_CAP_REACHED`).
+    ///
+    /// Ownership: a MAC stays with the local controller that reported it first until that
+    /// controller itself reports it inactive (it missed it for its miss limit) or is
+    /// revoked (its devices are retired). Until then another controller's sightings only
+    /// mark the device contested (`DEVICE_MULTI_LC`, once per contender); after it, the
+    /// next sighting moves it (`DEVICE_LC_REASSIGNED`), and the previous owner's own
+    /// sighting takes it back at once (`DEVICE_LC_RESTORED`). A reporter's clock cannot
+    /// win a device: times are compared only within one owner's reports (and are clamped
+    /// to the receive time by the caller). Inactive devices are marked so only if this
+    /// local controller owns them and has not seen them since the report was made. A
+    /// report id applied before returns its first outcome, marked duplicate.
     ///
     /// # Errors
     /// On an SQLite failure (nothing is written then).
@@ -596,7 +637,7 @@ impl Nib {
         new: &[Device],
         updated: &[Device],
         inactive: &[InactiveDevice],
-        spike_threshold: usize,
+        limits: IngestLimits,
         me: &str,
         signer: &IdentityKey,
         now: DateTime<Utc>,
@@ -612,9 +653,34 @@ impl Nib {
             processed: (new.len() + updated.len()) as u64,
             ..IngestOutcome::default()
         };
+        let mut owned: u64 = tx.query_row(
+            "SELECT COUNT(*) FROM devices WHERE lc_id = ?1",
+            params![lc_id],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        let audit = |ev: &str, mac: &str, action: &str, decision: &str, details: Map| {
+            events::append(
+                &tx,
+                &Event {
+                    event_type: ev.into(),
+                    actor: me.into(),
+                    subject: Some(mac.to_owned()),
+                    action: action.into(),
+                    decision: Some(decision.to_owned()),
+                    details,
+                },
+                signer,
+                now,
+            )
+            .map(|_| ())
+        };
         for d in new.iter().chain(updated) {
             match device_by_mac(&tx, &d.mac)? {
                 None => {
+                    if owned >= limits.max_devices_per_lc {
+                        out.over_cap += 1;
+                        continue;
+                    }
                     write_device(
                         &tx,
                         d,
@@ -625,59 +691,75 @@ impl Nib {
                         Some(seq),
                         seq,
                     )?;
+                    owned += 1;
                     out.stored_new += 1;
                 }
                 Some(row) if row.lc_id != lc_id => {
                     out.collisions += 1;
-                    let reassign = later(&d.last_seen, &row.device.last_seen);
+                    let (claimant, previous) = ownership(&tx, &d.mac)?;
                     let mut details = Map::new();
                     details.insert("mac".into(), d.mac.clone().into());
                     details.insert("stored_lc".into(), row.lc_id.clone().into());
-                    details.insert(
-                        "stored_last_seen".into(),
-                        row.device.last_seen.clone().into(),
-                    );
+                    details.insert("stored_status".into(), row.status.as_str().into());
                     details.insert("reporting_lc".into(), lc_id.into());
-                    details.insert("reported_last_seen".into(), d.last_seen.clone().into());
-                    events::append(
-                        &tx,
-                        &Event {
-                            event_type: "DEVICE_MULTI_LC".into(),
-                            actor: me.into(),
-                            subject: Some(d.mac.clone()),
-                            action: "Two local controllers report one MAC".into(),
-                            decision: Some(if reassign { lc_id } else { &row.lc_id }.to_owned()),
-                            details: details.clone(),
-                        },
-                        signer,
-                        now,
-                    )?;
-                    if reassign {
-                        write_device(
-                            &tx,
-                            d,
-                            DeviceStatus::Active,
-                            lc_id,
-                            region,
-                            &row.first_seen,
-                            None,
-                            seq,
-                        )?;
-                        out.stored_updated += 1;
-                        events::append(
-                            &tx,
-                            &Event {
-                                event_type: "DEVICE_LC_REASSIGNED".into(),
-                                actor: me.into(),
-                                subject: Some(d.mac.clone()),
-                                action: "The newer sighting wins".into(),
-                                decision: Some(lc_id.into()),
+                    let restore = previous.as_deref() == Some(lc_id);
+                    let vacated = row.status == DeviceStatus::Inactive;
+                    if !restore && !vacated {
+                        // Contested: the owner still sees it. Recorded once per contender.
+                        if claimant.as_deref() != Some(lc_id) {
+                            tx.execute(
+                                "UPDATE devices SET claimant = ?2 WHERE mac = ?1",
+                                params![d.mac, lc_id],
+                            )?;
+                            audit(
+                                "DEVICE_MULTI_LC",
+                                &d.mac,
+                                "Another local controller reports a device its owner still sees",
+                                &row.lc_id,
                                 details,
-                            },
-                            signer,
-                            now,
-                        )?;
+                            )?;
+                        }
+                        continue;
                     }
+                    if owned >= limits.max_devices_per_lc {
+                        out.over_cap += 1;
+                        continue;
+                    }
+                    write_device(
+                        &tx,
+                        d,
+                        DeviceStatus::Active,
+                        lc_id,
+                        region,
+                        &row.first_seen,
+                        None,
+                        seq,
+                    )?;
+                    tx.execute(
+                        "UPDATE devices SET claimant = NULL, previous_lc = ?2 WHERE mac = ?1",
+                        params![
+                            d.mac,
+                            if restore {
+                                None
+                            } else {
+                                Some(row.lc_id.as_str())
+                            }
+                        ],
+                    )?;
+                    owned += 1;
+                    out.stored_updated += 1;
+                    let (ev, action) = if restore {
+                        (
+                            "DEVICE_LC_RESTORED",
+                            "The previous owner sees the device again and takes it back",
+                        )
+                    } else {
+                        (
+                            "DEVICE_LC_REASSIGNED",
+                            "The owner reported the device inactive; another local controller sees it",
+                        )
+                    };
+                    audit(ev, &d.mac, action, lc_id, details)?;
                 }
                 Some(row) => {
                     if !later(&row.device.last_seen, &d.last_seen) {
@@ -695,6 +777,19 @@ impl Nib {
                     }
                 }
             }
+        }
+        if out.over_cap > 0 {
+            let mut details = Map::new();
+            details.insert("refused".into(), out.over_cap.into());
+            details.insert("cap".into(), limits.max_devices_per_lc.into());
+            details.insert("report_id".into(), report_id.into());
+            audit(
+                "DEVICE_CAP_REACHED",
+                lc_id,
+                "A local controller reported more devices than its cap",
+                "refused",
+                details,
+            )?;
         }
         for i in inactive {
             if let Some(row) = device_by_mac(&tx, &i.mac)?
@@ -716,11 +811,11 @@ impl Nib {
                 params![lc_id],
                 |r| r.get(0),
             )?;
-        if reported_before && new.len() > spike_threshold {
+        if reported_before && new.len() > limits.spike_threshold {
             out.spike = true;
             let mut details = Map::new();
             details.insert("new_devices".into(), (new.len() as u64).into());
-            details.insert("threshold".into(), (spike_threshold as u64).into());
+            details.insert("threshold".into(), (limits.spike_threshold as u64).into());
             details.insert("report_id".into(), report_id.into());
             events::append(
                 &tx,
@@ -746,6 +841,34 @@ impl Nib {
         )?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Retires what a revoked controller reported: its devices (a regional controller's
+    /// rows, which the next summary carries up as inactive, and which any other local
+    /// controller that sees them may then claim) and the inventory rows it stands behind
+    /// (the global controller's, as local or regional controller). Returns how many rows.
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    pub fn retire_devices_of(&self, controller_id: &str) -> Result<usize, NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq = next_seq(&tx)?;
+        let devices = tx.execute(
+            "UPDATE devices SET status = 'inactive', claimant = NULL, changed_seq = ?2, version = version + 1
+             WHERE lc_id = ?1 AND status = 'active'",
+            params![controller_id, seq],
+        )?;
+        tx.execute(
+            "UPDATE devices SET previous_lc = NULL WHERE previous_lc = ?1",
+            params![controller_id],
+        )?;
+        let inventory = tx.execute(
+            "UPDATE inventory SET status = 'inactive' WHERE (lc_id = ?1 OR rc_id = ?1) AND status = 'active'",
+            params![controller_id],
+        )?;
+        tx.commit()?;
+        Ok(devices + inventory)
     }
 
     /// The devices changed since the previous summary (whole transactions, at least one,

@@ -24,11 +24,13 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-pub use controllers::{AdmitError, AdmitRecord, Admitted, Conflict, ControllerRow, token_hash};
+pub use controllers::{
+    AdmitError, AdmitRecord, Admitted, Conflict, ControllerRow, Rebind, token_hash,
+};
 pub use credentials::credential_hash;
 pub use discovery::{
-    CycleDelta, CycleParams, DeviceRow, DeviceStatus, IngestOutcome, InventoryRow, SummaryDevice,
-    SummaryWindow,
+    CycleDelta, CycleParams, DeviceRow, DeviceStatus, IngestLimits, IngestOutcome, InventoryRow,
+    SummaryDevice, SummaryWindow,
 };
 pub use events::{BrokenLink, Event, EventRow, GENESIS_HASH, verify_chain};
 pub use outbox::{OutboxItem, OutboxRow};
@@ -211,6 +213,10 @@ const MIGRATIONS: &[&str] = &[
          attempts     INTEGER NOT NULL DEFAULT 0,
          last_attempt TEXT
      );",
+    // 5: device ownership: a contender while the owner still sees the device, and the
+    // owner a device moved away from (whose own sighting takes it back)
+    "ALTER TABLE devices ADD COLUMN claimant TEXT;
+     ALTER TABLE devices ADD COLUMN previous_lc TEXT;",
 ];
 
 /// An open NIB.

@@ -364,10 +364,17 @@ impl Children {
                     validated_at: None,
                     version: 0,
                 };
-                self.trust
+                if let Err(rebind) = self
+                    .trust
                     .nib
                     .register_descendant(&row, self.trust.clock.now())
-                    .map_err(|e| InboundError::Unavailable(e.to_string()))?;
+                    .map_err(|e| InboundError::Unavailable(e.to_string()))?
+                {
+                    tracing::warn!(rc = %env.sender_id, controller = %target, error = %rebind, "refused to re-bind a controller id");
+                    return Err(InboundError::Forbidden(format!(
+                        "controller id not re-bound: {rebind}"
+                    )));
+                }
                 let secret = creds
                     .issue(&target)
                     .map_err(|e| InboundError::Unavailable(e.to_string()))?;
@@ -437,9 +444,13 @@ impl Children {
         }
         let kicked = self.broker.as_ref().map_or(0, |b| b.disconnect(id));
         self.live().remove(id);
+        // What it reported is no longer vouched for: retired, and free for the controller
+        // that really sees it.
+        let retired = nib.retire_devices_of(id).map_err(|e| e.to_string())?;
         let mut details = Map::new();
         details.insert("reason".into(), why.into());
         details.insert("mqtt_sessions_closed".into(), (kicked as u64).into());
+        details.insert("devices_retired".into(), (retired as u64).into());
         let ev = Event {
             event_type: "CONTROLLER_REVOKED".into(),
             actor: self.trust.me.clone(),

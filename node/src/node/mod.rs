@@ -170,6 +170,13 @@ fn persist(nib: &Nib, cfg: &NodeConfig, parent_url: &str, a: &Admission) -> Resu
     if let Some(c) = &a.chain {
         values.push((StateKey::Chain, c.clone()));
     }
+    if cfg.role == Role::Regional
+        && a.local_id_floor > 0
+        && let Some(region) = &cfg.region
+    {
+        nib.raise_sequence(Role::Local, region, a.local_id_floor)
+            .map_err(startup)?;
+    }
     nib.set_state(&values).map_err(startup)
 }
 
@@ -198,6 +205,24 @@ async fn admit(
         .region
         .clone()
         .ok_or_else(|| startup("region: required to be admitted (--region)"))?;
+    // A regional controller holding the secret its own token was minted with holds the
+    // global controller's secret: anyone on this host could mint regional tokens.
+    if cfg.role == Role::Regional
+        && let Some(secret) = &cfg.bootstrap_secret
+        && pdsno_shared::bootstrap::token_matches(
+            &pdsno_shared::bootstrap::bootstrap_token(
+                secret.expose().as_bytes(),
+                &temp_id,
+                &region,
+                Role::Regional.as_str(),
+            ),
+            token.expose(),
+        )
+    {
+        return Err(startup(
+            "bootstrap_secret_file: this is the global controller's bootstrap secret (it minted this controller's own token), and a regional controller must not hold it: anyone on this host could mint regional tokens. Remove bootstrap_secret_file / PDSNO_BOOTSTRAP_SECRET here; the regional controller then creates its own in its data directory",
+        ));
+    }
     let link = ParentLink::new(parent_url).map_err(startup)?;
     let child_cfg = ChildConfig {
         temp_id: temp_id.clone(),
@@ -556,10 +581,19 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     let authority = match cfg.role {
         Role::Local => None,
         role => {
-            let secret = cfg
-                .bootstrap_secret
-                .clone()
-                .ok_or_else(|| startup("no bootstrap secret"))?;
+            let secret = match (cfg.bootstrap_secret.clone(), role) {
+                (Some(s), _) => s,
+                (None, Role::Regional) => {
+                    let (s, created) =
+                        crate::identity::load_or_create_bootstrap_secret(&cfg.data_dir)
+                            .map_err(startup)?;
+                    if created {
+                        tracing::info!(file = %cfg.data_dir.join(crate::identity::BOOTSTRAP_SECRET_FILE).display(), "created this regional controller's bootstrap secret (mint local tokens with pdsno token --data-dir)");
+                    }
+                    s
+                }
+                (None, _) => return Err(startup("no bootstrap secret")),
+            };
             let mut ac = AuthorityConfig::new(
                 vec![if role == Role::Global {
                     Role::Regional
@@ -742,7 +776,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             let rd = Arc::new(crate::discovery::rc::RegionalDiscovery::new(
                 trust.clone(),
                 region.clone(),
-                cfg.spike_threshold,
+                crate::nib::IngestLimits {
+                    spike_threshold: cfg.spike_threshold,
+                    max_devices_per_lc: cfg.max_devices_per_lc,
+                },
             ));
             let r2 = rd.clone();
             inbound.register(

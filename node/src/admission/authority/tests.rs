@@ -282,8 +282,8 @@ fn response_stage_reject_reasons() {
     assert_eq!(run(&c, &|_| {}), reason::INVALID_REGION);
     let c = Child::new("t-ok", "zone-A", "regional");
     assert_eq!(run(&c, &|_| {}), "");
-    let c = Child::new("t-quota", "zone-A", "regional");
-    assert_eq!(run(&c, &|_| {}), reason::CONTROLLER_QUOTA_EXCEEDED);
+    let c = Child::new("t-second", "zone-A", "regional");
+    assert_eq!(run(&c, &|_| {}), reason::REGION_ALREADY_SERVED);
     // Expiry: 30 s later the challenge is gone.
     let c = Child::new("t-late", "zone-B", "regional");
     let ch = challenge(&f, &c.request(&f, None));

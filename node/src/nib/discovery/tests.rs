@@ -17,6 +17,13 @@ fn dev(mac: &str, ip: &str, seen: DateTime<Utc>) -> Device {
     }
 }
 
+fn lim(spike_threshold: usize) -> IngestLimits {
+    IngestLimits {
+        spike_threshold,
+        ..IngestLimits::DEFAULT
+    }
+}
+
 fn nib() -> (tempfile::TempDir, Nib) {
     let dir = tempfile::tempdir().expect("tmp");
     let nib = Nib::open(dir.path().join("nib.db")).expect("open");
@@ -186,7 +193,7 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
             std::slice::from_ref(&a),
             &[],
             &[],
-            100,
+            lim(100),
             me,
             &key,
             t1,
@@ -206,7 +213,7 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
             std::slice::from_ref(&a),
             &[],
             &[],
-            100,
+            lim(100),
             me,
             &key,
             t1,
@@ -215,37 +222,130 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
     assert!(again.duplicate);
     assert_eq!(again.stored_new, 1);
 
-    // lc2 claims the MAC with an older sighting: lc1 keeps it.
-    let old = dev("02:00:00:00:00:0a", "10.0.0.77", t0);
-    let out = nib
-        .rc_ingest(lc2, "zone-A", "r2", t0, &[old], &[], &[], 100, me, &key, t1)
-        .expect("older");
-    assert_eq!((out.collisions, out.stored_updated), (1, 0));
-    assert_eq!(nib.device(&a.mac).expect("row").expect("a").lc_id, lc1);
-    // ... and with a newer one: it moves to lc2.
-    let t2 = t1 + chrono::Duration::seconds(5);
-    let newer = dev("02:00:00:00:00:0a", "10.0.0.78", t2);
+    // lc2 claims the MAC while lc1 still sees it, even with a sighting from the far
+    // future: lc1 keeps it, the device is contested (recorded once per contender).
+    let future = dev(
+        "02:00:00:00:00:0a",
+        "10.0.0.77",
+        t1 + chrono::Duration::days(3650),
+    );
+    for (i, r) in ["k2", "k2b", "k2c"].iter().enumerate() {
+        let out = nib
+            .rc_ingest(
+                lc2,
+                "zone-A",
+                r,
+                t1,
+                &[],
+                std::slice::from_ref(&future),
+                &[],
+                lim(100),
+                me,
+                &key,
+                t1,
+            )
+            .expect("contest");
+        assert_eq!((out.collisions, out.stored_updated), (1, 0), "report {i}");
+    }
+    let row = nib.device(&a.mac).expect("row").expect("a");
+    assert_eq!(
+        (row.lc_id.as_str(), row.device.ip.as_str()),
+        (lc1, "10.0.0.10")
+    );
+    // lc2 cannot retire what it does not own.
+    let gone = [inactive_of(&a)];
     let out = nib
         .rc_ingest(
             lc2,
             "zone-A",
-            "r3",
+            "k3",
+            t1,
+            &[],
+            &[],
+            &gone,
+            lim(100),
+            me,
+            &key,
+            t1,
+        )
+        .expect("not owner");
+    assert_eq!(out.marked_inactive, 0);
+    // lc1 reports it inactive, but in a report older than its last sighting: ignored.
+    let out = nib
+        .rc_ingest(
+            lc1,
+            "zone-A",
+            "k4",
+            t0,
+            &[],
+            &[],
+            &gone,
+            lim(100),
+            me,
+            &key,
+            t1,
+        )
+        .expect("stale");
+    assert_eq!(out.marked_inactive, 0);
+    // The owner lost it: inactive; now lc2's next sighting moves it.
+    let t2 = t1 + chrono::Duration::seconds(5);
+    let out = nib
+        .rc_ingest(
+            lc1,
+            "zone-A",
+            "k5",
             t2,
             &[],
-            &[newer],
             &[],
-            100,
+            &gone,
+            lim(100),
             me,
             &key,
             t2,
         )
-        .expect("newer");
+        .expect("owner");
+    assert_eq!(out.marked_inactive, 1);
+    let moved = dev("02:00:00:00:00:0a", "10.0.0.78", t2);
+    let out = nib
+        .rc_ingest(
+            lc2,
+            "zone-A",
+            "k6",
+            t2,
+            &[],
+            std::slice::from_ref(&moved),
+            &[],
+            lim(100),
+            me,
+            &key,
+            t2,
+        )
+        .expect("move");
     assert_eq!((out.collisions, out.stored_updated), (1, 1));
     let row = nib.device(&a.mac).expect("row").expect("a");
     assert_eq!(
-        (row.lc_id.as_str(), row.device.ip.as_str()),
-        (lc2, "10.0.0.78")
+        (row.lc_id.as_str(), row.device.ip.as_str(), row.status),
+        (lc2, "10.0.0.78", DeviceStatus::Active)
     );
+    // The previous owner sees it again: it takes it back at once.
+    let back = dev("02:00:00:00:00:0a", "10.0.0.10", t2);
+    let out = nib
+        .rc_ingest(
+            lc1,
+            "zone-A",
+            "k7",
+            t2,
+            &[],
+            std::slice::from_ref(&back),
+            &[],
+            lim(100),
+            me,
+            &key,
+            t2,
+        )
+        .expect("restore");
+    assert_eq!(out.stored_updated, 1);
+    assert_eq!(nib.device(&a.mac).expect("row").expect("a").lc_id, lc1);
     let types: Vec<String> = nib
         .events(0, 100)
         .expect("events")
@@ -254,36 +354,14 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
         .collect();
     assert_eq!(
         types,
-        ["DEVICE_MULTI_LC", "DEVICE_MULTI_LC", "DEVICE_LC_REASSIGNED"]
+        [
+            "DEVICE_MULTI_LC",
+            "DEVICE_LC_REASSIGNED",
+            "DEVICE_LC_RESTORED"
+        ]
     );
-
-    // lc1 says the device went inactive: it no longer owns it, nothing changes.
-    let gone = [inactive_of(&a)];
-    let out = nib
-        .rc_ingest(lc1, "zone-A", "r4", t2, &[], &[], &gone, 100, me, &key, t2)
-        .expect("not owner");
-    assert_eq!(out.marked_inactive, 0);
-    // lc2 says so, but in a report older than its last sighting: ignored.
-    let out = nib
-        .rc_ingest(lc2, "zone-A", "r5", t1, &[], &[], &gone, 100, me, &key, t2)
-        .expect("stale");
-    assert_eq!(out.marked_inactive, 0);
-    let out = nib
-        .rc_ingest(
-            lc2,
-            "zone-A",
-            "r6",
-            t2 + chrono::Duration::seconds(1),
-            &[],
-            &[],
-            &gone,
-            100,
-            me,
-            &key,
-            t2,
-        )
-        .expect("owner");
-    assert_eq!(out.marked_inactive, 1);
+    // Revoking lc1 retires its devices.
+    assert_eq!(nib.retire_devices_of(lc1).expect("retire"), 1);
     assert_eq!(
         nib.device(&a.mac).expect("row").expect("a").status,
         DeviceStatus::Inactive
@@ -300,7 +378,19 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
         })
         .collect();
     let out = nib
-        .rc_ingest(lc1, "zone-A", "r7", t2, &many, &[], &[], 3, me, &key, t2)
+        .rc_ingest(
+            lc1,
+            "zone-A",
+            "r7",
+            t2,
+            &many,
+            &[],
+            &[],
+            lim(3),
+            me,
+            &key,
+            t2,
+        )
         .expect("spike");
     assert!(out.spike);
     // A first report lists everything an LC knows: no spike.
@@ -322,7 +412,7 @@ fn regional_ingest_resolves_collisions_by_last_seen_and_ignores_retransmissions(
             &first,
             &[],
             &[],
-            3,
+            lim(3),
             me,
             &key,
             t2,
@@ -364,7 +454,7 @@ fn summaries_cover_each_change_once_and_the_gc_flags_cross_region_macs() {
         &devs[..3],
         &[],
         &[],
-        100,
+        lim(100),
         me,
         &key,
         t,
@@ -378,7 +468,7 @@ fn summaries_cover_each_change_once_and_the_gc_flags_cross_region_macs() {
         &devs[3..],
         &[],
         &[],
-        100,
+        lim(100),
         me,
         &key,
         t,
@@ -481,4 +571,65 @@ fn summaries_cover_each_change_once_and_the_gc_flags_cross_region_macs() {
         .count();
     assert_eq!(flagged, 1, "logged when it starts, not on every summary");
     assert_eq!(gc.inventory().expect("inventory").len(), 6);
+}
+
+#[test]
+fn a_local_controller_owns_at_most_its_cap() {
+    let (_d, nib) = nib();
+    let key = IdentityKey::generate();
+    let t = Utc::now();
+    let me = "regional_cntl_zone-A_1";
+    let limits = IngestLimits {
+        spike_threshold: usize::MAX,
+        max_devices_per_lc: 3,
+    };
+    let devs: Vec<Device> = (0..5)
+        .map(|i| {
+            dev(
+                &format!("02:00:00:00:07:{i:02x}"),
+                &format!("10.0.7.{i}"),
+                t,
+            )
+        })
+        .collect();
+    let out = nib
+        .rc_ingest(
+            "local_cntl_zone-A_1",
+            "zone-A",
+            "c1",
+            t,
+            &devs,
+            &[],
+            &[],
+            limits,
+            me,
+            &key,
+            t,
+        )
+        .expect("ingest");
+    assert_eq!((out.stored_new, out.over_cap), (3, 2));
+    // Another controller is not affected by this one's cap.
+    let out = nib
+        .rc_ingest(
+            "local_cntl_zone-A_2",
+            "zone-A",
+            "c2",
+            t,
+            &devs[3..],
+            &[],
+            &[],
+            limits,
+            me,
+            &key,
+            t,
+        )
+        .expect("ingest");
+    assert_eq!((out.stored_new, out.over_cap), (2, 0));
+    let caps: Vec<_> = nib
+        .events(0, 100)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.event_type == "DEVICE_CAP_REACHED")
+        .collect();
+    assert_eq!(caps.len(), 1, "one event per report, not per device");
 }
