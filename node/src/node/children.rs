@@ -395,9 +395,14 @@ impl Children {
                     .nib
                     .controller(&target)
                     .map_err(|e| InboundError::Unavailable(e.to_string()))?;
-                if row.as_ref().and_then(|r| r.validated_by.as_deref())
-                    != Some(env.sender_id.as_str())
-                {
+                let Some(row) = row else {
+                    // Never registered here (it never asked for a broker credential):
+                    // nothing to revoke.
+                    let mut m = sync_payload(kind, &target);
+                    m.insert("revoked".into(), false.into());
+                    return Ok(HandlerReply::Reply(MessageType::SyncResponse, m));
+                };
+                if row.validated_by.as_deref() != Some(env.sender_id.as_str()) {
                     return Err(InboundError::Forbidden(
                         "not a controller of this RC".into(),
                     ));
@@ -415,8 +420,30 @@ impl Children {
         }
     }
 
-    /// Revokes `id` here: status, blocklist, keys, credential, live MQTT session.
+    /// Revokes `id` here: status, blocklist, keys, credential, live MQTT session, its
+    /// devices; and everything it vouched for (the controllers it validated, which a
+    /// global controller knows as descendants), since their certificates lead to it.
     fn revoke_local(&self, id: &str, why: &str) -> Result<bool, String> {
+        let revoked = self.revoke_one(id, why)?;
+        if revoked {
+            let below: Vec<String> = self
+                .trust
+                .nib
+                .controllers()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|r| r.validated_by.as_deref() == Some(id) && r.status != "revoked")
+                .map(|r| r.controller_id)
+                .collect();
+            let why = format!("its validating controller {id} was revoked");
+            for child in below {
+                self.revoke_one(&child, &why)?;
+            }
+        }
+        Ok(revoked)
+    }
+
+    fn revoke_one(&self, id: &str, why: &str) -> Result<bool, String> {
         let nib = &self.trust.nib;
         let now = self.trust.clock.now();
         let Some(row) = nib.controller(id).map_err(|e| e.to_string())? else {
