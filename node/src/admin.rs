@@ -14,7 +14,7 @@ use std::time::Duration;
 use pdsno_shared::grpc::pb;
 use pdsno_shared::json::{self, Map, Value};
 use pdsno_shared::keys::HmacKey;
-use pdsno_shared::replay::{MemoryNonceStore, NonceStore, Recorded};
+use pdsno_shared::replay::{NonceStore, Recorded};
 use pdsno_shared::signing::{hmac_hex, hmac_verify_hex};
 use pdsno_shared::time::{format_iso, parse_iso};
 use tokio::sync::Notify;
@@ -124,7 +124,8 @@ pub struct RuntimeView {
 pub struct Admin {
     key: HmacKey,
     trust: Arc<Trust>,
-    nonces: MemoryNonceStore,
+    /// Admin nonces, in the NIB's replay store: a request stays spent across restarts.
+    nonces: crate::nib::SqliteNonceStore,
     children: Option<Arc<Children>>,
     heartbeat: Option<Arc<HeartbeatStats>>,
     rotate_wake: Arc<Notify>,
@@ -142,6 +143,9 @@ impl std::fmt::Debug for Admin {
 
 impl Admin {
     /// The admin API of a node.
+    ///
+    /// # Errors
+    /// When the NIB's replay store cannot be read.
     pub fn new(
         key: HmacKey,
         trust: Arc<Trust>,
@@ -149,17 +153,19 @@ impl Admin {
         heartbeat: Option<Arc<HeartbeatStats>>,
         rotate_wake: Arc<Notify>,
         rotate_done: Arc<Notify>,
-    ) -> Self {
-        Admin {
+    ) -> Result<Self, String> {
+        let nonces =
+            crate::nib::SqliteNonceStore::new(trust.nib.clone()).map_err(|e| e.to_string())?;
+        Ok(Admin {
             key,
             trust,
-            nonces: MemoryNonceStore::new(),
+            nonces,
             children,
             heartbeat,
             rotate_wake,
             rotate_done,
             runtime: None,
-        }
+        })
     }
 
     /// Adds the running parts operators can look at.
@@ -190,10 +196,13 @@ impl Admin {
         if r.nonce.is_empty() || r.nonce.len() > 128 {
             return Err(Status::unauthenticated("bad nonce"));
         }
-        match self
-            .nonces
-            .record(&r.nonce, at + chrono::Duration::seconds(300), now, 100_000)
-        {
+        // Its own namespace in the store shared with envelope nonces.
+        match self.nonces.record(
+            &format!("admin:{}", r.nonce),
+            at + chrono::Duration::seconds(300),
+            now,
+            100_000,
+        ) {
             Ok(Recorded::Fresh) => Ok(args),
             Ok(Recorded::AlreadySeen) => Err(Status::unauthenticated("admin request replayed")),
             _ => Err(Status::unavailable("admin replay cache full")),

@@ -5,7 +5,11 @@
 //! replay and freshness failures, lockouts, key rotations and policy changes. Refusals are
 //! throttled per (reason, claimed sender): the first one is written at once, the ones that
 //! follow within [`THROTTLE`] are counted and reported in the next event of that pair
-//! (`details.suppressed`), so a flood of forgeries cannot grow the log without bound.
+//! (`details.suppressed`). The claimed sender is the attacker's choice, so on top of that
+//! every refusal event spends from one budget for the whole node ([`REFUSALS_PER_SEC`],
+//! burst [`REFUSAL_BURST`]): what finds it empty is counted by reason and reported in the
+//! next event written (`details.suppressed_by_reason`). Whatever arrives, the log grows by
+//! at most `REFUSAL_BURST + 60 × REFUSALS_PER_SEC` refusal events a minute.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,10 +27,38 @@ pub const THROTTLE: Duration = Duration::from_secs(10);
 /// Most (reason, sender) pairs tracked; beyond it the table is cleared.
 const MAX_TRACKED: usize = 10_000;
 
+/// Refusal events the whole node writes per second, on average.
+pub const REFUSALS_PER_SEC: f64 = 1.0;
+/// Refusal events the node may write in a burst.
+pub const REFUSAL_BURST: f64 = 30.0;
+
+/// The node-wide budget of refusal events, and what it had to leave out.
+struct Budget {
+    tokens: f64,
+    at: Instant,
+    suppressed: std::collections::BTreeMap<String, u64>,
+}
+
+impl Budget {
+    /// Takes a token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * REFUSALS_PER_SEC;
+        self.tokens = (self.tokens + refill).min(REFUSAL_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The audit writer of one node.
 pub struct Audit {
     trust: Arc<Trust>,
     recent: Mutex<HashMap<(String, String), (Instant, u64)>>,
+    budget: Mutex<Budget>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -48,6 +80,11 @@ impl Audit {
         Arc::new(Audit {
             trust,
             recent: Mutex::new(HashMap::new()),
+            budget: Mutex::new(Budget {
+                tokens: REFUSAL_BURST,
+                at: Instant::now(),
+                suppressed: Default::default(),
+            }),
         })
     }
 
@@ -96,7 +133,25 @@ impl Audit {
                 }
             }
         };
+        let by_reason = {
+            let mut b = self
+                .budget
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !b.take(now) {
+                *b.suppressed.entry(reason.to_owned()).or_default() += 1 + suppressed;
+                return;
+            }
+            std::mem::take(&mut b.suppressed)
+        };
         let mut details = Map::new();
+        if !by_reason.is_empty() {
+            let mut m = Map::new();
+            for (r, n) in by_reason {
+                m.insert(r, Value::from(n));
+            }
+            details.insert("suppressed_by_reason".into(), Value::Object(m));
+        }
         details.insert("reason".into(), reason.into());
         details.insert("message_type".into(), clip(message_type).into());
         details.insert("transport".into(), transport.into());

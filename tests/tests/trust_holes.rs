@@ -613,3 +613,132 @@ async fn the_network_key_cannot_impersonate_a_controller() {
     })
     .await;
 }
+
+/// Finding: admin requests could be replayed after a restart (their nonces were kept in
+/// memory). Now they are kept in the NIB's replay store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_cannot_be_replayed_after_a_restart() {
+    use pdsno_shared::grpc::pb::admin_client::AdminClient;
+    let lab = Lab::new();
+    let mut gc = lab.global(&[]);
+    let key = pdsno_node::admin::read_key(&gc.data_dir).expect("admin key");
+    let captured = pdsno_node::admin::request(&key, "status", &Value::Object(Map::new()));
+    let send = |url: String, req: pdsno_shared::grpc::pb::AdminRequest| async move {
+        let ch = tonic::transport::Endpoint::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = AdminClient::new(ch);
+        c.command(req).await
+    };
+    send(gc.grpc_url(), captured.clone())
+        .await
+        .expect("the request itself is accepted");
+    let again = send(gc.grpc_url(), captured.clone()).await;
+    assert_eq!(
+        again.as_ref().map_err(tonic::Status::code).err(),
+        Some(tonic::Code::Unauthenticated)
+    );
+    // Restart on the same data directory: still spent.
+    gc.proc.terminate(Duration::from_secs(10));
+    let gc = lab.global(&[]);
+    let replay = send(gc.grpc_url(), captured).await;
+    match replay {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+            assert!(s.message().contains("replayed"), "{s:?}");
+        }
+        Ok(_) => panic!("a captured admin request was accepted again after a restart"),
+    }
+    // A fresh request works.
+    let fresh = pdsno_node::admin::request(&key, "status", &Value::Object(Map::new()));
+    send(gc.grpc_url(), fresh).await.expect("fresh request");
+}
+
+/// One forged HEARTBEAT over REST from the local address `from`; returns the HTTP status.
+async fn forged_rest(rest: std::net::SocketAddr, from: &str, sender: &str, to: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = HmacKey::from_secret_text("a key nobody in this deployment has");
+    let mut p = Map::new();
+    p.insert("status".into(), "online".into());
+    let now = chrono::Utc::now();
+    let mut env = Envelope::new(MessageType::Heartbeat, sender, to, p, now);
+    sign_hmac(&mut env, &key, None, now);
+    let body = pdsno_shared::json::to_canonical_string(&env.to_value());
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{from}:0").parse().expect("addr"))
+        .expect("bind");
+    let mut s = sock.connect(rest).await.expect("connect");
+    let req = format!(
+        "POST /message/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    std::str::from_utf8(out.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Finding: refusals were throttled per claimed sender, which the attacker chooses: ~880
+/// signed audit rows a second from 4 addresses. Now the node has one budget of refusal
+/// events (burst 30, then 1 a second) and reports what it left out, by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgery_flood_grows_the_audit_log_by_a_bounded_amount() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--rate-limit-rps", "0"]);
+    let rest = gc.rest;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for a in 1..=4 {
+        let to = gc.id.clone();
+        tasks.push(tokio::spawn(async move {
+            let from = format!("127.0.0.{a}");
+            for i in 0..250 {
+                let sender = format!("regional_cntl_zone-{a}_{i}");
+                assert_eq!(forged_rest(rest, &from, &sender, &to).await, 401);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("flood");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let events = nib(&gc).events(0, 100_000).expect("events");
+    let refused = events
+        .iter()
+        .filter(|e| e.event_type == "MESSAGE_REJECTED")
+        .count();
+    let bound = 30 + elapsed.ceil() as usize + 1;
+    assert!(
+        refused <= bound,
+        "{refused} refusal events for 1,000 forgeries in {elapsed:.1} s (bound {bound})"
+    );
+    assert!(refused >= 30, "the first refusals are written: {refused}");
+    // What was left out is reported, by reason, in the next event written.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        forged_rest(rest, "127.0.0.1", "regional_cntl_zone-9_1", &gc.id).await,
+        401
+    );
+    let last = nib(&gc)
+        .events(0, 100_000)
+        .expect("events")
+        .into_iter()
+        .rev()
+        .find(|e| e.event_type == "MESSAGE_REJECTED")
+        .expect("an event");
+    let details = pdsno_shared::json::parse(last.details.as_bytes()).expect("details");
+    let left_out = details
+        .get("suppressed_by_reason")
+        .and_then(|m| m.get("bad_signature"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        left_out as usize + refused >= 1000,
+        "suppressed {left_out} + written {refused} < 1000: {details:?}"
+    );
+}

@@ -18,7 +18,7 @@ use pdsno_shared::keys::{IdentityKey, SecretString};
 use pdsno_shared::payload::discovery::{Device, DiscoveryMethod, DiscoveryReport};
 use pdsno_shared::time::format_iso;
 
-use super::lab::{Node, field, node_args, spawn, stop_all};
+use super::lab::{Node, field, node_args, own_secret, spawn, stop_all};
 
 /// `pdsno bench discovery` arguments.
 #[derive(Debug, Args)]
@@ -76,7 +76,7 @@ async fn topology(
     dir: &Path,
     secret: &str,
     mqtt: bool,
-) -> Result<(Vec<Node>, String, String), String> {
+) -> Result<(Vec<Node>, String, String, String), String> {
     let timeout = Duration::from_secs(60);
     // Every load comes from one address: the per-client rate limit is off here.
     let mut gc_extra = vec![
@@ -136,7 +136,8 @@ async fn topology(
     rc.wait_for("key ", timeout).await?;
     let rc_grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
     let rc_id = field(&ready, "id").unwrap_or_default().to_owned();
-    Ok((vec![gc, rc], rc_grpc, rc_id))
+    let rc_secret = own_secret(&dir.join(temp))?;
+    Ok((vec![gc, rc], rc_grpc, rc_id, rc_secret))
 }
 
 fn mac(lc: usize, d: usize) -> String {
@@ -160,7 +161,7 @@ pub async fn discovery(a: &DiscoveryBenchArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
     let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
-    let (mut nodes, rc_grpc, rc_id) = topology(&exe, &dir, &secret, false).await?;
+    let (mut nodes, rc_grpc, rc_id, rc_secret) = topology(&exe, &dir, &secret, false).await?;
     let result = async {
         let url = format!("http://{rc_grpc}");
         let link = crate::transport::parent::ParentLink::new(&url).map_err(|e| e.to_string())?;
@@ -170,7 +171,7 @@ pub async fn discovery(a: &DiscoveryBenchArgs) -> Result<(), String> {
         let mut lcs = Vec::new();
         for i in 0..a.lcs.max(1) {
             let temp = format!("temp-lc-bench-{i}");
-            let token = pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), &temp, "zone-A", "local");
+            let token = pdsno_shared::bootstrap::bootstrap_token(rc_secret.as_bytes(), &temp, "zone-A", "local");
             let cfg = ChildConfig {
                 temp_id: temp,
                 role: pdsno_shared::ids::Role::Local,
@@ -303,7 +304,7 @@ pub async fn policy(a: &PolicyBenchArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
     let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
-    let (mut nodes, rc_grpc, _rc_id) = topology(&exe, &dir, &secret, true).await?;
+    let (mut nodes, rc_grpc, _rc_id, rc_secret) = topology(&exe, &dir, &secret, true).await?;
     let timeout = Duration::from_secs(120);
     let result = async {
         let gc_grpc = nodes
@@ -314,7 +315,7 @@ pub async fn policy(a: &PolicyBenchArgs) -> Result<(), String> {
         let started = Instant::now();
         for i in 0..a.lcs.max(1) {
             let temp = format!("temp-lc-{i}");
-            let token = pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), &temp, "zone-A", "local");
+            let token = pdsno_shared::bootstrap::bootstrap_token(rc_secret.as_bytes(), &temp, "zone-A", "local");
             let args = node_args(
                 "local",
                 &dir.join(&temp),

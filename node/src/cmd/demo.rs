@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::lab::{Node, admin_call, field, node_args, spawn, stop_all};
+use super::lab::{Node, admin_call, field, node_args, own_secret, spawn, stop_all};
 use clap::Args;
 use pdsno_shared::bootstrap::bootstrap_token;
 use pdsno_shared::grpc::pb;
@@ -135,9 +135,11 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             rcs.push((temp.clone(), spawn(&exe, &temp, &args, &dir, &secret)?));
         }
         let mut tree = Vec::new();
+        let mut rc_secrets = Vec::new();
         for (temp, mut n) in rcs {
             let adm = n.wait_for("admitted ", timeout).await?;
             let ready = n.wait_for("ready ", timeout).await?;
+            rc_secrets.push(own_secret(&dir.join(&temp))?);
             tree.push(Admitted {
                 id: field(&adm, "id").unwrap_or_default().to_owned(),
                 temp_id: temp,
@@ -155,7 +157,8 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             let r = &regions[ri];
             for i in 1..=a.locals {
                 let temp = format!("temp-lc-{}-{i}", r.to_lowercase());
-                let token = bootstrap_token(secret.as_bytes(), &temp, r, "local");
+                // Minted with the RC's own secret: only that RC accepts it.
+                let token = bootstrap_token(rc_secrets[ri].as_bytes(), &temp, r, "local");
                 let args = node_args(
                     "local",
                     &dir.join(&temp),

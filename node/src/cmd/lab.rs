@@ -131,9 +131,16 @@ pub(crate) fn spawn(
 ) -> Result<Node, String> {
     let log = dir.join(format!("{name}.log"));
     let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .env("PDSNO_BOOTSTRAP_SECRET", secret_env)
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    // Only the global controller holds this secret; a regional controller makes its own
+    // (read back with [`own_secret`] to mint its local controllers' tokens).
+    if args.first().map(String::as_str) == Some("global") {
+        cmd.env("PDSNO_BOOTSTRAP_SECRET", secret_env);
+    } else {
+        cmd.env_remove("PDSNO_BOOTSTRAP_SECRET");
+    }
+    let mut child = cmd
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -162,6 +169,14 @@ pub(crate) fn spawn(
         seen: Vec::new(),
         log,
     })
+}
+
+/// The bootstrap secret a regional controller created in its data directory `data`.
+pub(crate) fn own_secret(data: &Path) -> Result<String, String> {
+    let path = data.join(crate::identity::BOOTSTRAP_SECRET_FILE);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim_end().to_owned())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub(crate) fn node_args(tier: &str, data: &Path, extra: &[String]) -> Vec<String> {

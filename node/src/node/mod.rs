@@ -852,6 +852,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             rotate_wake.clone(),
             rotate_done.clone(),
         )
+        .map_err(startup)?
         .with_runtime(crate::admin::RuntimeView {
             inbound: inbound.clone(),
             outbound: outbound.clone(),
