@@ -97,6 +97,17 @@ impl Trust {
             .and_then(|k| PublicKey::from_base64(k).ok())
     }
 
+    /// True when `peer` is our parent or an active controller we admitted ourselves (not
+    /// one our children registered with us): the peers we share pairwise keys with.
+    pub fn is_neighbour(&self, peer: &str) -> bool {
+        if self.parent.as_ref().is_some_and(|(pid, _)| pid == peer) {
+            return true;
+        }
+        self.nib.controller(peer).ok().flatten().is_some_and(|r| {
+            r.status == "active" && r.validated_by.as_deref() == Some(self.me.as_str())
+        })
+    }
+
     /// True when `sender` is an active controller we admitted (or that our children
     /// registered with us).
     pub fn is_active_child(&self, sender: &str) -> bool {

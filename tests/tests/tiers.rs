@@ -325,8 +325,13 @@ async fn restarts_keep_identities_and_never_reissue_ids() {
             .is_some(),
         "admitted controller kept"
     );
-    let rc2 = lab.child("regional", "temp-rc-a2", &gc2, "zone-A", &[]);
-    assert_eq!(rc2.id, "regional_cntl_zone-A_2", "ids are never reissued");
+    // zone-A is still served after the restart: a second RC is refused.
+    let link = ParentLink::new(&gc2.grpc_url()).expect("url");
+    let second = RawChild::new(&lab, "temp-rc-a2", "zone-A", "regional");
+    assert_eq!(
+        handshake(&link, &gc2.id, &second, |_| {}).await,
+        ("REJECTED".to_owned(), "REGION_ALREADY_SERVED".to_owned())
+    );
 
     // The RC restarts without a token: it keeps its identity and does not re-admit.
     rc.proc.terminate(Duration::from_secs(5));
@@ -362,10 +367,24 @@ async fn restarts_keep_identities_and_never_reissue_ids() {
     let lc = lab.child("local", "temp-lc-a1", &rc_again, "zone-A", &[]);
     assert_eq!(lc.id, "local_cntl_zone-A_1");
     assert_eq!(
-        nib.controllers().expect("list").len(),
-        2,
+        nib.controllers()
+            .expect("list")
+            .iter()
+            .filter(|r| r.role == "regional")
+            .count(),
+        1,
         "the GC never saw a second admission of the RC"
     );
+    // Revoked and replaced: the replacement gets a new id, never the old one.
+    let gc_dir = gc2.data_dir.display().to_string();
+    let (code, out, err) = pdsno_tests::run(
+        &pdsno_tests::pdsno_bin().display().to_string(),
+        &["controller", "revoke", &rc_again.id, "--data-dir", &gc_dir],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "{out} {err}");
+    let rc3 = lab.child("regional", "temp-rc-a3", &gc2, "zone-A", &[]);
+    assert_eq!(rc3.id, "regional_cntl_zone-A_2", "ids are never reissued");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,7 +258,8 @@ async fn each_pair_derives_the_same_key_and_signs_with_it() {
 
 /// A gRPC proxy between a regional controller and the GC that forwards everything, and
 /// swaps the X25519 public key in key agreements (re-signing the envelope with the network
-/// key, which an insider of a shared-key deployment has).
+/// key, which an insider of a shared-key deployment has, but which key agreements never
+/// accept; the identity signature inside the agreement would catch the swap too).
 mod mitm {
     use super::*;
     use pdsno_shared::grpc::{TypedMessage, pb};
@@ -275,7 +276,8 @@ mod mitm {
         pub(crate) network_key: Arc<HmacKey>,
         /// Key agreements tampered with.
         pub(crate) tampered: Arc<AtomicU64>,
-        /// Upstream refusals of tampered agreements naming the identity signature.
+        /// Upstream refusals of tampered agreements naming a signature (the envelope's or
+        /// the identity signature inside).
         pub(crate) identity_refusals: Arc<AtomicU64>,
         /// Other upstream refusals (message texts).
         pub(crate) other_refusals: Arc<std::sync::Mutex<Vec<String>>>,
@@ -319,7 +321,7 @@ mod mitm {
                 Ok(a) => a,
                 Err(e) => {
                     if let LinkError::Status { message, .. } = &e {
-                        if mode == SWAP_REQUEST && message.contains("identity signature") {
+                        if mode == SWAP_REQUEST && message.contains("signature") {
                             self.identity_refusals.fetch_add(1, Ordering::SeqCst);
                         } else {
                             self.other_refusals
@@ -516,7 +518,7 @@ async fn a_man_in_the_middle_swapping_ephemeral_keys_is_detected() {
         "{gc_keys:?}"
     );
     assert!(
-        rc.proc.stderr().contains("identity signature"),
+        rc.proc.stderr().contains("signature"),
         "the RC should say why: {}",
         rc.proc.stderr()
     );

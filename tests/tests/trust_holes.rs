@@ -742,3 +742,48 @@ async fn a_forgery_flood_grows_the_audit_log_by_a_bounded_amount() {
         "suppressed {left_out} + written {refused} < 1000: {details:?}"
     );
 }
+
+/// Low finding: a local controller could agree a pairwise key directly with the GC,
+/// around its RC. Keys are now agreed along the tree only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_controller_cannot_key_around_its_regional_controller() {
+    use pdsno_shared::keyx;
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let rc = lab.child("regional", "temp-rc-k", &gc, "zone-A", &[]);
+    let lc = lab.child("local", "temp-lc-k", &rc, "zone-A", &[]);
+    let gc_nib = nib(&gc);
+    eventually("the GC knows the LC", WAIT, || async {
+        gc_nib.controller(&lc.id).expect("read").is_some()
+    })
+    .await;
+    let key = identity_of(&lc);
+    let now = chrono::Utc::now();
+    let key_id = keyx::key_id(&lc.id, &gc.id, 1);
+    let pending = keyx::offer(&key, &lc.id, &gc.id, &key_id, now);
+    let mut env = Envelope::new(
+        MessageType::KeyExchangeInit,
+        lc.id.clone(),
+        &gc.id,
+        Map::new(),
+        now,
+    )
+    .with_typed_payload(pending.offer())
+    .expect("payload");
+    sign_ed25519(&mut env, &key, None, now);
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    match link.key_exchange(&env).await {
+        Err(LinkError::Status { code, message }) => {
+            assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+            assert!(message.contains("neither our parent"), "{message}");
+        }
+        other => panic!("the GC agreed a key with an LC: {other:?}"),
+    }
+    assert!(
+        gc_nib
+            .pair_keys()
+            .expect("keys")
+            .iter()
+            .all(|k| k.peer_id != lc.id)
+    );
+}

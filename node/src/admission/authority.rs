@@ -166,6 +166,17 @@ struct Pending {
     outstanding: bool,
 }
 
+/// How a challenge was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proof {
+    /// An Ed25519 signature by the offered key.
+    Ed25519,
+    /// The original's answer (`--legacy-compat`): proves nothing about a key.
+    Legacy,
+    /// Wrong.
+    None,
+}
+
 /// Tombstones are kept this long after a challenge expires.
 const TOMBSTONE: Duration = Duration::minutes(5);
 /// Most tombstones kept (oldest dropped first).
@@ -486,7 +497,8 @@ impl Authority {
         if resp.temp_id != temp_id || env.sender_id != temp_id {
             return Ok(self.refuse(&resp.temp_id, reason::TEMP_ID_MISMATCH, now));
         }
-        if !self.proof_of_possession(&req.public_key, &nonce, &resp.signed_nonce, &temp_id) {
+        let proof = self.proof_of_possession(&req.public_key, &nonce, &resp.signed_nonce, &temp_id);
+        if proof == Proof::None {
             return Ok(self.refuse(&temp_id, reason::INVALID_SIGNATURE, now));
         }
         let role = Role::parse(&req.controller_type);
@@ -494,6 +506,11 @@ impl Authority {
             return Ok(self.refuse(&temp_id, reason::CONTROLLER_TYPE_NOT_PERMITTED, now));
         };
         if let Some(id) = recover {
+            // Answering again hands out a stored identity: only to whoever proves the
+            // recorded key, never on the legacy answer (whose "key" is any string).
+            if proof != Proof::Ed25519 {
+                return Ok(self.refuse(&temp_id, reason::BOOTSTRAP_TOKEN_ALREADY_USED, now));
+            }
             return Ok(self.reissue(role, &req, &id, now));
         }
         if !ids::is_valid_region(&req.region)
@@ -542,17 +559,17 @@ impl Authority {
         nonce: &[u8; 32],
         signed_nonce: &str,
         temp_id: &str,
-    ) -> bool {
+    ) -> Proof {
         if let Ok(pk) = PublicKey::from_base64(public_key)
             && pk.verify_base64(nonce, signed_nonce)
         {
-            return true;
+            return Proof::Ed25519;
         }
         if self.cfg.legacy_compat && token_matches(&legacy_signed_nonce(nonce), signed_nonce) {
             tracing::warn!(%temp_id, "accepted the legacy challenge answer: it does not prove possession of a key (--legacy-compat)");
-            return true;
+            return Proof::Legacy;
         }
-        false
+        Proof::None
     }
 
     /// For a spent token: the id it was spent on, when that controller is active and was

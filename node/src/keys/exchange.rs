@@ -198,6 +198,13 @@ pub fn respond(
             "key exchange refused: {sender} is not a controller this node knows"
         )));
     };
+    // Keys are agreed along the tree only: a local controller talks to its regional
+    // controller, never around it to the global one.
+    if !trust.is_neighbour(sender) {
+        return Err(InboundError::Forbidden(format!(
+            "key exchange refused: {sender} is neither our parent nor a controller we admitted"
+        )));
+    }
     let offer: KeyAgreement = env
         .payload_as()
         .map_err(|e| InboundError::BadRequest(format!("invalid key agreement: {e}")))?;

@@ -335,6 +335,18 @@ fn regional_parent_enforces_its_region_and_legacy_is_opt_in() {
         .insert("signed_nonce".into(), legacy_signed_nonce(&nonce).into());
     let r = f.auth.on_response(&resp).expect("evaluated");
     assert_eq!(result_reason(&r), ("APPROVED", ""));
+    // The same spent token and "key" again: a legacy answer proves no key, so the stored
+    // admission is not handed out a second time.
+    let ch = challenge(&f, &req);
+    let mut resp = rc.respond(&f, &ch);
+    let nonce = hex::decode(ch["nonce"].as_str().unwrap_or_default()).expect("hex");
+    resp.payload
+        .insert("signed_nonce".into(), legacy_signed_nonce(&nonce).into());
+    let r = f.auth.on_response(&resp).expect("evaluated");
+    assert_eq!(
+        result_reason(&r),
+        ("REJECTED", reason::BOOTSTRAP_TOKEN_ALREADY_USED)
+    );
 }
 
 #[test]
