@@ -484,11 +484,7 @@ async fn a_compromised_local_controller_cannot_hijack_or_flood_devices() {
         &[("full", true.into())],
     ))
     .await;
-    let owned = rc_nib
-        .devices(Some(&evil_id))
-        .expect("devices")
-        .into_iter()
-        .count();
+    let owned = rc_nib.devices(Some(&evil_id)).expect("devices").len();
     assert_eq!(owned, 20, "the device cap holds");
     let types: Vec<String> = rc_nib
         .events(0, 10_000)

@@ -380,17 +380,16 @@ impl Nib {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        if let Some((validated_by, public_key, status)) = existing {
-            if validated_by != row.validated_by
+        if let Some((validated_by, public_key, status)) = existing
+            && (validated_by != row.validated_by
                 || public_key != row.public_key
-                || status == "revoked"
-            {
-                return Ok(Err(Rebind {
-                    id: row.controller_id.clone(),
-                    validated_by,
-                    status,
-                }));
-            }
+                || status == "revoked")
+        {
+            return Ok(Err(Rebind {
+                id: row.controller_id.clone(),
+                validated_by,
+                status,
+            }));
         }
         tx.execute(
             "INSERT INTO controllers (controller_id, role, region, status, temp_id, public_key, certificate, validated_by, validated_at)
