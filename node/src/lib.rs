@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod credentials;
+pub mod data_dir;
 pub mod discovery;
 pub mod guard;
 pub mod identity;

@@ -439,7 +439,18 @@ fn advertised_mqtt(cfg: &NodeConfig, broker: &BrokerHandle) -> Option<String> {
 /// [`NodeError`] when startup or admission fails.
 pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Held until the node stops: one node per data directory.
+    let _lock = crate::data_dir::lock(&cfg.data_dir).map_err(startup)?;
     let nib = Arc::new(Nib::open(cfg.data_dir.join("nib.db")).map_err(startup)?);
+    // An admitted node's key is what its certificate and its peers name: never replaced.
+    if let Some(id) = nib.state_str(StateKey::AssignedId).map_err(startup)?
+        && !cfg.data_dir.join(crate::identity::KEY_FILE).exists()
+    {
+        return Err(startup(format!(
+            "{}: the identity key of {id} is missing. Restore it from a backup; a new key would not match the certificate its peers know. To start over, revoke {id} on its parent and admit a fresh data directory with a new token",
+            cfg.data_dir.join(crate::identity::KEY_FILE).display()
+        )));
+    }
     let (identity, created) = crate::identity::load_or_create(&cfg.data_dir).map_err(startup)?;
     if created {
         tracing::info!(public_key = %identity.public().to_base64(), "created the identity key");
