@@ -5,7 +5,8 @@
 //! - `admitted id=ID parent=PARENT temp_id=TEMP elapsed_ms=N` (first start of a child) or
 //!   `restored id=ID parent=PARENT` (a restarted child keeps its identity);
 //! - `mqtt v4|v5 ADDR` for each embedded broker listener;
-//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR`.
+//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR public_key=BASE64` (the identity key a
+//!   child pins with `--parent-public-key`).
 //!
 //! Logs go to stderr.
 
@@ -198,7 +199,12 @@ async fn admit(
         .region
         .clone()
         .ok_or_else(|| startup("region: required to be admitted (--region)"))?;
-    let link = ParentLink::new(parent_url).map_err(startup)?;
+    let link = ParentLink::pinned(
+        parent_url,
+        crate::tls::installed_client().map(|m| &**m),
+        cfg.parent_pin.id.as_deref(),
+    )
+    .map_err(startup)?;
     let child_cfg = ChildConfig {
         temp_id: temp_id.clone(),
         role: cfg.role,
@@ -224,6 +230,7 @@ async fn admit(
             },
         },
         root_public_key: cfg.root_public_key,
+        parent_pin: cfg.parent_pin.clone(),
     };
     let started = Instant::now();
     let backoff = Backoff {
@@ -995,9 +1002,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         tracing::warn!(error = %e, "cannot write node.json");
     }
     say(&format!(
-        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}",
+        "ready id={} role={} grpc={grpc_addr} rest={rest_addr} public_key={}",
         me.id,
-        cfg.role.as_str()
+        cfg.role.as_str(),
+        identity.public().to_base64()
     ));
     tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, "controller ready");
 
