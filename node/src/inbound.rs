@@ -481,3 +481,28 @@ impl Inbound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(t: MessageType, sender: &str) -> Envelope {
+        Envelope::new(t, sender, "global_cntl_1", Map::new(), chrono::Utc::now())
+    }
+
+    #[test]
+    fn a_certificate_naming_a_controller_carries_only_its_messages() {
+        let a = ["regional_cntl_zone-A_1".to_owned()];
+        assert!(
+            peer_mismatch(&env(MessageType::Heartbeat, "regional_cntl_zone-A_1"), &a).is_none()
+        );
+        let e = peer_mismatch(&env(MessageType::Heartbeat, "regional_cntl_zone-B_1"), &a)
+            .expect("refused");
+        assert_eq!(e.reason(), "tls_identity_mismatch");
+        assert!(e.to_string().contains("regional_cntl_zone-B_1"), "{e}");
+        // Admission requests come from a temporary id; certificates naming no controller
+        // (operators, older lab certificates) are not bound.
+        assert!(peer_mismatch(&env(MessageType::ValidationRequest, "temp-rc"), &a).is_none());
+        assert!(peer_mismatch(&env(MessageType::Heartbeat, "anyone"), &[]).is_none());
+    }
+}

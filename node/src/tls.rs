@@ -103,9 +103,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Loaded TLS material.
 pub struct TlsMaterial {
     opts: TlsOptions,
-    cert_pem: Vec<u8>,
     key_pem: Zeroizing<Vec<u8>>,
-    ca_pem: Option<Vec<u8>>,
     certs: Vec<CertificateDer<'static>>,
     roots: Option<Arc<RootCertStore>>,
 }
@@ -178,11 +176,11 @@ impl TlsMaterial {
                         .add(c)
                         .map_err(|e| TlsError(format!("tls_ca {}: {e}", p.display())))?;
                 }
-                Some((pem, Arc::new(store)))
+                Some(Arc::new(store))
             }
             None => None,
         };
-        let (cert_pem, key_pem, certs) = match (&opts.cert, &opts.key) {
+        let (key_pem, certs) = match (&opts.cert, &opts.key) {
             (Some(cp), Some(kp)) => {
                 let cert_pem = read("tls_cert", cp)?;
                 let key_pem = Zeroizing::new(read("tls_key", kp)?);
@@ -206,22 +204,16 @@ impl TlsMaterial {
                             cp.display()
                         ))
                     })?;
-                if let Some((_, store)) = &roots {
+                if let Some(store) = &roots {
                     check_issued(&certs, store, &format!("tls_cert {}", cp.display()))?;
                 }
-                (cert_pem, key_pem, certs)
+                (key_pem, certs)
             }
-            _ => (Vec::new(), Zeroizing::new(Vec::new()), Vec::new()),
-        };
-        let (ca_pem, roots) = match roots {
-            Some((pem, store)) => (Some(pem), Some(store)),
-            None => (None, None),
+            _ => (Zeroizing::new(Vec::new()), Vec::new()),
         };
         Ok(Some(Arc::new(TlsMaterial {
             opts: opts.clone(),
-            cert_pem,
             key_pem,
-            ca_pem,
             certs,
             roots,
         })))
@@ -278,22 +270,6 @@ impl TlsMaterial {
     /// When rustls refuses the material.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         client_config(Some(self))
-    }
-
-    /// The gRPC client side (tonic).
-    pub fn tonic_client(&self) -> tonic::transport::ClientTlsConfig {
-        let mut c = tonic::transport::ClientTlsConfig::new();
-        c = match &self.ca_pem {
-            Some(ca) => c.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-            None => c.with_native_roots(),
-        };
-        if self.has_identity() {
-            c = c.identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem[..],
-            ));
-        }
-        c
     }
 }
 
@@ -613,4 +589,21 @@ pub fn parent_client_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_proof_binds_the_nonce_and_the_certificate() {
+        let leaf = fingerprint(b"certificate");
+        let other = fingerprint(b"another certificate");
+        let nonce = [7u8; 32];
+        let m = parent_proof_message(&nonce, Some(&leaf));
+        assert_ne!(m, parent_proof_message(&nonce, Some(&other)));
+        assert_ne!(m, parent_proof_message(&[8u8; 32], Some(&leaf)));
+        assert_ne!(m, parent_proof_message(&nonce, None));
+        assert!(controller_ids(b"not a certificate").is_empty());
+    }
 }

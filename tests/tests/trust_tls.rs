@@ -15,6 +15,7 @@ use std::time::Duration;
 use pdsno_node::tls::{TlsMaterial, TlsOptions, client_config_for};
 use pdsno_node::transport::parent::{LinkError, ParentLink};
 use pdsno_shared::envelope::{Envelope, MessageType};
+use pdsno_shared::grpc::pb;
 use pdsno_shared::json::Map;
 use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::{sign_ed25519, sign_hmac};
@@ -606,4 +607,136 @@ fn a_controller_certificate_cannot_carry_another_controllers_messages() {
     for mut rc in rcs {
         rc.proc.kill();
     }
+}
+
+/// A fake parent in this process: it serves TLS with a stolen certificate and relays each
+/// GetInfo (with the child's nonce) to the real parent over its own TLS connection, so the
+/// child gets a genuine signature by the real parent's key. Admission calls are counted.
+struct RelayParent {
+    real: ParentLink,
+    admission_calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for RelayParent {
+    async fn get_info(
+        &self,
+        req: tonic::Request<pb::InfoRequest>,
+    ) -> Result<tonic::Response<pb::NodeInfo>, tonic::Status> {
+        let nonce = req.into_inner().identity_nonce;
+        let mut c = pb::node_client::NodeClient::new(self.real.channel());
+        c.get_info(pb::InfoRequest {
+            identity_nonce: nonce,
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admission_server::Admission for RelayParent {
+    async fn request_validation(
+        &self,
+        _req: tonic::Request<pb::ValidationRequest>,
+    ) -> Result<tonic::Response<pb::AdmissionStep>, tonic::Status> {
+        self.admission_calls.fetch_add(1, Ordering::SeqCst);
+        Err(tonic::Status::unavailable("captured"))
+    }
+
+    async fn respond_to_challenge(
+        &self,
+        _req: tonic::Request<pb::ChallengeResponse>,
+    ) -> Result<tonic::Response<pb::ValidationResult>, tonic::Status> {
+        self.admission_calls.fetch_add(1, Ordering::SeqCst);
+        Err(tonic::Status::unavailable("captured"))
+    }
+}
+
+/// The identity proof is bound to the TLS certificate: a fake parent that relays the
+/// child's nonce to the real parent and returns the real parent's signature is refused
+/// (the signature covers the real parent's certificate, not the one the child sees), and
+/// receives no token.
+#[test]
+fn a_relayed_identity_proof_does_not_verify() {
+    let lab = Lab::new();
+    let pki = Pki::new(&lab);
+    let (gc, gc_key) = real_gc(&lab, &pki);
+    let (lc_cert, lc_key) = pki.issue(
+        "lc-1",
+        &["--role", "both", "--controller-id", "local_cntl_zone-A_1"],
+    );
+    let stolen = material(Some(&lc_cert), Some(&lc_key), &pki.ca_path());
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let admission_calls = Arc::new(AtomicUsize::new(0));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = server_rt.block_on(async {
+        let relay = RelayParent {
+            real: ParentLink::with_tls(&https(&gc), Some(&stolen)).expect("link"),
+            admission_calls: admission_calls.clone(),
+        };
+        let relay = Arc::new(relay);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(stolen.server_config(&[b"h2"]).expect("config"));
+        let incoming = pdsno_node::transport::listen::grpc_incoming(
+            listener,
+            16,
+            Some(acceptor),
+            Arc::new(pdsno_node::metrics::Metrics::new()),
+            cancel.clone(),
+        );
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(pb::node_server::NodeServer::from_arc(relay.clone()))
+                .add_service(pb::admission_server::AdmissionServer::from_arc(relay))
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                .await;
+        });
+        addr
+    });
+    let url = format!("https://127.0.0.1:{}", addr.port());
+
+    // The relay works: an unpinned look at it shows the real parent's identity.
+    let info = server_rt
+        .block_on(async {
+            let anonymous = material(None, None, &pki.ca_path());
+            ParentLink::with_tls(&url, Some(&anonymous))
+                .expect("link")
+                .info()
+                .await
+        })
+        .expect("the relay answers");
+    assert_eq!(
+        (info.controller_id.as_str(), info.public_key.as_str()),
+        (GC_ID, gc_key.as_str())
+    );
+
+    let args = regional_args(
+        &lab,
+        &pki,
+        "rc-1",
+        "zone-A",
+        &url,
+        &["--parent-public-key", &gc_key],
+    );
+    let (code, out, err) = run(bin(), &strs(&args), LONG);
+    assert_ne!(code, Some(0), "must not start: {out}");
+    assert!(
+        err.contains("did not prove its identity")
+            && err.contains("does not verify for the TLS certificate it serves"),
+        "the reason is named: {err}"
+    );
+    assert_eq!(
+        admission_calls.load(Ordering::SeqCst),
+        0,
+        "the relay received no admission request (no token)"
+    );
+    cancel.cancel();
 }

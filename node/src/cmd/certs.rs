@@ -344,9 +344,96 @@ mod tests {
             crate::tls::TlsMaterial::load(&opts(other.dir.join("ca.pem"))).expect_err("foreign CA");
         assert!(e.to_string().contains("UnknownIssuer"), "{e}");
 
+        let bad = IssueArgs {
+            controller_id: Some("no spaces allowed".into()),
+            ..issue_args(&init_args.dir, "x")
+        };
+        let bad = issue(&bad).expect_err("bad controller id");
+        assert!(bad.contains("--controller-id"), "{bad}");
         let bad = issue(&issue_args(&init_args.dir, "bad id/../x")).expect_err("bad id");
         assert!(bad.contains("--id"), "{bad}");
         let none = issue(&issue_args(&d.path().join("missing"), "x")).expect_err("no CA");
         assert!(none.contains("certs init"), "{none}");
+    }
+
+    fn leaf(path: &Path) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(path).expect("certificate")
+    }
+
+    #[test]
+    fn roles_set_the_purpose_and_the_controller_is_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().to_path_buf();
+        init(&InitArgs {
+            dir: dir.clone(),
+            days: 365,
+            force: false,
+        })
+        .expect("init");
+        let (client, client_key) = issue(&IssueArgs {
+            role: CertRole::Client,
+            controller_id: Some("local_cntl_zone-A_1".into()),
+            sans: Vec::new(),
+            ..issue_args(&dir, "lc")
+        })
+        .expect("client");
+        let (both, _) = issue(&IssueArgs {
+            controller_id: Some("global_cntl_1".into()),
+            ..issue_args(&dir, "gc")
+        })
+        .expect("both");
+        assert_eq!(
+            crate::tls::controller_ids(&leaf(&client)),
+            vec!["local_cntl_zone-A_1".to_owned()]
+        );
+        assert_eq!(
+            crate::tls::controller_ids(&leaf(&both)),
+            vec!["global_cntl_1".to_owned()]
+        );
+        let (plain, _) = issue(&issue_args(&dir, "operator")).expect("plain");
+        assert!(crate::tls::controller_ids(&leaf(&plain)).is_empty());
+
+        // A client-only certificate loads as this node's identity (it is valid under the
+        // CA), but a TLS client refuses it as a server, for its purpose and (no loopback
+        // names) for the name.
+        let m = crate::tls::TlsMaterial::load(&crate::tls::TlsOptions {
+            cert: Some(client.clone()),
+            key: Some(client_key),
+            ca: Some(dir.join("ca.pem")),
+            ..Default::default()
+        })
+        .expect("loads")
+        .expect("material");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(leaf(&dir.join("ca.pem"))).expect("root");
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .expect("verifier");
+        use rustls::client::danger::ServerCertVerifier as _;
+        let name = rustls::pki_types::ServerName::try_from("lc").expect("name");
+        let e = v
+            .verify_server_cert(
+                &leaf(&client),
+                &[],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .expect_err("not a server certificate");
+        assert!(e.to_string().contains("extended key usage"), "{e}");
+        let gc_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        v.verify_server_cert(
+            &leaf(&both),
+            &[],
+            &gc_name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .expect("a serving certificate is valid for loopback");
+        assert!(m.has_identity());
     }
 }

@@ -202,6 +202,11 @@ impl ParentLink {
         })
     }
 
+    /// The gRPC channel (for calling other services over this link).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// The URL.
     pub fn url(&self) -> &str {
         &self.url
