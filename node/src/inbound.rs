@@ -169,7 +169,7 @@ fn peer_mismatch(env: &Envelope, peer: &[String]) -> Option<InboundError> {
             env.message_type,
             MessageType::ValidationRequest | MessageType::ChallengeResponse
         )
-        || peer.iter().any(|p| *p == env.sender_id)
+        || peer.contains(&env.sender_id)
     {
         return None;
     }

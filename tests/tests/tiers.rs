@@ -479,6 +479,7 @@ mod fake_parent {
                 region: "zone-A".into(),
                 public_key: self.me.public().to_base64(),
                 handlers: vec![],
+                identity_proof: vec![],
             }))
         }
     }
