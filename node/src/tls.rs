@@ -6,6 +6,13 @@
 //! - `require_client_cert` refuses a client without a certificate signed by `tls_ca`;
 //! - `require_tls` refuses plaintext: no plaintext listener, no `http://` / `mqtt://` peer.
 //!
+//! Certificates name the controller they belong to with the URI SAN
+//! `urn:pdsno:controller:ID` ([`controller_ids`]). A child link checks the parent's
+//! certificate with [`ParentVerifier`] (the CA's checks, then the pinned parent id, then the
+//! certificate an identity proof was bound to, [`parent_proof_message`]); the listeners hand
+//! the client certificate's controller ids to the receive path, which refuses a message from
+//! another sender.
+//!
 //! Problems are found at startup and named: unreadable or empty files, a key that does not
 //! belong to the certificate, and (when a CA is given) our own certificate expired or not
 //! issued by that CA. A peer's bad certificate fails its handshake with rustls's reason
