@@ -740,3 +740,100 @@ fn a_relayed_identity_proof_does_not_verify() {
     );
     cancel.cancel();
 }
+
+/// The public key a node printed on its `ready` line.
+fn printed_key(n: &NodeProc) -> String {
+    let line = n
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("ready "))
+        .expect("ready line");
+    field(&line, "public_key").expect("public_key on the ready line")
+}
+
+/// Every tier proves its identity key to its children, also without TLS (the proof is
+/// then not bound to a certificate): a regional controller pins the global one, a local
+/// controller pins its regional parent by id and key, and both are admitted. A regional
+/// controller pinning another key is refused before it sends its token.
+#[test]
+fn pins_on_every_tier_admit_the_real_parents() {
+    let lab = Lab::new();
+    let mut gc = lab.global(&["--listen-mqtts", "127.0.0.1:0"]);
+    let gc_key = printed_key(&gc);
+    let mut rc = lab.child(
+        "regional",
+        "rc-1",
+        &gc,
+        "zone-A",
+        &["--parent-id", GC_ID, "--parent-public-key", &gc_key],
+    );
+    let rc_key = printed_key(&rc);
+    assert_ne!(rc_key, gc_key);
+    let rc_id = rc.id.clone();
+    let mut lc = lab.child(
+        "local",
+        "lc-1",
+        &rc,
+        "zone-A",
+        &["--parent-id", &rc_id, "--parent-public-key", &rc_key],
+    );
+    assert!(lc.id.starts_with("local_cntl_zone-A_"), "{}", lc.id);
+
+    // The wrong key (the RC's, for the GC): refused, nothing sent.
+    let url = gc.grpc_url();
+    let token = lab.token("rc-2", "zone-B", "regional");
+    let data = lab.data("rc-2").display().to_string();
+    let secret = lab.secret_file.display().to_string();
+    let (code, out, err) = run(
+        bin(),
+        &[
+            "regional",
+            "--data-dir",
+            &data,
+            "--bootstrap-secret-file",
+            &secret,
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--parent",
+            &url,
+            "--region",
+            "zone-B",
+            "--temp-id",
+            "rc-2",
+            "--bootstrap-token",
+            &token,
+            "--parent-public-key",
+            &rc_key,
+        ],
+        LONG,
+    );
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        err.contains("did not prove its identity")
+            && err.contains("another key than the pinned one"),
+        "{err}"
+    );
+    // A key that is not one at all is a configuration error.
+    let (code, _, err) = run(
+        bin(),
+        &[
+            "regional",
+            "--data-dir",
+            &data,
+            "--parent",
+            &url,
+            "--parent-public-key",
+            "not-a-key",
+            "--check-config",
+        ],
+        LONG,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("parent_public_key"), "{err}");
+    assert!(gc.proc.is_alive() && rc.proc.is_alive() && lc.proc.is_alive());
+    lc.proc.kill();
+    rc.proc.kill();
+}
