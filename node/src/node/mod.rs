@@ -495,7 +495,13 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         (Some((id, key)), Some(url)) => Some(ParentSide {
             id: id.clone(),
             key: *key,
-            link: ParentLink::new(url).map_err(startup)?,
+            // A pinned parent id holds for the whole life of the link, not only admission.
+            link: ParentLink::pinned(
+                url,
+                crate::tls::installed_client().map(|m| &**m),
+                cfg.parent_pin.id.as_deref(),
+            )
+            .map_err(startup)?,
         }),
         _ => None,
     };
