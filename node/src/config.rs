@@ -58,6 +58,14 @@ pub struct FileConfig {
     /// The global controller's public key (base64): pin it instead of trusting the first
     /// admission.
     pub root_public_key: Option<String>,
+    /// The parent's controller id: its TLS certificate must name it before the bootstrap
+    /// token is sent.
+    pub parent_id: Option<String>,
+    /// The parent's identity key (base64): it must prove holding it before the bootstrap
+    /// token is sent.
+    pub parent_public_key: Option<String>,
+    /// A file holding the parent's identity key (base64).
+    pub parent_public_key_file: Option<PathBuf>,
     /// Operator accounts of the embedded broker.
     pub mqtt_users: Option<Vec<UserEntry>>,
     /// Seconds an admission challenge stays valid (default 30).
@@ -218,6 +226,17 @@ pub struct NodeArgs {
     /// The global controller's public key (base64) to pin.
     #[arg(long, env = "PDSNO_ROOT_PUBLIC_KEY")]
     pub root_public_key: Option<String>,
+    /// The parent's controller id (e.g. global_cntl_1): over TLS, the parent's certificate
+    /// must name it (urn:pdsno:controller:ID) before the bootstrap token is sent.
+    #[arg(long, env = "PDSNO_PARENT_ID", value_name = "ID")]
+    pub parent_id: Option<String>,
+    /// The parent's Ed25519 identity key (base64, printed by the parent at startup): it
+    /// must prove holding it before the bootstrap token is sent.
+    #[arg(long, env = "PDSNO_PARENT_PUBLIC_KEY", value_name = "BASE64")]
+    pub parent_public_key: Option<String>,
+    /// A file holding the parent's identity key (base64).
+    #[arg(long, env = "PDSNO_PARENT_PUBLIC_KEY_FILE", value_name = "FILE")]
+    pub parent_public_key_file: Option<PathBuf>,
     /// Embedded broker operator account NAME:PASSWORD (repeatable).
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub users: Vec<SecretArg>,
@@ -426,6 +445,8 @@ pub struct NodeConfig {
     pub blocklist: Vec<String>,
     /// Pinned root key.
     pub root_public_key: Option<PublicKey>,
+    /// What the parent must prove before the bootstrap token is sent.
+    pub parent_pin: crate::transport::parent::ParentPin,
     /// Operator accounts.
     pub users: Vec<OperatorAccount>,
     /// Embedded broker: PUBLISH packets per second per controller (0 = no limit).
@@ -732,6 +753,45 @@ impl NodeConfig {
             }
             None => None,
         };
+        let parent_id = a.parent_id.clone().or(file.parent_id);
+        if let Some(p) = &parent_id
+            && !ids::is_valid_controller_id(p)
+        {
+            return Err(err(
+                "parent_id",
+                format!("{p:?} is not a valid controller id (1-128 of [A-Za-z0-9_.-])"),
+            ));
+        }
+        let parent_key_text = match (
+            &a.parent_public_key,
+            a.parent_public_key_file
+                .as_ref()
+                .or(file.parent_public_key_file.as_ref()),
+        ) {
+            (Some(k), _) => Some(k.trim().to_owned()),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| {
+                        err(
+                            "parent_public_key_file",
+                            format!("cannot read {}: {e}", p.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => file.parent_public_key.clone(),
+        };
+        let parent_pin = crate::transport::parent::ParentPin {
+            id: parent_id,
+            public_key: match parent_key_text {
+                Some(k) => Some(
+                    PublicKey::from_base64(k.trim())
+                        .map_err(|e| err("parent_public_key", e.to_string()))?,
+                ),
+                None => None,
+            },
+        };
         let mut users = Vec::new();
         for u in &a.users {
             users.push(
@@ -788,6 +848,7 @@ impl NodeConfig {
             quota_per_region: a.quota_per_region.or(file.quota_per_region).unwrap_or(10),
             blocklist: a.blocklist.clone().or(file.blocklist).unwrap_or_default(),
             root_public_key,
+            parent_pin,
             users,
             mqtt_publish_rate: a
                 .mqtt_publish_rate

@@ -62,6 +62,17 @@ pub enum InboundError {
     /// Too much in progress (429 / RESOURCE_EXHAUSTED).
     #[error("{0}")]
     Busy(String),
+    /// The client certificate of the connection names other controllers than the
+    /// envelope's sender (401 / UNAUTHENTICATED).
+    #[error(
+        "TLS identity mismatch: the client certificate belongs to {peer} but the message is from {sender}"
+    )]
+    PeerMismatch {
+        /// The controllers the certificate names.
+        peer: String,
+        /// The envelope's sender.
+        sender: String,
+    },
 }
 
 /// What a handler answers.
@@ -145,8 +156,27 @@ impl InboundError {
             InboundError::TypeMismatch { .. } => "type_mismatch",
             InboundError::NoHandler(_) => "no_handler",
             InboundError::Busy(_) => "busy",
+            InboundError::PeerMismatch { .. } => "tls_identity_mismatch",
         }
     }
+}
+
+/// The refusal of a message whose sender is not a controller the connection's client
+/// certificate names (see [`Inbound::handle_from`]).
+fn peer_mismatch(env: &Envelope, peer: &[String]) -> Option<InboundError> {
+    if peer.is_empty()
+        || matches!(
+            env.message_type,
+            MessageType::ValidationRequest | MessageType::ChallengeResponse
+        )
+        || peer.contains(&env.sender_id)
+    {
+        return None;
+    }
+    Some(InboundError::PeerMismatch {
+        peer: peer.join(","),
+        sender: env.sender_id.chars().take(128).collect(),
+    })
 }
 
 /// The shared receive path of one node.
@@ -298,6 +328,26 @@ impl Inbound {
         path_type: Option<MessageType>,
         transport: &'static str,
     ) -> Result<Reply, InboundError> {
+        self.handle_from(env, path_type, transport, &[])
+    }
+
+    /// As [`Inbound::handle`], for a message that came over a TLS connection whose client
+    /// certificate names the controllers `peer` (`urn:pdsno:controller:` names). When it
+    /// names any, the sender must be one of them: a controller cannot use its own
+    /// certificate to send as another, even holding a key that signs for it (the shared
+    /// network key). Admission requests are exempt (their sender is a temporary id,
+    /// authenticated by the bootstrap token), and so is a certificate that names no
+    /// controller (an operator's or a tool's).
+    ///
+    /// # Errors
+    /// An [`InboundError`] for the transport to map.
+    pub fn handle_from(
+        &self,
+        env: Envelope,
+        path_type: Option<MessageType>,
+        transport: &'static str,
+        peer: &[String],
+    ) -> Result<Reply, InboundError> {
         let kind = env.message_type;
         let sender = if self.audit.is_some() {
             env.sender_id.clone()
@@ -305,7 +355,10 @@ impl Inbound {
             String::new()
         };
         let started = std::time::Instant::now();
-        let r = self.handle_inner(env, path_type);
+        let r = match peer_mismatch(&env, peer) {
+            Some(e) => Err(e),
+            None => self.handle_inner(env, path_type),
+        };
         if matches!(
             kind,
             MessageType::ValidationRequest | MessageType::ChallengeResponse
@@ -326,7 +379,12 @@ impl Inbound {
                 if let Some(a) = &self.audit
                     && matches!(
                         reason,
-                        "unsigned" | "replay" | "stale" | "bad_signature" | "forbidden"
+                        "unsigned"
+                            | "replay"
+                            | "stale"
+                            | "bad_signature"
+                            | "forbidden"
+                            | "tls_identity_mismatch"
                     )
                 {
                     a.refusal(reason, kind.as_str(), &sender, transport, &e.to_string());
@@ -421,5 +479,30 @@ impl Inbound {
                 Ok(Reply::Envelope(Box::new(out)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(t: MessageType, sender: &str) -> Envelope {
+        Envelope::new(t, sender, "global_cntl_1", Map::new(), chrono::Utc::now())
+    }
+
+    #[test]
+    fn a_certificate_naming_a_controller_carries_only_its_messages() {
+        let a = ["regional_cntl_zone-A_1".to_owned()];
+        assert!(
+            peer_mismatch(&env(MessageType::Heartbeat, "regional_cntl_zone-A_1"), &a).is_none()
+        );
+        let e = peer_mismatch(&env(MessageType::Heartbeat, "regional_cntl_zone-B_1"), &a)
+            .expect("refused");
+        assert_eq!(e.reason(), "tls_identity_mismatch");
+        assert!(e.to_string().contains("regional_cntl_zone-B_1"), "{e}");
+        // Admission requests come from a temporary id; certificates naming no controller
+        // (operators, older lab certificates) are not bound.
+        assert!(peer_mismatch(&env(MessageType::ValidationRequest, "temp-rc"), &a).is_none());
+        assert!(peer_mismatch(&env(MessageType::Heartbeat, "anyone"), &[]).is_none());
     }
 }

@@ -6,6 +6,13 @@
 //! - `require_client_cert` refuses a client without a certificate signed by `tls_ca`;
 //! - `require_tls` refuses plaintext: no plaintext listener, no `http://` / `mqtt://` peer.
 //!
+//! Certificates name the controller they belong to with the URI SAN
+//! `urn:pdsno:controller:ID` ([`controller_ids`]). A child link checks the parent's
+//! certificate with [`ParentVerifier`] (the CA's checks, then the pinned parent id, then the
+//! certificate an identity proof was bound to, [`parent_proof_message`]); the listeners hand
+//! the client certificate's controller ids to the receive path, which refuses a message from
+//! another sender.
+//!
 //! Problems are found at startup and named: unreadable or empty files, a key that does not
 //! belong to the certificate, and (when a CA is given) our own certificate expired or not
 //! issued by that CA. A peer's bad certificate fails its handshake with rustls's reason
@@ -103,9 +110,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Loaded TLS material.
 pub struct TlsMaterial {
     opts: TlsOptions,
-    cert_pem: Vec<u8>,
     key_pem: Zeroizing<Vec<u8>>,
-    ca_pem: Option<Vec<u8>>,
     certs: Vec<CertificateDer<'static>>,
     roots: Option<Arc<RootCertStore>>,
 }
@@ -132,14 +137,29 @@ fn check_issued(
     };
     let parsed = rustls::server::ParsedCertificate::try_from(leaf)
         .map_err(|e| TlsError(format!("{what}: {e}")))?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
+    let as_server = rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
         roots,
         &certs[1..],
         UnixTime::now(),
         provider().signature_verification_algorithms.all,
-    )
-    .map_err(|e| TlsError(format!("{what} is not valid under tls_ca: {e}")))
+    );
+    match as_server {
+        // A client-only certificate (`pdsno certs issue --role client`): check it as one.
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::InvalidPurpose
+            | rustls::CertificateError::InvalidPurposeContext { .. },
+        )) => {
+            let v =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
+                    .build()
+                    .map_err(|e| TlsError(format!("{what}: {e}")))?;
+            v.verify_client_cert(leaf, &certs[1..], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| TlsError(format!("{what} is not valid under tls_ca: {e}")))
+        }
+        r => r.map_err(|e| TlsError(format!("{what} is not valid under tls_ca: {e}"))),
+    }
 }
 
 impl TlsMaterial {
@@ -163,11 +183,11 @@ impl TlsMaterial {
                         .add(c)
                         .map_err(|e| TlsError(format!("tls_ca {}: {e}", p.display())))?;
                 }
-                Some((pem, Arc::new(store)))
+                Some(Arc::new(store))
             }
             None => None,
         };
-        let (cert_pem, key_pem, certs) = match (&opts.cert, &opts.key) {
+        let (key_pem, certs) = match (&opts.cert, &opts.key) {
             (Some(cp), Some(kp)) => {
                 let cert_pem = read("tls_cert", cp)?;
                 let key_pem = Zeroizing::new(read("tls_key", kp)?);
@@ -191,22 +211,16 @@ impl TlsMaterial {
                             cp.display()
                         ))
                     })?;
-                if let Some((_, store)) = &roots {
+                if let Some(store) = &roots {
                     check_issued(&certs, store, &format!("tls_cert {}", cp.display()))?;
                 }
-                (cert_pem, key_pem, certs)
+                (key_pem, certs)
             }
-            _ => (Vec::new(), Zeroizing::new(Vec::new()), Vec::new()),
-        };
-        let (ca_pem, roots) = match roots {
-            Some((pem, store)) => (Some(pem), Some(store)),
-            None => (None, None),
+            _ => (Zeroizing::new(Vec::new()), Vec::new()),
         };
         Ok(Some(Arc::new(TlsMaterial {
             opts: opts.clone(),
-            cert_pem,
             key_pem,
-            ca_pem,
             certs,
             roots,
         })))
@@ -264,22 +278,6 @@ impl TlsMaterial {
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         client_config(Some(self))
     }
-
-    /// The gRPC client side (tonic).
-    pub fn tonic_client(&self) -> tonic::transport::ClientTlsConfig {
-        let mut c = tonic::transport::ClientTlsConfig::new();
-        c = match &self.ca_pem {
-            Some(ca) => c.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-            None => c.with_native_roots(),
-        };
-        if self.has_identity() {
-            c = c.identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem[..],
-            ));
-        }
-        c
-    }
 }
 
 /// A client configuration trusting `tls_ca` (or the system roots without one), with our
@@ -312,16 +310,7 @@ pub fn client_config_for(
         }
         None => None,
     };
-    let roots = match from_file.or_else(|| m.and_then(|m| m.roots.clone())) {
-        Some(r) => r,
-        None => {
-            let mut store = RootCertStore::empty();
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = store.add(c);
-            }
-            Arc::new(store)
-        }
-    };
+    let roots = from_file.unwrap_or_else(|| roots_of(m));
     let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| TlsError(format!("no usable trust anchor: {e}")))?;
@@ -355,20 +344,273 @@ pub fn plaintext_refused() -> bool {
     installed_client().is_some_and(|m| m.opts.require_tls)
 }
 
+fn describe(e: &rustls::Error) -> String {
+    match e {
+        // Our own certificate checks: their message, not rustls's debug form.
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            format!("invalid peer certificate: {}", o.0)
+        }
+        e => e.to_string(),
+    }
+}
+
 /// Turns an error chain from a TLS handshake into its reason, if it is one.
 pub fn handshake_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(r.to_string());
+            return Some(describe(r));
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()
             && let Some(r) = inner.downcast_ref::<rustls::Error>()
         {
-            return Some(r.to_string());
+            return Some(describe(r));
         }
         cur = e.source();
     }
     None
+}
+
+/// The URI a certificate carries (as a subject alternative name) to name the controller it
+/// belongs to: `urn:pdsno:controller:<id>`.
+pub const CONTROLLER_URN: &str = "urn:pdsno:controller:";
+
+/// The controller ids a DER certificate names (its `urn:pdsno:controller:` URIs); empty
+/// for a certificate that names none (an operator's, or one issued before controller
+/// names existed) or that cannot be parsed.
+pub fn controller_ids(cert: &[u8]) -> Vec<String> {
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = c.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix(CONTROLLER_URN),
+            _ => None,
+        })
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// SHA-256 of a DER certificate: what a parent's identity proof is bound to.
+pub fn fingerprint(cert: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(cert).into()
+}
+
+impl TlsMaterial {
+    /// The fingerprint of our own (leaf) certificate, when we have one.
+    pub fn leaf_fingerprint(&self) -> Option<[u8; 32]> {
+        self.certs.first().map(|c| fingerprint(c))
+    }
+}
+
+/// The bytes a parent signs with its Ed25519 identity key to prove, before a child sends
+/// its bootstrap token, that it holds that key: a context string, the child's fresh nonce,
+/// and the fingerprint of the TLS certificate the parent serves (all zero over plaintext).
+/// The fingerprint binds the proof to the TLS connection: a proof relayed from the real
+/// parent through a server with another certificate does not verify.
+pub fn parent_proof_message(nonce: &[u8], leaf: Option<&[u8; 32]>) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64 + nonce.len());
+    m.extend_from_slice(b"pdsno parent identity proof v1\0");
+    m.extend_from_slice(leaf.unwrap_or(&[0u8; 32]));
+    m.extend_from_slice(nonce);
+    m
+}
+
+/// What the parent link saw of the parent's certificate, and what it requires of it.
+#[derive(Debug, Default)]
+pub struct ParentPeer {
+    state: std::sync::Mutex<ParentPeerState>,
+}
+
+#[derive(Debug, Default)]
+struct ParentPeerState {
+    last_leaf: Option<[u8; 32]>,
+    pinned_leaf: Option<[u8; 32]>,
+}
+
+impl ParentPeer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParentPeerState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The fingerprint of the certificate of the latest TLS connection.
+    pub fn last_leaf(&self) -> Option<[u8; 32]> {
+        self.lock().last_leaf
+    }
+
+    /// From now on, only a parent serving exactly this certificate is accepted (the one
+    /// that proved the pinned identity key).
+    pub fn pin_leaf(&self, leaf: [u8; 32]) {
+        self.lock().pinned_leaf = Some(leaf);
+    }
+}
+
+/// Why a parent's certificate was refused beyond the CA's checks.
+#[derive(Debug, thiserror::Error)]
+pub enum ParentCertError {
+    /// The certificate does not name the expected parent controller.
+    #[error(
+        "the parent's certificate names controller {found} but {expected} was expected (--parent-id)"
+    )]
+    WrongController {
+        /// The configured parent id.
+        expected: String,
+        /// What the certificate names (`none` without a controller name).
+        found: String,
+    },
+    /// Another certificate than the one that proved the parent's identity key.
+    #[error("the parent's certificate changed after it proved its identity key")]
+    ChangedAfterProof,
+}
+
+/// Checks a parent's certificate: the CA's checks (chain, validity, name, server
+/// purpose), then the configured parent controller id, then the certificate pinned by an
+/// identity proof; records the certificate seen.
+#[derive(Debug)]
+pub struct ParentVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected_id: Option<String>,
+    peer: Arc<ParentPeer>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ParentVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let other = |e: ParentCertError| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        };
+        if let Some(expected) = &self.expected_id {
+            let ids = controller_ids(end_entity);
+            if !ids.iter().any(|i| i == expected) {
+                return Err(other(ParentCertError::WrongController {
+                    expected: expected.clone(),
+                    found: if ids.is_empty() {
+                        "none".into()
+                    } else {
+                        ids.join(",")
+                    },
+                }));
+            }
+        }
+        let leaf = fingerprint(end_entity);
+        let mut st = self.peer.lock();
+        if st.pinned_leaf.is_some_and(|p| p != leaf) {
+            return Err(other(ParentCertError::ChangedAfterProof));
+        }
+        st.last_leaf = Some(leaf);
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn roots_of(m: Option<&TlsMaterial>) -> Arc<RootCertStore> {
+    match m.and_then(|m| m.roots.clone()) {
+        Some(r) => r,
+        None => {
+            let mut store = RootCertStore::empty();
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = store.add(c);
+            }
+            Arc::new(store)
+        }
+    }
+}
+
+/// The client configuration of a parent link: trusts `tls_ca` (else the system roots),
+/// presents our certificate when we have one, speaks HTTP/2, never resumes a session (each
+/// connection's certificate is checked), and requires the parent's certificate to name
+/// `expected_id` when given; what it sees is recorded in `peer`.
+///
+/// # Errors
+/// When rustls refuses the material.
+pub fn parent_client_config(
+    m: Option<&TlsMaterial>,
+    expected_id: Option<&str>,
+    peer: Arc<ParentPeer>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots_of(m), provider())
+        .build()
+        .map_err(|e| TlsError(format!("no usable trust anchor: {e}")))?;
+    let verifier = Arc::new(ParentVerifier {
+        inner,
+        expected_id: expected_id.map(str::to_owned),
+        peer,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match m {
+        Some(m) if m.has_identity() => builder
+            .with_client_auth_cert(m.certs.clone(), m.private_key()?)
+            .map_err(|e| TlsError(e.to_string()))?,
+        _ => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_proof_binds_the_nonce_and_the_certificate() {
+        let leaf = fingerprint(b"certificate");
+        let other = fingerprint(b"another certificate");
+        let nonce = [7u8; 32];
+        let m = parent_proof_message(&nonce, Some(&leaf));
+        assert_ne!(m, parent_proof_message(&nonce, Some(&other)));
+        assert_ne!(m, parent_proof_message(&[8u8; 32], Some(&leaf)));
+        assert_ne!(m, parent_proof_message(&nonce, None));
+        assert!(controller_ids(b"not a certificate").is_empty());
+    }
 }

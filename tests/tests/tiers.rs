@@ -500,6 +500,7 @@ mod fake_parent {
                 region: "zone-A".into(),
                 public_key: self.me.public().to_base64(),
                 handlers: vec![],
+                identity_proof: vec![],
             }))
         }
     }

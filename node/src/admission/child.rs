@@ -30,7 +30,7 @@ use pdsno_shared::replay::MemoryNonceStore;
 use pdsno_shared::signing::{self, Verifier, VerifyKeys};
 use pdsno_shared::time::Clock;
 
-use crate::transport::parent::{LinkError, ParentLink};
+use crate::transport::parent::{LinkError, ParentLink, ParentPin};
 
 /// What the child needs for the handshake.
 #[derive(Clone, Debug)]
@@ -49,6 +49,19 @@ pub struct ChildConfig {
     pub metadata: Metadata,
     /// A configured root (global controller) key: the parent's chain must lead to it.
     pub root_public_key: Option<PublicKey>,
+    /// What the parent must prove before the bootstrap token is sent (a regional child
+    /// with a configured root key pins that key as its parent's).
+    pub parent_pin: ParentPin,
+}
+
+impl ChildConfig {
+    /// The identity key the parent must prove it holds, if any.
+    pub fn pinned_parent_key(&self) -> Option<PublicKey> {
+        self.parent_pin.public_key.or(match self.role {
+            Role::Regional => self.root_public_key,
+            _ => None,
+        })
+    }
 }
 
 /// What a successful admission gives the child.
@@ -182,8 +195,22 @@ pub async fn admit(
     identity: &IdentityKey,
     clock: &Arc<dyn Clock>,
 ) -> Result<Admission, ChildError> {
-    let info = link.info().await?;
+    // The parent proves who it is before anything secret is sent (the token travels in
+    // the first admission message).
+    let pinned_key = cfg.pinned_parent_key();
+    let info = match &pinned_key {
+        Some(k) => link.info_proved(k).await?,
+        None => link.info().await?,
+    };
     let parent_id = info.controller_id;
+    if let Some(expected) = &cfg.parent_pin.id
+        && *expected != parent_id
+    {
+        return Err(ChildError::Untrusted(format!(
+            "the parent describes itself as {} but {expected} was expected (--parent-id)",
+            parent_id.chars().take(128).collect::<String>()
+        )));
+    }
     let key = match &cfg.network_key {
         Some(k) => k.clone(),
         None => admission_key(cfg.bootstrap_token.expose()),
@@ -201,7 +228,14 @@ pub async fn admit(
     for _ in 0..2 {
         match attempt(link, cfg, identity, clock, &hs, &parent_id).await? {
             Attempt::Done(result) => {
-                return trust(&result.payload, cfg, identity, &parent_id, clock.now());
+                let a = trust(&result.payload, cfg, identity, &parent_id, clock.now())?;
+                if pinned_key.is_some_and(|k| k != a.parent_public_key) {
+                    return Err(ChildError::Untrusted(
+                        "the parent's certificate is issued by another key than the pinned one"
+                            .into(),
+                    ));
+                }
+                return Ok(a);
             }
             Attempt::ChallengeLost(why) => {
                 tracing::info!(reason = %why, "the parent lost our challenge; starting the handshake again");
@@ -512,6 +546,7 @@ mod tests {
             network_key: None,
             metadata: Metadata::default(),
             root_public_key: None,
+            parent_pin: ParentPin::default(),
         }
     }
 

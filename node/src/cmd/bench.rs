@@ -337,6 +337,7 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
                         network_key: None,
                         metadata: Default::default(),
                         root_public_key: None,
+                        parent_pin: Default::default(),
                     };
                     let identity = IdentityKey::generate();
                     let t = Instant::now();

@@ -180,6 +180,7 @@ pub async fn discovery(a: &DiscoveryBenchArgs) -> Result<(), String> {
                 network_key: None,
                 metadata: Default::default(),
                 root_public_key: None,
+                parent_pin: Default::default(),
             };
             let identity = IdentityKey::generate();
             let adm = admit(&link, &cfg, &identity, &clock)

@@ -2,8 +2,20 @@
 //!
 //! - `pdsno certs init --dir D` writes `D/ca.pem` and `D/ca.key` (ECDSA P-256, mode 0600);
 //! - `pdsno certs issue --dir D --id ID` writes `D/ID.pem` and `D/ID.key`: a certificate
-//!   for both server and client authentication, naming `ID`, `localhost`, `127.0.0.1` and
-//!   `::1` plus every `--san`.
+//!   for the purposes of `--role` (`both` by default: server and client authentication;
+//!   `server`; `client`), naming `ID` and every `--san`, plus `localhost`, `127.0.0.1` and
+//!   `::1` when it may serve. `--controller-id CID` adds the URI
+//!   `urn:pdsno:controller:CID`: the controller the certificate belongs to. A child pinned
+//!   to its parent with `--parent-id CID` accepts only a parent certificate naming `CID`,
+//!   and a node refuses a message whose sender is not the controller named by the client
+//!   certificate it came with.
+//!
+//! Which role for which tier: the global and regional controllers serve their children and
+//! (a regional) call their parent: `both`. A local controller calls its regional parent;
+//! it also serves gRPC/REST (operators, `/metrics`), so it gets `both` when those listeners
+//! use TLS, else `client`. A serving local controller's certificate is valid for a server
+//! name like any other: what keeps it from posing as a parent is the child's pin on the
+//! parent (`--parent-id`, `--parent-public-key`).
 //!
 //! The CA's name is derived from its key, so issuing needs only the key (the name and the key
 //! identifier the issued certificate refers to are recomputed from it). Keep `ca.key`
@@ -52,6 +64,27 @@ pub struct InitArgs {
     pub force: bool,
 }
 
+/// What an issued certificate may be used for (its extended key usage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertRole {
+    /// TLS server only (a listener).
+    Server,
+    /// TLS client only (a link to a parent, an operator tool).
+    Client,
+    /// Both (a global or regional controller, a serving local controller).
+    Both,
+}
+
+impl CertRole {
+    fn serves(self) -> bool {
+        matches!(self, CertRole::Server | CertRole::Both)
+    }
+
+    fn calls(self) -> bool {
+        matches!(self, CertRole::Client | CertRole::Both)
+    }
+}
+
 /// `pdsno certs issue` arguments.
 #[derive(Debug, Args)]
 pub struct IssueArgs {
@@ -64,6 +97,13 @@ pub struct IssueArgs {
     /// More names (DNS names or IP addresses) the certificate is valid for.
     #[arg(long = "san", value_name = "NAME")]
     pub sans: Vec<String>,
+    /// What the certificate may be used for: server, client or both.
+    #[arg(long, value_enum, default_value_t = CertRole::Both)]
+    pub role: CertRole,
+    /// The controller the certificate belongs to (e.g. global_cntl_1,
+    /// regional_cntl_zone-A_1): added as the URI urn:pdsno:controller:ID.
+    #[arg(long, value_name = "ID")]
+    pub controller_id: Option<String>,
     /// Validity in days.
     #[arg(long, default_value_t = 825)]
     pub days: i64,
@@ -164,13 +204,20 @@ pub fn issue(a: &IssueArgs) -> Result<(PathBuf, PathBuf), String> {
         .map_err(|e| format!("{}: not a CA key: {e}", ca_key_path.display()))?;
     let issuer = Issuer::new(ca_params(&ca_key, OffsetDateTime::now_utc(), 1), ca_key);
 
-    let mut names = vec![a.id.clone(), "localhost".into()];
-    names.extend(a.sans.iter().cloned());
-    let mut sans = Vec::new();
-    for n in names
-        .iter()
-        .chain(["127.0.0.1".to_owned(), "::1".to_owned()].iter())
+    if let Some(c) = &a.controller_id
+        && !pdsno_shared::ids::is_valid_controller_id(c)
     {
+        return Err(format!(
+            "--controller-id {c:?}: not a valid controller id (1-128 of [A-Za-z0-9_.-])"
+        ));
+    }
+    let mut names = vec![a.id.clone()];
+    names.extend(a.sans.iter().cloned());
+    if a.role.serves() {
+        names.extend(["localhost", "127.0.0.1", "::1"].map(str::to_owned));
+    }
+    let mut sans = Vec::new();
+    for n in &names {
         let san = match n.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(
@@ -183,6 +230,13 @@ pub fn issue(a: &IssueArgs) -> Result<(PathBuf, PathBuf), String> {
             sans.push(san);
         }
     }
+    if let Some(c) = &a.controller_id {
+        sans.push(SanType::URI(
+            format!("{}{c}", crate::tls::CONTROLLER_URN)
+                .try_into()
+                .map_err(|e| format!("--controller-id {c:?}: {e}"))?,
+        ));
+    }
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, a.id.as_str());
@@ -194,10 +248,13 @@ pub fn issue(a: &IssueArgs) -> Result<(PathBuf, PathBuf), String> {
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    p.extended_key_usages = [
+        (a.role.serves(), ExtendedKeyUsagePurpose::ServerAuth),
+        (a.role.calls(), ExtendedKeyUsagePurpose::ClientAuth),
+    ]
+    .into_iter()
+    .filter_map(|(on, eku)| on.then_some(eku))
+    .collect();
     p.use_authority_key_identifier_extension = true;
     let start = OffsetDateTime::now_utc() - Duration::minutes(5) - Duration::days(a.backdate_days);
     p.not_before = start;
@@ -243,6 +300,8 @@ mod tests {
             dir: dir.to_path_buf(),
             id: id.into(),
             sans: vec!["gc.example.net".into(), "10.1.2.3".into()],
+            role: CertRole::Both,
+            controller_id: None,
             days: 30,
             backdate_days: 0,
         }
@@ -285,9 +344,96 @@ mod tests {
             crate::tls::TlsMaterial::load(&opts(other.dir.join("ca.pem"))).expect_err("foreign CA");
         assert!(e.to_string().contains("UnknownIssuer"), "{e}");
 
+        let bad = IssueArgs {
+            controller_id: Some("no spaces allowed".into()),
+            ..issue_args(&init_args.dir, "x")
+        };
+        let bad = issue(&bad).expect_err("bad controller id");
+        assert!(bad.contains("--controller-id"), "{bad}");
         let bad = issue(&issue_args(&init_args.dir, "bad id/../x")).expect_err("bad id");
         assert!(bad.contains("--id"), "{bad}");
         let none = issue(&issue_args(&d.path().join("missing"), "x")).expect_err("no CA");
         assert!(none.contains("certs init"), "{none}");
+    }
+
+    fn leaf(path: &Path) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(path).expect("certificate")
+    }
+
+    #[test]
+    fn roles_set_the_purpose_and_the_controller_is_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().to_path_buf();
+        init(&InitArgs {
+            dir: dir.clone(),
+            days: 365,
+            force: false,
+        })
+        .expect("init");
+        let (client, client_key) = issue(&IssueArgs {
+            role: CertRole::Client,
+            controller_id: Some("local_cntl_zone-A_1".into()),
+            sans: Vec::new(),
+            ..issue_args(&dir, "lc")
+        })
+        .expect("client");
+        let (both, _) = issue(&IssueArgs {
+            controller_id: Some("global_cntl_1".into()),
+            ..issue_args(&dir, "gc")
+        })
+        .expect("both");
+        assert_eq!(
+            crate::tls::controller_ids(&leaf(&client)),
+            vec!["local_cntl_zone-A_1".to_owned()]
+        );
+        assert_eq!(
+            crate::tls::controller_ids(&leaf(&both)),
+            vec!["global_cntl_1".to_owned()]
+        );
+        let (plain, _) = issue(&issue_args(&dir, "operator")).expect("plain");
+        assert!(crate::tls::controller_ids(&leaf(&plain)).is_empty());
+
+        // A client-only certificate loads as this node's identity (it is valid under the
+        // CA), but a TLS client refuses it as a server, for its purpose and (no loopback
+        // names) for the name.
+        let m = crate::tls::TlsMaterial::load(&crate::tls::TlsOptions {
+            cert: Some(client.clone()),
+            key: Some(client_key),
+            ca: Some(dir.join("ca.pem")),
+            ..Default::default()
+        })
+        .expect("loads")
+        .expect("material");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(leaf(&dir.join("ca.pem"))).expect("root");
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .expect("verifier");
+        use rustls::client::danger::ServerCertVerifier as _;
+        let name = rustls::pki_types::ServerName::try_from("lc").expect("name");
+        let e = v
+            .verify_server_cert(
+                &leaf(&client),
+                &[],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .expect_err("not a server certificate");
+        assert!(e.to_string().contains("extended key usage"), "{e}");
+        let gc_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        v.verify_server_cert(
+            &leaf(&both),
+            &[],
+            &gc_name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .expect("a serving certificate is valid for loopback");
+        assert!(m.has_identity());
     }
 }

@@ -456,7 +456,7 @@ async fn confirm(grpc: &str, id: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("{grpc}: {e}"))?;
     let info = pb::node_client::NodeClient::new(ch)
-        .get_info(pb::InfoRequest {})
+        .get_info(pb::InfoRequest::default())
         .await
         .map_err(|e| format!("{grpc}: {e}"))?
         .into_inner();

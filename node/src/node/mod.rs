@@ -5,7 +5,8 @@
 //! - `admitted id=ID parent=PARENT temp_id=TEMP elapsed_ms=N` (first start of a child) or
 //!   `restored id=ID parent=PARENT` (a restarted child keeps its identity);
 //! - `mqtt v4|v5 ADDR` for each embedded broker listener;
-//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR`.
+//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR public_key=BASE64` (the identity key a
+//!   child pins with `--parent-public-key`).
 //!
 //! Logs go to stderr.
 
@@ -223,7 +224,12 @@ async fn admit(
             "bootstrap_secret_file: this is the global controller's bootstrap secret (it minted this controller's own token), and a regional controller must not hold it: anyone on this host could mint regional tokens. Remove bootstrap_secret_file / PDSNO_BOOTSTRAP_SECRET here; the regional controller then creates its own in its data directory",
         ));
     }
-    let link = ParentLink::new(parent_url).map_err(startup)?;
+    let link = ParentLink::pinned(
+        parent_url,
+        crate::tls::installed_client().map(|m| &**m),
+        cfg.parent_pin.id.as_deref(),
+    )
+    .map_err(startup)?;
     let child_cfg = ChildConfig {
         temp_id: temp_id.clone(),
         role: cfg.role,
@@ -249,6 +255,7 @@ async fn admit(
             },
         },
         root_public_key: cfg.root_public_key,
+        parent_pin: cfg.parent_pin.clone(),
     };
     let started = Instant::now();
     let backoff = Backoff {
@@ -524,7 +531,13 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         (Some((id, key)), Some(url)) => Some(ParentSide {
             id: id.clone(),
             key: *key,
-            link: ParentLink::new(url).map_err(startup)?,
+            // A pinned parent id holds for the whole life of the link, not only admission.
+            link: ParentLink::pinned(
+                url,
+                crate::tls::installed_client().map(|m| &**m),
+                cfg.parent_pin.id.as_deref(),
+            )
+            .map_err(startup)?,
         }),
         _ => None,
     };
@@ -1044,9 +1057,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         tracing::warn!(error = %e, "cannot write node.json");
     }
     say(&format!(
-        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}",
+        "ready id={} role={} grpc={grpc_addr} rest={rest_addr} public_key={}",
         me.id,
-        cfg.role.as_str()
+        cfg.role.as_str(),
+        identity.public().to_base64()
     ));
     tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, "controller ready");
 

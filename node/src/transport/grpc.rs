@@ -59,7 +59,9 @@ pub fn status_of(e: InboundError) -> Status {
         InboundError::BadRequest(_)
         | InboundError::WrongRecipient { .. }
         | InboundError::TypeMismatch { .. } => Status::invalid_argument(msg),
-        InboundError::Unsigned | InboundError::BadSignature(_) => Status::unauthenticated(msg),
+        InboundError::Unsigned
+        | InboundError::BadSignature(_)
+        | InboundError::PeerMismatch { .. } => Status::unauthenticated(msg),
         InboundError::Forbidden(_) => Status::permission_denied(msg),
         InboundError::Unavailable(_) => Status::unavailable(msg),
         InboundError::NoHandler(_) => Status::unimplemented(msg),
@@ -76,6 +78,8 @@ fn convert_err(e: ConvertError) -> Status {
 pub struct GrpcApi {
     inbound: Arc<Inbound>,
     guard: Option<Arc<Guard>>,
+    /// The fingerprint of the certificate the listener serves (identity proofs bind to it).
+    tls_leaf: Option<[u8; 32]>,
 }
 
 /// RESOURCE_EXHAUSTED with the wait in `retry-after` metadata (seconds).
@@ -93,6 +97,7 @@ impl GrpcApi {
         GrpcApi {
             inbound,
             guard: None,
+            tls_leaf: None,
         }
     }
 
@@ -106,7 +111,16 @@ impl GrpcApi {
     where
         T: IntoEnvelope,
     {
-        let ip = req.remote_addr().map(|a| a.ip());
+        let conn = req
+            .extensions()
+            .get::<super::listen::GrpcConnectInfo>()
+            .cloned();
+        let ip = conn
+            .as_ref()
+            .and_then(|c| c.tcp.remote_addr)
+            .or_else(|| req.remote_addr())
+            .map(|a| a.ip());
+        let peer_ids = conn.map(|c| c.peer_controllers).unwrap_or_default();
         let admission_call = T::ADMISSION;
         if let (Some(g), Some(ip)) = (&self.guard, ip) {
             g.check_rate(ip, "grpc").map_err(|r| refusal_status(&r))?;
@@ -129,9 +143,10 @@ impl GrpcApi {
                 .map_err(|r| refusal_status(&r))?;
         }
         let inbound = self.inbound.clone();
-        let r = tokio::task::spawn_blocking(move || inbound.handle(env, None, "grpc"))
-            .await
-            .map_err(|_| Status::internal("handler failed"))?;
+        let r =
+            tokio::task::spawn_blocking(move || inbound.handle_from(env, None, "grpc", &peer_ids))
+                .await
+                .map_err(|_| Status::internal("handler failed"))?;
         if admission && let (Some(g), Some(ip)) = (&self.guard, ip) {
             crate::guard::record_admission(g, ip, &r);
         }
@@ -204,10 +219,28 @@ impl pb::key_exchange_server::KeyExchange for GrpcApi {
 impl pb::node_server::Node for GrpcApi {
     async fn get_info(
         &self,
-        _req: Request<pb::InfoRequest>,
+        req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let i = &self.inbound;
+        let nonce = req.into_inner().identity_nonce;
+        let identity_proof = match nonce.len() {
+            0 => Vec::new(),
+            32 => i
+                .trust()
+                .identity
+                .sign(&crate::tls::parent_proof_message(
+                    &nonce,
+                    self.tls_leaf.as_ref(),
+                ))
+                .to_vec(),
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "identity_nonce must be 32 bytes, got {n}"
+                )));
+            }
+        };
         Ok(Response::new(pb::NodeInfo {
+            identity_proof,
             controller_id: i.id().to_owned(),
             role: i.role().as_str().to_owned(),
             region: i.region().unwrap_or_default().to_owned(),
@@ -234,6 +267,10 @@ pub async fn serve(
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let metrics = api.inbound.metrics().clone();
+    let api = GrpcApi {
+        tls_leaf: tls.and_then(crate::tls::TlsMaterial::leaf_fingerprint),
+        ..api
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::admission_server::AdmissionServer<GrpcApi>>()

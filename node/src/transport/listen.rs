@@ -221,13 +221,38 @@ impl AsyncWrite for GrpcConn {
     }
 }
 
+/// What the gRPC handlers learn about a connection: its addresses and the controllers
+/// the client certificate names (empty without TLS, without a client certificate, or for
+/// one that names no controller).
+#[derive(Clone, Debug)]
+pub struct GrpcConnectInfo {
+    /// The addresses.
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    /// The client certificate's `urn:pdsno:controller:` names.
+    pub peer_controllers: Vec<String>,
+}
+
+/// The controllers named by the client certificate of a server-side TLS connection.
+pub fn peer_controllers(conn: &rustls::ServerConnection) -> Vec<String> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| crate::tls::controller_ids(c))
+        .unwrap_or_default()
+}
+
 impl tonic::transport::server::Connected for GrpcConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         match self {
-            GrpcConn::Plain(c) => c.connect_info(),
-            GrpcConn::Tls(c) => c.get_ref().0.connect_info(),
+            GrpcConn::Plain(c) => GrpcConnectInfo {
+                tcp: c.connect_info(),
+                peer_controllers: Vec::new(),
+            },
+            GrpcConn::Tls(c) => GrpcConnectInfo {
+                tcp: c.get_ref().0.connect_info(),
+                peer_controllers: peer_controllers(c.get_ref().1),
+            },
         }
     }
 }
@@ -284,6 +309,11 @@ pub fn grpc_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// A REST request's extension: the controllers named by the connection's client
+/// certificate (see [`GrpcConnectInfo::peer_controllers`]).
+#[derive(Clone, Debug, Default)]
+pub struct PeerControllers(pub Arc<Vec<String>>);
+
 /// Serves `router` on `listener` (TLS when `tls` is given) until `cancel` fires; open
 /// connections finish their requests.
 ///
@@ -309,12 +339,14 @@ pub async fn serve_http(
         let cancel = cancel.clone();
         let metrics = metrics.clone();
         tracker.spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let svc = |ids: Vec<String>| {
+                let ids = PeerControllers(Arc::new(ids));
+                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(ids.clone());
                     router.clone().oneshot(req)
-                },
-            );
+                })
+            };
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -327,10 +359,13 @@ pub async fn serve_http(
                 .max_concurrent_streams(128)
                 .keep_alive_interval(Some(Duration::from_secs(30)));
             match tls {
-                None => serve_conn(&builder, TokioIo::new(conn), svc, &cancel).await,
+                None => serve_conn(&builder, TokioIo::new(conn), svc(Vec::new()), &cancel).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
-                        Ok(Ok(s)) => serve_conn(&builder, TokioIo::new(s), svc, &cancel).await,
+                        Ok(Ok(s)) => {
+                            let ids = peer_controllers(s.get_ref().1);
+                            serve_conn(&builder, TokioIo::new(s), svc(ids), &cancel).await;
+                        }
                         Ok(Err(e)) => {
                             metrics.refused("rest", "tls_handshake");
                             tracing::info!(%peer, error = %e, "REST TLS handshake failed");

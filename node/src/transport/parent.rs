@@ -2,7 +2,14 @@
 //! retries with exponential backoff and jitter on connection errors only (a child that
 //! starts before its parent waits instead of failing). Application errors are never
 //! retried.
+//!
+//! Over `https://` the link runs its own TLS (rustls): the CA's checks, then, when the
+//! child pinned its parent's controller id, a certificate naming it
+//! (`urn:pdsno:controller:ID`); [`ParentLink::info_proved`] has the parent prove it holds
+//! a pinned Ed25519 identity key, bound to the certificate it serves, after which the link
+//! accepts no other certificate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pdsno_shared::envelope::Envelope;
@@ -35,6 +42,10 @@ pub enum LinkError {
     /// certificate the parent refused): not retried, the configuration must change.
     #[error("TLS with the parent failed: {0}")]
     Tls(String),
+    /// The parent did not prove the identity the child pinned: not retried, and the child
+    /// sends nothing else to it (no bootstrap token).
+    #[error("the parent did not prove its identity: {0}")]
+    Identity(String),
 }
 
 impl LinkError {
@@ -68,11 +79,55 @@ fn from_status(s: tonic::Status) -> LinkError {
     }
 }
 
+/// What a child requires its parent to prove before it sends its bootstrap token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentPin {
+    /// The parent's controller id: over TLS its certificate must name it
+    /// (`urn:pdsno:controller:ID`), and it must describe itself with it.
+    pub id: Option<String>,
+    /// The parent's Ed25519 identity key: it must prove holding it
+    /// ([`ParentLink::info_proved`]).
+    pub public_key: Option<pdsno_shared::keys::PublicKey>,
+}
+
 /// A connection to a parent's gRPC endpoint.
 #[derive(Clone, Debug)]
 pub struct ParentLink {
     url: String,
     channel: Channel,
+    /// Over TLS: the parent's certificate as seen, and the one pinned after a proof.
+    peer: Option<Arc<crate::tls::ParentPeer>>,
+}
+
+/// A TLS connector for tonic: TCP to the URI's host and port, then TLS with `cfg`,
+/// checking the certificate against `name`.
+fn tls_connector(
+    cfg: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
++ Clone
++ 'static {
+    tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let (cfg, name) = (cfg.clone(), name.clone());
+        async move {
+            let host = uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .ok_or_else(|| std::io::Error::other("no host in the parent URL"))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        }
+    })
 }
 
 impl ParentLink {
@@ -91,33 +146,65 @@ impl ParentLink {
     /// [`LinkError::BadUrl`] for an unusable URL, or a plaintext URL when `tls` refuses
     /// plaintext.
     pub fn with_tls(url: &str, tls: Option<&crate::tls::TlsMaterial>) -> Result<Self, LinkError> {
+        Self::pinned(url, tls, None)
+    }
+
+    /// As [`ParentLink::with_tls`]; over `https://` with `parent_id`, the parent's
+    /// certificate must also name that controller (`urn:pdsno:controller:ID`), else the
+    /// handshake fails with [`LinkError::Tls`].
+    ///
+    /// # Errors
+    /// As [`ParentLink::with_tls`].
+    pub fn pinned(
+        url: &str,
+        tls: Option<&crate::tls::TlsMaterial>,
+        parent_id: Option<&str>,
+    ) -> Result<Self, LinkError> {
         let https = url.starts_with("https://");
         if !https && tls.is_some_and(|m| m.options().require_tls) {
             return Err(LinkError::BadUrl(format!(
                 "{url} (plaintext is refused under require_tls)"
             )));
         }
-        let mut ep =
-            Endpoint::from_shared(url.to_owned()).map_err(|_| LinkError::BadUrl(url.to_owned()))?;
-        if https {
-            let cfg = match tls {
-                Some(m) => m.tonic_client(),
-                None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
-            };
-            ep = ep
-                .tls_config(cfg)
-                .map_err(|e| LinkError::Tls(e.to_string()))?;
-        }
-        let ep = ep
+        let bad = || LinkError::BadUrl(url.to_owned());
+        let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| bad())?;
+        let ep_url = match url.strip_prefix("https://") {
+            // TLS is ours (below); tonic speaks HTTP/2 over it.
+            Some(rest) => format!("http://{rest}"),
+            None => url.to_owned(),
+        };
+        let ep = Endpoint::from_shared(ep_url)
+            .map_err(|_| bad())?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        if !https {
+            return Ok(ParentLink {
+                url: url.to_owned(),
+                channel: ep.connect_lazy(),
+                peer: None,
+            });
+        }
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .ok_or_else(bad)?;
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|_| bad())?;
+        let peer = Arc::new(crate::tls::ParentPeer::default());
+        let cfg = crate::tls::parent_client_config(tls, parent_id, peer.clone())
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
         Ok(ParentLink {
             url: url.to_owned(),
-            channel: ep.connect_lazy(),
+            channel: ep.connect_with_connector_lazy(tls_connector(Arc::new(cfg), name)),
+            peer: Some(peer),
         })
+    }
+
+    /// The gRPC channel (for calling other services over this link).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The URL.
@@ -131,10 +218,64 @@ impl ParentLink {
     /// [`LinkError`].
     pub async fn info(&self) -> Result<pb::NodeInfo, LinkError> {
         let mut c = pb::node_client::NodeClient::new(self.channel.clone());
-        c.get_info(pb::InfoRequest {})
+        c.get_info(pb::InfoRequest::default())
             .await
             .map(tonic::Response::into_inner)
             .map_err(from_status)
+    }
+
+    /// The parent's self-description, with its proof that it holds the identity key `key`:
+    /// a signature of a fresh nonce and of the certificate it serves us (see
+    /// [`crate::tls::parent_proof_message`]). After it, the link accepts only that
+    /// certificate.
+    ///
+    /// # Errors
+    /// [`LinkError::Identity`] when the parent does not prove it (a parent without
+    /// support for proofs, another key, a proof for another certificate); else
+    /// [`LinkError`].
+    pub async fn info_proved(
+        &self,
+        key: &pdsno_shared::keys::PublicKey,
+    ) -> Result<pb::NodeInfo, LinkError> {
+        let mut nonce = [0u8; 32];
+        rand::rng().fill(&mut nonce[..]);
+        let mut c = pb::node_client::NodeClient::new(self.channel.clone());
+        let info = c
+            .get_info(pb::InfoRequest {
+                identity_nonce: nonce.to_vec(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(from_status)?;
+        if info.identity_proof.is_empty() {
+            return Err(LinkError::Identity(format!(
+                "{} sent no identity proof (a version without support for a pinned parent key?)",
+                self.url
+            )));
+        }
+        let leaf = match &self.peer {
+            Some(p) => Some(p.last_leaf().ok_or_else(|| {
+                LinkError::Identity("no TLS certificate seen from the parent".into())
+            })?),
+            None => None,
+        };
+        let msg = crate::tls::parent_proof_message(&nonce, leaf.as_ref());
+        if !key.verify(&msg, &info.identity_proof) {
+            let detail = if info.public_key == key.to_base64() {
+                "a proof that does not verify for the TLS certificate it serves"
+            } else {
+                "a proof by another key than the pinned one"
+            };
+            return Err(LinkError::Identity(format!(
+                "{} (claiming to be {}) sent {detail}",
+                self.url,
+                info.controller_id.chars().take(128).collect::<String>()
+            )));
+        }
+        if let (Some(p), Some(l)) = (&self.peer, leaf) {
+            p.pin_leaf(l);
+        }
+        Ok(info)
     }
 
     /// VALIDATION_REQUEST → CHALLENGE or VALIDATION_RESULT.

@@ -88,7 +88,9 @@ fn error_response(e: InboundError) -> Response {
         InboundError::BadRequest(_)
         | InboundError::WrongRecipient { .. }
         | InboundError::TypeMismatch { .. } => StatusCode::BAD_REQUEST,
-        InboundError::Unsigned | InboundError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+        InboundError::Unsigned
+        | InboundError::BadSignature(_)
+        | InboundError::PeerMismatch { .. } => StatusCode::UNAUTHORIZED,
         InboundError::Forbidden(_) => StatusCode::FORBIDDEN,
         InboundError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         InboundError::NoHandler(_) => StatusCode::NOT_FOUND,
@@ -100,6 +102,7 @@ fn error_response(e: InboundError) -> Response {
 async fn message(
     State(ctx): State<Ctx>,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    peer_ids: Option<axum::Extension<super::listen::PeerControllers>>,
     kind: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -157,8 +160,11 @@ async fn message(
         return refusal_response(&r);
     }
     let inbound = ctx.inbound.clone();
-    let handled =
-        tokio::task::spawn_blocking(move || inbound.handle(env, Some(path_type), "rest")).await;
+    let peer_ids = peer_ids.map(|axum::Extension(p)| p).unwrap_or_default();
+    let handled = tokio::task::spawn_blocking(move || {
+        inbound.handle_from(env, Some(path_type), "rest", &peer_ids.0)
+    })
+    .await;
     if let (Some((g, ip)), Ok(r)) = (&guard, &handled) {
         crate::guard::record_admission(g, *ip, r);
     }
