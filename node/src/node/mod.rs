@@ -820,7 +820,8 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             outbound: outbound.clone(),
             policy: policy.clone(),
             delivery: delivery.clone(),
-        }),
+        })
+        .with_guard(guard.clone()),
     );
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -984,13 +985,19 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     ));
     tasks.close();
 
-    let rest_url = format!("http://{rest_addr}");
+    let rest_scheme = if cfg.tls.serves_tls() {
+        "https"
+    } else {
+        "http"
+    };
+    let rest_url = format!("{rest_scheme}://{rest_addr}");
     if let Err(e) = crate::admin::write_node_file(
         &cfg.data_dir,
         &me.id,
         cfg.role.as_str(),
         &grpc_url,
         &rest_url,
+        &cfg.tls,
     ) {
         tracing::warn!(error = %e, "cannot write node.json");
     }
