@@ -131,8 +131,23 @@ pub(crate) fn spawn(
 ) -> Result<Node, String> {
     let log = dir.join(format!("{name}.log"));
     let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(exe)
-        .args(args)
+    // A bootstrap token goes to the child in its environment, out of its command line.
+    let mut argv = Vec::with_capacity(args.len());
+    let mut token = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--bootstrap-token" {
+            token = it.next();
+        } else {
+            argv.push(a);
+        }
+    }
+    let mut cmd = Command::new(exe);
+    if let Some(t) = token {
+        cmd.env("PDSNO_BOOTSTRAP_TOKEN", t);
+    }
+    let mut child = cmd
+        .args(argv)
         .env("PDSNO_BOOTSTRAP_SECRET", secret_env)
         .env(
             "RUST_LOG",
