@@ -527,6 +527,7 @@ pub fn write_node_file(
     role: &str,
     grpc: &str,
     rest: &str,
+    admin: Option<&str>,
     tls: &crate::tls::TlsOptions,
 ) -> Result<(), String> {
     let mut m = Map::new();
@@ -534,6 +535,9 @@ pub fn write_node_file(
     m.insert("role".into(), role.into());
     m.insert("grpc".into(), grpc.into());
     m.insert("rest".into(), rest.into());
+    if let Some(a) = admin {
+        m.insert("admin".into(), a.into());
+    }
     m.insert("pid".into(), u64::from(std::process::id()).into());
     if tls.cert.is_some() || tls.ca.is_some() {
         let path = |p: &Option<PathBuf>| -> Value {
@@ -570,13 +574,15 @@ fn read_node_file(dir: &Path) -> Result<Value, String> {
     json::parse(&t).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The gRPC URL of the node whose data directory is `dir` (from its `node.json`).
+/// The URL of the admin service of the node whose data directory is `dir` (from its
+/// `node.json`): its `--listen-admin` listener, else its gRPC listener.
 ///
 /// # Errors
 /// A message when the file is missing or malformed.
 pub fn node_url(dir: &Path) -> Result<String, String> {
-    read_node_file(dir)?
-        .get("grpc")
+    let v = read_node_file(dir)?;
+    v.get("admin")
+        .or_else(|| v.get("grpc"))
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or_else(|| format!("{}: no grpc address", dir.join(NODE_FILE).display()))
@@ -783,6 +789,7 @@ fn code_name(c: tonic::Code) -> &'static str {
         tonic::Code::DeadlineExceeded => "timed out",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::ResourceExhausted => "refused",
+        tonic::Code::Unimplemented => "unimplemented (no admin service here; see --listen-admin)",
         _ => "error",
     }
 }

@@ -674,3 +674,60 @@ fn admin_requests_count_against_the_rate_limit() {
     let out = ok(&["status", "--data-dir", &s(&gc.data_dir)], &[]);
     assert!(out.starts_with("global_cntl_1"), "{out}");
 }
+
+/// Finding: the admin service could not be kept off the network-facing gRPC port. With
+/// `--listen-admin ADDR` it is served only there (e.g. on loopback): an admin request to
+/// the gRPC port is refused as an unknown service, while children are still admitted there
+/// and the operator tools find the admin listener through `node.json`.
+#[test]
+fn listen_admin_moves_the_admin_service_off_the_grpc_port() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--listen-admin", "127.0.0.1:0"]);
+    let ready = gc
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("ready "))
+        .expect("ready line");
+    let admin_addr: std::net::SocketAddr = pdsno_tests::field(&ready, "admin")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin= in {ready:?}"));
+    assert_ne!(admin_addr, gc.grpc);
+    let key = pdsno_node::admin::read_key(&gc.data_dir).expect("admin key");
+    let empty = pdsno_shared::json::Value::Object(pdsno_shared::json::Map::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (on_grpc, on_admin) = rt.block_on(async {
+        let g = pdsno_node::admin::call(
+            &gc.grpc_url(),
+            &key,
+            "status",
+            &empty,
+            Duration::from_secs(10),
+        )
+        .await;
+        let a = pdsno_node::admin::call(
+            &format!("http://{admin_addr}"),
+            &key,
+            "status",
+            &empty,
+            Duration::from_secs(10),
+        )
+        .await;
+        (g, a)
+    });
+    let err = on_grpc.expect_err("no admin service on the gRPC port, even with the key");
+    assert!(err.starts_with("unimplemented"), "{err}");
+    let st = on_admin.expect("admin service on --listen-admin");
+    assert_eq!(
+        st.get("controller_id")
+            .and_then(pdsno_shared::json::Value::as_str),
+        Some("global_cntl_1")
+    );
+    // Children still use the gRPC port; the tools find the admin listener by themselves.
+    let rc = lab.child("regional", "rc-adm", &gc, "zone-A", &[]);
+    let out = ok(&["status", "--data-dir", &s(&gc.data_dir)], &[]);
+    assert!(out.contains(&rc.id), "{out}");
+}
