@@ -131,6 +131,7 @@ pub struct Admin {
     rotate_wake: Arc<Notify>,
     rotate_done: Arc<Notify>,
     runtime: Option<RuntimeView>,
+    guard: Option<Arc<crate::guard::Guard>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -165,7 +166,14 @@ impl Admin {
             rotate_wake,
             rotate_done,
             runtime: None,
+            guard: None,
         })
+    }
+
+    /// Applies the node's per-address request rate limit to admin requests too.
+    pub fn with_guard(mut self, guard: Arc<crate::guard::Guard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// Adds the running parts operators can look at.
@@ -502,6 +510,10 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::AdminRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
+        if let (Some(g), Some(addr)) = (&self.0.guard, req.remote_addr()) {
+            g.check_rate(addr.ip(), "grpc")
+                .map_err(|r| crate::transport::grpc::refusal_status(&r))?;
+        }
         let r = req.into_inner();
         let args = self.0.authenticate(&r)?;
         tracing::info!(command = %r.command, "admin command");
@@ -512,7 +524,9 @@ impl pb::admin_server::Admin for AdminApi {
     }
 }
 
-/// Writes `DIR/node.json`.
+/// Writes `DIR/node.json`: the node's id, role, addresses and, when it serves TLS, the
+/// paths (never the contents) of its TLS files, so operator tools run with `--data-dir`
+/// reach it over TLS with the node's own certificate.
 ///
 /// # Errors
 /// A message on I/O failure.
@@ -522,23 +536,43 @@ pub fn write_node_file(
     role: &str,
     grpc: &str,
     rest: &str,
+    admin: Option<&str>,
+    tls: &crate::tls::TlsOptions,
 ) -> Result<(), String> {
     let mut m = Map::new();
     m.insert("controller_id".into(), id.into());
     m.insert("role".into(), role.into());
     m.insert("grpc".into(), grpc.into());
     m.insert("rest".into(), rest.into());
+    if let Some(a) = admin {
+        m.insert("admin".into(), a.into());
+    }
     m.insert("pid".into(), u64::from(std::process::id()).into());
+    if tls.cert.is_some() || tls.ca.is_some() {
+        let path = |p: &Option<PathBuf>| -> Value {
+            p.as_ref()
+                .map(|p| {
+                    std::fs::canonicalize(p)
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                })
+                .into()
+        };
+        let mut t = Map::new();
+        t.insert("ca".into(), path(&tls.ca));
+        t.insert("cert".into(), path(&tls.cert));
+        t.insert("key".into(), path(&tls.key));
+        t.insert("require_client_cert".into(), tls.require_client_cert.into());
+        t.insert("require_tls".into(), tls.require_tls.into());
+        m.insert("tls".into(), Value::Object(t));
+    }
     let path = dir.join(NODE_FILE);
     std::fs::write(&path, json::to_pretty_string(&Value::Object(m)) + "\n")
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The gRPC URL of the node whose data directory is `dir` (from its `node.json`).
-///
-/// # Errors
-/// A message when the file is missing or malformed.
-pub fn node_url(dir: &Path) -> Result<String, String> {
+fn read_node_file(dir: &Path) -> Result<Value, String> {
     let path: PathBuf = dir.join(NODE_FILE);
     let t = std::fs::read(&path).map_err(|e| {
         format!(
@@ -546,14 +580,101 @@ pub fn node_url(dir: &Path) -> Result<String, String> {
             path.display()
         )
     })?;
-    let v = json::parse(&t).map_err(|e| format!("{}: {e}", path.display()))?;
-    v.get("grpc")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| format!("{}: no grpc address", path.display()))
+    json::parse(&t).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Sends an admin command to a node.
+/// The URL of the admin service of the node whose data directory is `dir` (from its
+/// `node.json`): its `--listen-admin` listener, else its gRPC listener.
+///
+/// # Errors
+/// A message when the file is missing or malformed.
+pub fn node_url(dir: &Path) -> Result<String, String> {
+    let v = read_node_file(dir)?;
+    v.get("admin")
+        .or_else(|| v.get("grpc"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{}: no grpc address", dir.join(NODE_FILE).display()))
+}
+
+/// The TLS files a tool uses to reach a node: the CA that signed the node's certificate
+/// and a client certificate with its key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// CA certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsFiles {
+    /// True when no file is named.
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    /// `self`, with what it lacks taken from `fallback`: the CA on its own, the
+    /// certificate and key only as a pair.
+    #[must_use]
+    pub fn or(self, fallback: ClientTlsFiles) -> ClientTlsFiles {
+        let (cert, key) = if self.cert.is_some() || self.key.is_some() {
+            (self.cert, self.key)
+        } else {
+            (fallback.cert, fallback.key)
+        };
+        ClientTlsFiles {
+            ca: self.ca.or(fallback.ca),
+            cert,
+            key,
+        }
+    }
+
+    /// Loads the files; `None` when none is named.
+    ///
+    /// # Errors
+    /// A message naming the flag and the file.
+    pub fn load(&self) -> Result<Option<Arc<crate::tls::TlsMaterial>>, String> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err("--tls-cert needs --tls-key".into()),
+            (None, Some(_)) => return Err("--tls-key needs --tls-cert".into()),
+            _ => {}
+        }
+        crate::tls::TlsMaterial::load(&crate::tls::TlsOptions {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            require_client_cert: false,
+            require_tls: false,
+        })
+        .map_err(|e| e.to_string().replace("tls_", "--tls-"))
+    }
+}
+
+/// The TLS files recorded in `DIR/node.json` by the running node (empty when it serves
+/// plaintext or the file predates TLS recording).
+///
+/// # Errors
+/// A message when the file is missing or malformed.
+pub fn node_tls_files(dir: &Path) -> Result<ClientTlsFiles, String> {
+    let v = read_node_file(dir)?;
+    let Some(t) = v.get("tls") else {
+        return Ok(ClientTlsFiles::default());
+    };
+    let path = |k: &str| t.get(k).and_then(Value::as_str).map(PathBuf::from);
+    Ok(ClientTlsFiles {
+        ca: path("ca"),
+        cert: path("cert"),
+        key: path("key"),
+    })
+}
+
+/// Sends an admin command to a node over plaintext gRPC (or TLS with the system roots for
+/// an `https://` URL).
 ///
 /// # Errors
 /// A message for the operator.
@@ -564,18 +685,107 @@ pub async fn call(
     args: &Value,
     timeout: Duration,
 ) -> Result<Value, String> {
-    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+    call_with(url, key, None, command, args, timeout).await
+}
+
+/// What to add to a connection failure so the operator knows which flag is missing.
+fn tls_hint(url: &str, tls: Option<&crate::tls::TlsMaterial>) -> String {
+    if !url.starts_with("https://") {
+        return " (if the node serves TLS, connect to its https:// URL with --tls-ca FILE, \
+                 and --tls-cert FILE --tls-key FILE when it requires client certificates; \
+                 or give the node's --data-dir)"
+            .into();
+    }
+    let mut missing = Vec::new();
+    if tls.is_none_or(|m| m.options().ca.is_none()) {
+        missing.push("--tls-ca FILE (the CA that signed the node's certificate)");
+    }
+    if !tls.is_some_and(|m| m.has_identity()) {
+        missing.push("--tls-cert FILE --tls-key FILE (a client certificate the node accepts)");
+    }
+    if missing.is_empty() {
+        return " (check that the node's --tls-ca signed the certificate given with --tls-cert)"
+            .into();
+    }
+    format!(
+        " (give {}, or set PDSNO_TLS_CA / PDSNO_TLS_CERT / PDSNO_TLS_KEY, or give the node's --data-dir)",
+        missing.join(" and ")
+    )
+}
+
+/// The reason of a transport error: the TLS alert or certificate problem when there is one.
+fn transport_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    if let Some(r) = crate::tls::handshake_reason(e) {
+        parts.retain(|p| !p.contains(&r));
+        parts.push(format!("TLS: {r}"));
+    }
+    parts.join(": ")
+}
+
+/// Sends an admin command to a node, over TLS with `tls` (CA and client certificate) for
+/// an `https://` URL.
+///
+/// # Errors
+/// A message for the operator; a connection or handshake failure names the TLS flags that
+/// would fix it.
+pub async fn call_with(
+    url: &str,
+    key: &HmacKey,
+    tls: Option<&crate::tls::TlsMaterial>,
+    command: &str,
+    args: &Value,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let mut ep = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|_| format!("invalid URL {url:?}"))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        .timeout(timeout);
+    if url.starts_with("https://") {
+        let cfg = match tls {
+            Some(m) => m.tonic_client().map_err(|e| e.to_string())?,
+            None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+        };
+        ep = ep
+            .tls_config(cfg)
+            .map_err(|e| format!("TLS for {url}: {e}"))?;
+    }
+    let ch = ep.connect().await.map_err(|e| {
+        format!(
+            "cannot reach {url}: {}{}",
+            transport_reason(&e),
+            tls_hint(url, tls)
+        )
+    })?;
     let mut c = pb::admin_client::AdminClient::new(ch);
-    let r = c
-        .command(request(key, command, args))
-        .await
-        .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?;
+    let r = c.command(request(key, command, args)).await.map_err(|s| {
+        // A status the node sent is its answer; one made from a broken connection is not.
+        use std::error::Error as _;
+        // The node's answers carry its response headers; a status tonic made up on our
+        // side (reset stream, refused handshake, cancelled call) has none.
+        let transport = s.metadata().is_empty() && s.code() != tonic::Code::DeadlineExceeded;
+        if transport {
+            let detail = s
+                .source()
+                .map(|e| format!(": {}", transport_reason(e)))
+                .unwrap_or_default();
+            format!(
+                "cannot reach {url}: {}{detail}{}",
+                s.message(),
+                tls_hint(url, tls)
+            )
+        } else {
+            format!("{}: {}", code_name(s.code()), s.message())
+        }
+    })?;
     json::parse(r.into_inner().result_json.as_bytes()).map_err(|e| e.to_string())
 }
 
@@ -587,6 +797,8 @@ fn code_name(c: tonic::Code) -> &'static str {
         tonic::Code::FailedPrecondition => "refused",
         tonic::Code::DeadlineExceeded => "timed out",
         tonic::Code::Unavailable => "unavailable",
+        tonic::Code::ResourceExhausted => "refused",
+        tonic::Code::Unimplemented => "unimplemented (no admin service here; see --listen-admin)",
         _ => "error",
     }
 }

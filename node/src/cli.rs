@@ -20,11 +20,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the global controller (root of trust; embeds the MQTT broker).
-    Global(crate::config::NodeArgs),
+    Global(cmd::tier::TierArgs),
     /// Run a regional controller (admitted by the global controller).
-    Regional(crate::config::NodeArgs),
+    Regional(cmd::tier::TierArgs),
     /// Run a local controller (admitted by its regional controller).
-    Local(crate::config::NodeArgs),
+    Local(cmd::tier::TierArgs),
     /// Pairwise keys: list them, rotate one.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
@@ -38,8 +38,10 @@ pub enum Command {
     Policy(cmd::ops::PolicyCommand),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
-    /// Print a bootstrap token for a new child.
+    /// Print a bootstrap token for a new child (or write it to --out).
     Token(cmd::token::TokenArgs),
+    /// Hash an operator password (read from stdin or --password-file) for [[mqtt_users]].
+    Passwd(cmd::passwd::PasswdArgs),
     /// Sign one JSON envelope read from stdin and print it.
     Sign(cmd::envelope_tools::SignArgs),
     /// Verify one JSON envelope read from stdin: prints OK (exit 0) or the reason (exit 1).
@@ -75,11 +77,28 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         }
     };
     let sub = matches.subcommand().map(|(_, m)| m);
+    let warnings = |flags| {
+        sub.map(|m| cmd::secrets::command_line_warnings(m, flags))
+            .unwrap_or_default()
+    };
     match cli.command {
-        Command::Global(a) => cmd::tier::run(pdsno_shared::ids::Role::Global, &a),
-        Command::Regional(a) => cmd::tier::run(pdsno_shared::ids::Role::Regional, &a),
-        Command::Local(a) => cmd::tier::run(pdsno_shared::ids::Role::Local, &a),
+        Command::Global(a) => cmd::tier::run(
+            pdsno_shared::ids::Role::Global,
+            &a,
+            &warnings(cmd::secrets::NODE_SECRETS),
+        ),
+        Command::Regional(a) => cmd::tier::run(
+            pdsno_shared::ids::Role::Regional,
+            &a,
+            &warnings(cmd::secrets::NODE_SECRETS),
+        ),
+        Command::Local(a) => cmd::tier::run(
+            pdsno_shared::ids::Role::Local,
+            &a,
+            &warnings(cmd::secrets::NODE_SECRETS),
+        ),
         Command::Token(a) => cmd::token::run(&a),
+        Command::Passwd(a) => cmd::passwd::run(&a),
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Status(a) => cmd::ops::status(&a),
         Command::Policy(c) => cmd::ops::policy(&c),
@@ -87,8 +106,15 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Controller(c) => cmd::keys::controller(&c),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),
         Command::Verify(a) => cmd::envelope_tools::verify(&a, sub),
-        Command::Broker(a) => cmd::broker::run(&a),
-        Command::Bench(c) => cmd::bench::run(&c),
+        Command::Broker(a) => cmd::broker::run(&a, &warnings(cmd::secrets::BROKER_SECRETS)),
+        Command::Bench(c) => {
+            if let Some(m) = sub.and_then(|m| m.subcommand_matches("mqtt")) {
+                for w in cmd::secrets::command_line_warnings(m, cmd::secrets::BENCH_SECRETS) {
+                    eprintln!("warning: {w}");
+                }
+            }
+            cmd::bench::run(&c)
+        }
         Command::Certs(c) => cmd::certs::run(&c),
         Command::Audit(c) => cmd::audit::run(&c),
     }

@@ -24,6 +24,9 @@ pub struct FileConfig {
     pub listen_grpc: Option<SocketAddr>,
     /// REST compat listen address.
     pub listen_rest: Option<SocketAddr>,
+    /// A separate listener for the admin service (operator commands), e.g. on loopback;
+    /// the gRPC listener then no longer serves it.
+    pub listen_admin: Option<SocketAddr>,
     /// Embedded broker MQTT 3.1.1 listen address (global controller).
     pub listen_mqtt: Option<SocketAddr>,
     /// Embedded broker MQTT 5 listen address.
@@ -170,6 +173,10 @@ pub struct NodeArgs {
     /// REST compatibility listen address.
     #[arg(long, env = "PDSNO_LISTEN_REST", value_name = "ADDR")]
     pub listen_rest: Option<SocketAddr>,
+    /// Serve the admin service (operator commands) only here, e.g. 127.0.0.1:0, instead of
+    /// on the gRPC listener.
+    #[arg(long, env = "PDSNO_LISTEN_ADMIN", value_name = "ADDR")]
+    pub listen_admin: Option<SocketAddr>,
     /// Embedded broker MQTT 3.1.1 listen address (global controller).
     #[arg(long, env = "PDSNO_LISTEN_MQTT", value_name = "ADDR")]
     pub listen_mqtt: Option<SocketAddr>,
@@ -415,6 +422,8 @@ pub struct NodeConfig {
     pub listen_grpc: SocketAddr,
     /// REST listen address.
     pub listen_rest: SocketAddr,
+    /// Separate admin service listener.
+    pub listen_admin: Option<SocketAddr>,
     /// Embedded broker 3.1.1 address.
     pub listen_mqtt: SocketAddr,
     /// Embedded broker 5 address.
@@ -546,6 +555,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("data_dir", &self.data_dir)
             .field("listen_grpc", &self.listen_grpc)
             .field("listen_rest", &self.listen_rest)
+            .field("listen_admin", &self.listen_admin)
             .field("parent", &self.parent)
             .field("region", &self.region)
             .field("temp_id", &self.temp_id)
@@ -830,6 +840,7 @@ impl NodeConfig {
                 .listen_rest
                 .or(file.listen_rest)
                 .unwrap_or_else(|| loopback(rest_port)),
+            listen_admin: a.listen_admin.or(file.listen_admin),
             listen_mqtt: a
                 .listen_mqtt
                 .or(file.listen_mqtt)

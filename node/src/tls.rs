@@ -278,6 +278,31 @@ impl TlsMaterial {
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         client_config(Some(self))
     }
+
+    /// The gRPC client side (tonic), for operator tools calling a node's admin service:
+    /// trusts `tls_ca` (else the system roots) and presents our certificate, read again
+    /// from the configured files.
+    ///
+    /// # Errors
+    /// When a file cannot be read.
+    pub fn tonic_client(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let mut c = tonic::transport::ClientTlsConfig::new();
+        c = match &self.opts.ca {
+            Some(ca) => {
+                c.ca_certificate(tonic::transport::Certificate::from_pem(read("tls_ca", ca)?))
+            }
+            None => c.with_native_roots(),
+        };
+        if self.has_identity()
+            && let Some(cert) = &self.opts.cert
+        {
+            c = c.identity(tonic::transport::Identity::from_pem(
+                read("tls_cert", cert)?,
+                &self.key_pem[..],
+            ));
+        }
+        Ok(c)
+    }
 }
 
 /// A client configuration trusting `tls_ca` (or the system roots without one), with our

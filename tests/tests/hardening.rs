@@ -495,7 +495,7 @@ fn secrets_stay_out_of_logs_and_debug_output() {
     let pdsno_node::cli::Command::Regional(a) = cli.command else {
         panic!("regional")
     };
-    let cfg = pdsno_node::config::NodeConfig::resolve(pdsno_shared::ids::Role::Regional, &a)
+    let cfg = pdsno_node::config::NodeConfig::resolve(pdsno_shared::ids::Role::Regional, &a.node)
         .expect("config");
     let dbg = format!("{cfg:?} {a:?}");
     for s in [

@@ -48,6 +48,9 @@ pub struct BrokerArgs {
     /// Read-only operator account NAME:PASSWORD: subscribes, never publishes (repeatable).
     #[arg(long = "reader", value_name = "NAME:PASSWORD")]
     pub readers: Vec<crate::config::SecretArg>,
+    /// Operator accounts from files (instead of --user/--reader).
+    #[command(flatten)]
+    pub accounts: crate::cmd::secrets::AccountFiles,
     /// Accept clients without credentials (off by default).
     #[arg(long, env = "PDSNO_MQTT_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -109,6 +112,7 @@ impl BrokerArgs {
                     .read_only(),
             );
         }
+        cfg.operators.extend(self.accounts.accounts()?);
         cfg.allow_anonymous = self.allow_anonymous;
         cfg.limits.max_connections = self.max_connections.max(1);
         cfg.limits.max_packet_size = self.max_packet_size.max(1024);
@@ -120,8 +124,9 @@ impl BrokerArgs {
 }
 
 /// Runs `pdsno broker` until a signal arrives.
-pub fn run(args: &BrokerArgs) -> ExitCode {
+pub fn run(args: &BrokerArgs, warnings: &[String]) -> ExitCode {
     crate::logging::init();
+    crate::cmd::secrets::warn(warnings);
     let cfg = match args.to_config() {
         Ok(c) => c,
         Err(e) => {
@@ -130,7 +135,9 @@ pub fn run(args: &BrokerArgs) -> ExitCode {
         }
     };
     if cfg.operators.is_empty() && !cfg.allow_anonymous {
-        eprintln!("warning: no --user and no --allow-anonymous: every client will be refused");
+        eprintln!(
+            "warning: no --user-file, no --user and no --allow-anonymous: every client will be refused"
+        );
     }
     crate::runtime::block_on(async move {
         let broker = match EmbeddedBroker::start(cfg, None).await {

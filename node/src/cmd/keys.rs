@@ -4,24 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use pdsno_shared::json::{self, Map, Value};
 
-use crate::admin;
-
 /// Where the node is and how to authenticate to it.
-#[derive(Debug, Args)]
-pub struct Target {
-    /// The node's data directory (holds admin.key and node.json).
-    #[arg(long, env = "PDSNO_DATA_DIR", value_name = "DIR")]
-    pub data_dir: PathBuf,
-    /// The node's gRPC URL (default: from DATA_DIR/node.json).
-    #[arg(long, value_name = "URL")]
-    pub connect: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
+pub use crate::cmd::ops::AdminTarget as Target;
 
 /// `pdsno keys` subcommands.
 #[derive(Debug, Subcommand)]
@@ -68,12 +55,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn call(t: &Target, command: &str, args: Value, timeout: Duration) -> Result<Value, String> {
-    let key = admin::read_key(&t.data_dir)?;
-    let url = match &t.connect {
-        Some(u) => u.clone(),
-        None => admin::node_url(&t.data_dir)?,
-    };
-    crate::runtime::block_on(admin::call(&url, &key, command, &args, timeout))
+    t.call(command, args, timeout)
 }
 
 fn print_keys(v: &Value, as_json: bool) {

@@ -131,8 +131,21 @@ pub(crate) fn spawn(
 ) -> Result<Node, String> {
     let log = dir.join(format!("{name}.log"));
     let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    // A bootstrap token goes to the child in its environment, out of its command line.
+    let mut argv = Vec::with_capacity(args.len());
+    let mut token = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--bootstrap-token" {
+            token = it.next();
+        } else {
+            argv.push(a);
+        }
+    }
     let mut cmd = Command::new(exe);
-    cmd.args(args);
+    if let Some(t) = token {
+        cmd.env("PDSNO_BOOTSTRAP_TOKEN", t);
+    }
     // Only the global controller holds this secret; a regional controller makes its own
     // (read back with [`own_secret`] to mint its local controllers' tokens).
     if args.first().map(String::as_str) == Some("global") {
@@ -141,6 +154,7 @@ pub(crate) fn spawn(
         cmd.env_remove("PDSNO_BOOTSTRAP_SECRET");
     }
     let mut child = cmd
+        .args(argv)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

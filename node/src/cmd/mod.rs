@@ -10,5 +10,7 @@ pub mod envelope_tools;
 pub mod keys;
 pub(crate) mod lab;
 pub mod ops;
+pub mod passwd;
+pub mod secrets;
 pub mod tier;
 pub mod token;

@@ -10,24 +10,65 @@ use pdsno_shared::json::{self, Map, Value};
 use crate::admin;
 
 /// How to reach a node's admin API.
+///
+/// Over TLS, the CA and client certificate come from `--tls-ca`, `--tls-cert`, `--tls-key`
+/// (or `PDSNO_TLS_CA`, `PDSNO_TLS_CERT`, `PDSNO_TLS_KEY`), else from the paths the node
+/// recorded in `DATA_DIR/node.json` (its own CA, certificate and key).
 #[derive(Debug, Args)]
 pub struct AdminTarget {
-    /// The node's gRPC URL (default: from DATA_DIR/node.json).
+    /// The node's gRPC URL, `https://` when it serves TLS (default: from DATA_DIR/node.json).
     #[arg(long, value_name = "URL")]
     pub connect: Option<String>,
-    /// The node's data directory (its admin.key authenticates us).
+    /// The node's data directory (its admin.key authenticates us; its node.json says where
+    /// the node is and which TLS files it uses).
     #[arg(long, env = "PDSNO_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// The node's admin key file, when the data directory is elsewhere.
     #[arg(long, env = "PDSNO_ADMIN_KEY_FILE", value_name = "FILE")]
     pub admin_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that signed the node's TLS certificate.
+    #[arg(long, env = "PDSNO_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a node that requires one (mutual TLS).
+    #[arg(
+        long,
+        env = "PDSNO_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "PDSNO_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 impl AdminTarget {
-    fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value, String> {
+    /// The TLS files to use: the flags, then what the node recorded in its data directory.
+    fn tls_files(&self) -> Result<admin::ClientTlsFiles, String> {
+        let given = admin::ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        match &self.data_dir {
+            Some(d) if d.join(admin::NODE_FILE).exists() => Ok(given.or(admin::node_tls_files(d)?)),
+            _ => Ok(given),
+        }
+    }
+
+    /// Sends `command` to the node.
+    ///
+    /// # Errors
+    /// A message for the operator.
+    pub fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value, String> {
         let key = match (&self.admin_key_file, &self.data_dir) {
             (Some(f), _) => admin::read_key_file(f)?,
             (None, Some(d)) => admin::read_key(d)?,
@@ -43,7 +84,15 @@ impl AdminTarget {
             (None, Some(d)) => admin::node_url(d)?,
             (None, None) => return Err("give --connect URL or --data-dir DIR".into()),
         };
-        crate::runtime::block_on(admin::call(&url, &key, command, &args, timeout))
+        let tls = self.tls_files()?.load()?;
+        crate::runtime::block_on(admin::call_with(
+            &url,
+            &key,
+            tls.as_deref(),
+            command,
+            &args,
+            timeout,
+        ))
     }
 }
 

@@ -5,11 +5,37 @@ use std::process::ExitCode;
 use pdsno_shared::ids::Role;
 use tokio_util::sync::CancellationToken;
 
+use clap::Args;
+
+use crate::cmd::secrets::AccountFiles;
 use crate::config::{NodeArgs, NodeConfig};
 
-/// Runs a controller of `role` until SIGINT/SIGTERM.
-pub fn run(role: Role, args: &NodeArgs) -> ExitCode {
+/// `pdsno global|regional|local` arguments: the node's flags and its account files.
+#[derive(Debug, Args)]
+pub struct TierArgs {
+    /// The node's flags.
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Operator accounts of the embedded broker, from files.
+    #[command(flatten)]
+    pub accounts: AccountFiles,
+}
+
+/// Runs a controller of `role` until SIGINT/SIGTERM; `warnings` (secrets given on the
+/// command line) are printed and logged first.
+pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
+    let args = &a.node;
+    let accounts = match a.accounts.accounts() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if args.check_config {
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
         return match NodeConfig::check_only(role, args) {
             Ok(notes) => {
                 for n in notes {
@@ -25,8 +51,12 @@ pub fn run(role: Role, args: &NodeArgs) -> ExitCode {
         };
     }
     crate::logging::init();
+    crate::cmd::secrets::warn(warnings);
     let cfg = match NodeConfig::resolve(role, args) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.users.extend(accounts);
+            c
+        }
         Err(e) => {
             eprintln!("error: invalid configuration: {e}");
             return ExitCode::from(2);

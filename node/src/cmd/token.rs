@@ -1,11 +1,15 @@
 //! `pdsno token`: mint a bootstrap token for a new child.
+//!
+//! The bootstrap secret file must be private (mode 0600): a group- or world-readable one
+//! is refused. `--init-secret` creates it mode 0600 and `--out` writes the token mode 0600.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use pdsno_shared::bootstrap::bootstrap_token;
 use pdsno_shared::ids;
+use zeroize::Zeroizing;
 
 /// The child's type.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -40,7 +44,9 @@ pub struct TokenArgs {
     pub out: Option<PathBuf>,
 }
 
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` and a newline to `path`, mode 0600 whatever the umask, replacing any
+/// earlier content (and tightening an existing file's mode first).
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -50,11 +56,46 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    {
+        // `mode` only applies to a file created now; an existing one keeps its bits.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(text.as_bytes())?;
-    f.write_all(b"\n")
+    f.write_all(b"\n")?;
+    f.sync_all()
 }
 
-/// Prints the token.
+/// Reads a bootstrap secret file, refusing one that other users may read.
+///
+/// # Errors
+/// A message naming the file (and the `chmod` that fixes a permissive one).
+pub(crate) fn read_private(path: &Path) -> Result<Zeroizing<String>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} is readable by other users (mode {mode:04o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+    );
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\n', '\r']).to_owned(),
+    ))
+}
+
+/// Prints the token (or writes it to `--out`).
 pub fn run(a: &TokenArgs) -> ExitCode {
     if a.init_secret
         && let Some(p) = &a.bootstrap_secret_file
@@ -68,15 +109,15 @@ pub fn run(a: &TokenArgs) -> ExitCode {
         eprintln!("created a new bootstrap secret in {}", p.display());
     }
     let secret = match &a.bootstrap_secret_file {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(s) => s.trim_end_matches(['\n', '\r']).to_owned(),
+        Some(p) => match read_private(p) {
+            Ok(s) => s,
             Err(e) => {
-                eprintln!("error: --bootstrap-secret-file {}: {e}", p.display());
+                eprintln!("error: --bootstrap-secret-file {e}");
                 return ExitCode::from(2);
             }
         },
         None => match std::env::var("PDSNO_BOOTSTRAP_SECRET") {
-            Ok(s) if !s.is_empty() => s,
+            Ok(s) if !s.is_empty() => Zeroizing::new(s),
             _ => {
                 eprintln!("error: give --bootstrap-secret-file or set PDSNO_BOOTSTRAP_SECRET");
                 return ExitCode::from(2);
@@ -99,9 +140,21 @@ pub fn run(a: &TokenArgs) -> ExitCode {
         ChildType::Regional => "regional",
         ChildType::Local => "local",
     };
-    println!(
-        "{}",
-        bootstrap_token(secret.as_bytes(), &a.temp_id, &a.region, kind)
-    );
+    let token = Zeroizing::new(bootstrap_token(
+        secret.as_bytes(),
+        &a.temp_id,
+        &a.region,
+        kind,
+    ));
+    match &a.out {
+        Some(p) => {
+            if let Err(e) = write_private(p, &token) {
+                eprintln!("error: --out {}: {e}", p.display());
+                return ExitCode::from(1);
+            }
+            eprintln!("wrote the token for {} to {}", a.temp_id, p.display());
+        }
+        None => println!("{}", token.as_str()),
+    }
     ExitCode::SUCCESS
 }

@@ -482,6 +482,17 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         })?;
     let grpc_addr = grpc_listener.local_addr().map_err(startup)?;
     let rest_addr = rest_listener.local_addr().map_err(startup)?;
+    let admin_listener =
+        match cfg.listen_admin {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
+                startup(format!("cannot listen for the admin service on {a}: {e}"))
+            })?),
+            None => None,
+        };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(startup)?),
+        None => None,
+    };
     let grpc_url = advertised(
         &cfg,
         grpc_addr,
@@ -882,7 +893,8 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             outbound: outbound.clone(),
             policy: policy.clone(),
             delivery: delivery.clone(),
-        }),
+        })
+        .with_guard(guard.clone()),
     );
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -892,6 +904,23 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         let admin_api = crate::admin::AdminApi(admin);
         let tls = tls.clone();
         let max = cfg.limits.max_connections;
+        // With --listen-admin the admin service is served there only.
+        let admin_api = match admin_listener {
+            Some(l) => {
+                let c = cancel.clone();
+                let tls = tls.clone();
+                let metrics = metrics.clone();
+                tasks.spawn(async move {
+                    if let Err(e) =
+                        grpc::serve_admin(l, admin_api, tls.as_deref(), max, metrics, c).await
+                    {
+                        tracing::error!(error = %e, "admin server stopped");
+                    }
+                });
+                None
+            }
+            None => Some(admin_api),
+        };
         tasks.spawn(async move {
             if let Err(e) = grpc::serve(grpc_listener, api, admin_api, tls.as_deref(), max, c).await
             {
@@ -1046,18 +1075,29 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     ));
     tasks.close();
 
-    let rest_url = format!("http://{rest_addr}");
+    let rest_scheme = if cfg.tls.serves_tls() {
+        "https"
+    } else {
+        "http"
+    };
+    let rest_url = format!("{rest_scheme}://{rest_addr}");
+    let admin_url = admin_addr.map(|a| format!("{rest_scheme}://{a}"));
     if let Err(e) = crate::admin::write_node_file(
         &cfg.data_dir,
         &me.id,
         cfg.role.as_str(),
         &grpc_url,
         &rest_url,
+        admin_url.as_deref(),
+        &cfg.tls,
     ) {
         tracing::warn!(error = %e, "cannot write node.json");
     }
+    let admin_field = admin_addr
+        .map(|a| format!(" admin={a}"))
+        .unwrap_or_default();
     say(&format!(
-        "ready id={} role={} grpc={grpc_addr} rest={rest_addr} public_key={}",
+        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}{admin_field} public_key={}",
         me.id,
         cfg.role.as_str(),
         identity.public().to_base64()

@@ -261,7 +261,7 @@ impl pb::node_server::Node for GrpcApi {
 pub async fn serve(
     listener: TcpListener,
     api: GrpcApi,
-    admin: crate::admin::AdminApi,
+    admin: Option<crate::admin::AdminApi>,
     tls: Option<&crate::tls::TlsMaterial>,
     max_connections: usize,
     cancel: tokio_util::sync::CancellationToken,
@@ -319,6 +319,48 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(pb::node_server::NodeServer::new(api).max_decoding_message_size(MAX_MESSAGE))
+        .add_optional_service(
+            admin.map(|a| {
+                pb::admin_server::AdminServer::new(a).max_decoding_message_size(MAX_MESSAGE)
+            }),
+        )
+        .serve_with_incoming_shutdown(
+            super::listen::grpc_incoming(
+                listener,
+                max_connections,
+                acceptor,
+                metrics,
+                cancel.clone(),
+            ),
+            cancel.cancelled_owned(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Serves only the admin service on `listener` (`--listen-admin`), with the same TLS and
+/// connection cap as the gRPC listener.
+///
+/// # Errors
+/// When the TLS material is unusable or the server fails.
+pub async fn serve_admin(
+    listener: TcpListener,
+    admin: crate::admin::AdminApi,
+    tls: Option<&crate::tls::TlsMaterial>,
+    max_connections: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let acceptor = match tls.filter(|m| m.has_identity()) {
+        Some(m) => Some(tokio_rustls::TlsAcceptor::from(
+            m.server_config(&[b"h2"])
+                .map_err(|e| format!("admin TLS: {e}"))?,
+        )),
+        None => None,
+    };
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(120))
+        .concurrency_limit_per_connection(16)
         .add_service(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
         )
