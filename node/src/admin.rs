@@ -510,7 +510,12 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::AdminRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
-        if let (Some(g), Some(addr)) = (&self.0.guard, req.remote_addr()) {
+        let addr = req
+            .extensions()
+            .get::<crate::transport::listen::GrpcConnectInfo>()
+            .and_then(|c| c.tcp.remote_addr)
+            .or_else(|| req.remote_addr());
+        if let (Some(g), Some(addr)) = (&self.0.guard, addr) {
             g.check_rate(addr.ip(), "grpc")
                 .map_err(|r| crate::transport::grpc::refusal_status(&r))?;
         }
