@@ -138,7 +138,7 @@ fn real_gc(lab: &Lab, pki: &Pki) -> (NodeProc, String) {
 /// bootstrap secret (it cannot admit anyone the real parent would).
 fn fake_gc(lab: &Lab, pki: &Pki, cert: &str, key: &str) -> NodeProc {
     let secret = lab.dir.path().join("attacker.secret");
-    std::fs::write(&secret, "the-attacker-has-another-secret-42\n").expect("secret");
+    pdsno_tests::write_private(&secret, "the-attacker-has-another-secret-42\n");
     let data = lab.data("attacker");
     let mut args = vec![
         "global".to_owned(),
@@ -178,8 +178,6 @@ fn regional_args(
         "regional".to_owned(),
         "--data-dir".into(),
         lab.data(name).display().to_string(),
-        "--bootstrap-secret-file".into(),
-        lab.secret_file.display().to_string(),
         "--listen-grpc".into(),
         "127.0.0.1:0".into(),
         "--listen-rest".into(),
@@ -784,15 +782,12 @@ fn pins_on_every_tier_admit_the_real_parents() {
     let url = gc.grpc_url();
     let token = lab.token("rc-2", "zone-B", "regional");
     let data = lab.data("rc-2").display().to_string();
-    let secret = lab.secret_file.display().to_string();
     let (code, out, err) = run(
         bin(),
         &[
             "regional",
             "--data-dir",
             &data,
-            "--bootstrap-secret-file",
-            &secret,
             "--listen-grpc",
             "127.0.0.1:0",
             "--listen-rest",

@@ -23,9 +23,14 @@ pub enum ChildType {
 /// `pdsno token` arguments.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// File holding the parent's bootstrap secret (or PDSNO_BOOTSTRAP_SECRET holds it).
+    /// File holding the parent's bootstrap secret (or PDSNO_BOOTSTRAP_SECRET holds it): the
+    /// global controller's, for regional controllers.
     #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE", value_name = "FILE")]
     pub bootstrap_secret_file: Option<PathBuf>,
+    /// A regional controller's data directory: mint a local controller's token with that
+    /// controller's own secret (DATA_DIR/bootstrap.secret), which only it accepts.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["bootstrap_secret_file", "init_secret"])]
+    pub data_dir: Option<PathBuf>,
     /// The child's temporary id.
     #[arg(long)]
     pub temp_id: String,
@@ -108,7 +113,24 @@ pub fn run(a: &TokenArgs) -> ExitCode {
         }
         eprintln!("created a new bootstrap secret in {}", p.display());
     }
-    let secret = match &a.bootstrap_secret_file {
+    if a.data_dir.is_some() && matches!(a.kind, ChildType::Regional) {
+        eprintln!(
+            "error: a regional controller's secret mints local controllers' tokens only; mint a regional token with the global controller's --bootstrap-secret-file"
+        );
+        return ExitCode::from(2);
+    }
+    let own = a
+        .data_dir
+        .as_ref()
+        .map(|d| d.join(crate::identity::BOOTSTRAP_SECRET_FILE));
+    let secret = match own.as_ref().or(a.bootstrap_secret_file.as_ref()) {
+        Some(p) if own.is_some() && !p.exists() => {
+            eprintln!(
+                "error: {} does not exist: is this a regional controller's data directory, started at least once?",
+                p.display()
+            );
+            return ExitCode::from(2);
+        }
         Some(p) => match read_private(p) {
             Ok(s) => s,
             Err(e) => {
