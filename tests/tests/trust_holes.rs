@@ -265,9 +265,39 @@ async fn an_rc_secret_mints_nothing_the_gc_or_another_region_accepts() {
         .await,
         rejected("INVALID_BOOTSTRAP_TOKEN")
     );
-    // What RC-A's secret is for: its own local controllers.
+    // What RC-A's secret is for: its own local controllers, minted on its host with
+    // `pdsno token --data-dir`.
     let a_link = ParentLink::new(&rc_a.grpc_url()).expect("url");
-    admit_raw(&a_link, &rc_a.id, &raw("temp-lc-a", "zone-A", "local")).await;
+    let a_dir = rc_a.data_dir.display().to_string();
+    let (code, token, err) = pdsno(&[
+        "token",
+        "--data-dir",
+        &a_dir,
+        "--temp-id",
+        "temp-lc-a",
+        "--region",
+        "zone-A",
+        "--type",
+        "local",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let mut lc_a = RawChild::new(&lab, "temp-lc-a", "zone-A", "local");
+    lc_a.token = token.trim().to_owned();
+    admit_raw(&a_link, &rc_a.id, &lc_a).await;
+    // ...and never regional tokens.
+    let (code, _, err) = pdsno(&[
+        "token",
+        "--data-dir",
+        &a_dir,
+        "--temp-id",
+        "temp-x",
+        "--region",
+        "zone-A",
+        "--type",
+        "regional",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("local controllers' tokens only"), "{err}");
 
     // An RC given the GC's secret refuses to start, naming the setting.
     let token = lab.token("temp-rc-c", "zone-C", "regional");
