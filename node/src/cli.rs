@@ -36,6 +36,9 @@ pub enum Command {
     /// Policy: publish a new version (global controller), show the one in force.
     #[command(subcommand)]
     Policy(cmd::ops::PolicyCommand),
+    /// Devices: the inventory of a regional controller's region or of the global controller.
+    #[command(subcommand)]
+    Devices(cmd::devices::DevicesCommand),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child (or write it to --out).
@@ -102,6 +105,7 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Status(a) => cmd::ops::status(&a),
         Command::Policy(c) => cmd::ops::policy(&c),
+        Command::Devices(c) => cmd::devices::run(&c),
         Command::Keys(c) => cmd::keys::keys(&c),
         Command::Controller(c) => cmd::keys::controller(&c),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),

@@ -59,3 +59,113 @@ fn a_data_dir_serves_one_node_and_a_lost_identity_key_is_never_replaced() {
         "a new key was created"
     );
 }
+
+fn json_of(out: &str) -> pdsno_shared::json::Value {
+    pdsno_shared::json::parse(out.as_bytes()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn devices_list_and_show_on_the_regional_and_global_controllers() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--regions", "zone-A"]);
+    let rc = lab.child(
+        "regional",
+        "temp-rc-inv",
+        &gc,
+        "zone-A",
+        &["--summary-interval", "0.3"],
+    );
+    let lc = lab.child(
+        "local",
+        "temp-lc-inv",
+        &rc,
+        "zone-A",
+        &["--discovery-interval", "0.3"],
+    );
+    let rc_dir = rc.data_dir.display().to_string();
+    let gc_dir = gc.data_dir.display().to_string();
+    // The RC's region, then the GC's inventory, once the first report went up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (rc_rows, gc_rows) = loop {
+        let (_, rc_out, _) = pdsno(&["devices", "list", "--data-dir", &rc_dir, "--json"]);
+        let (_, gc_out, _) = pdsno(&["devices", "list", "--data-dir", &gc_dir, "--json"]);
+        let (r, g) = (json_of(&rc_out), json_of(&gc_out));
+        let n = |v: &pdsno_shared::json::Value| v.as_array().map_or(0, <[_]>::len);
+        if n(&r) > 0 && n(&g) == n(&r) {
+            break (r, g);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no inventory: {r:?} {g:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rows = rc_rows.as_array().expect("array");
+    assert!(
+        rows.iter()
+            .all(|d| d.get("lc_id").and_then(|v| v.as_str()) == Some(lc.id.as_str()))
+    );
+    let macs: Vec<&str> = rows.iter().filter_map(|d| d.get("mac")?.as_str()).collect();
+    let mut sorted = macs.clone();
+    sorted.sort_unstable();
+    assert_eq!(macs, sorted, "sorted by MAC");
+    assert!(
+        gc_rows
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|d| d.get("rc_id").and_then(|v| v.as_str()) == Some(rc.id.as_str()))
+    );
+    // Filters.
+    let (code, out, _) = pdsno(&[
+        "devices",
+        "list",
+        "--data-dir",
+        &rc_dir,
+        "--json",
+        "--lc",
+        "local_cntl_zone-A_99",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(json_of(&out).as_array().map(<[_]>::len), Some(0));
+    let (_, out, _) = pdsno(&[
+        "devices",
+        "list",
+        "--data-dir",
+        &rc_dir,
+        "--json",
+        "--status",
+        "active",
+        "--region",
+        "zone-A",
+    ]);
+    assert!(json_of(&out).as_array().is_some_and(|a| !a.is_empty()));
+    // Text table and one device, its MAC in another spelling.
+    let (code, out, _) = pdsno(&["devices", "list", "--data-dir", &gc_dir]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("MAC"), "{out}");
+    assert!(out.contains(macs[0]), "{out}");
+    let upper = macs[0].to_uppercase().replace(':', "-");
+    let (code, out, err) = pdsno(&["devices", "show", &upper, "--data-dir", &gc_dir]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(macs[0]) && out.contains(&rc.id), "{out}");
+    let (code, _, err) = pdsno(&[
+        "devices",
+        "show",
+        "02:00:de:ad:be:ef",
+        "--data-dir",
+        &rc_dir,
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no device 02:00:de:ad:be:ef"), "{err}");
+    let (code, out, _) = pdsno(&[
+        "devices",
+        "show",
+        "not-a-mac",
+        "--data-dir",
+        &rc_dir,
+        "--json",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(json_of(&out).get("error").is_some(), "{out}");
+}

@@ -6,6 +6,7 @@ pub mod bench_work;
 pub mod broker;
 pub mod certs;
 pub mod demo;
+pub mod devices;
 pub mod envelope_tools;
 pub mod keys;
 pub(crate) mod lab;
