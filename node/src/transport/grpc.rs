@@ -230,7 +230,7 @@ pub async fn serve(
     api: GrpcApi,
     admin: crate::admin::AdminApi,
     tls: Option<&crate::tls::TlsMaterial>,
-    max_connections: usize,
+    limits: &super::listen::ConnectionLimits,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let metrics = api.inbound.metrics().clone();
@@ -286,13 +286,7 @@ pub async fn serve(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            super::listen::grpc_incoming(
-                listener,
-                max_connections,
-                acceptor,
-                metrics,
-                cancel.clone(),
-            ),
+            super::listen::grpc_incoming(listener, limits, acceptor, metrics, cancel.clone()),
             cancel.cancelled_owned(),
         )
         .await

@@ -257,7 +257,7 @@ pub async fn serve(
     inbound: Arc<Inbound>,
     guard: Option<Arc<Guard>>,
     tls: Option<&crate::tls::TlsMaterial>,
-    max_connections: usize,
+    limits: &super::listen::ConnectionLimits,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -273,7 +273,7 @@ pub async fn serve(
         listener,
         router(inbound, addr, guard),
         acceptor,
-        max_connections,
+        limits,
         metrics,
         cancel,
     )
