@@ -356,6 +356,22 @@ async fn retained_floods_do_not_grow_the_global_controllers_memory() {
         }
     }
     assert_eq!(accepted, 5, "the operator's retained budget is 1 MiB");
+    // Inside pdsno/ an operator account is held to the protocol's retained topics too.
+    let (code, mut s) = mqtt(
+        broker,
+        LOCAL,
+        &connect(Version::V311, "ops-events", "ops", b"ops-password", None),
+    )
+    .await;
+    assert_eq!(code, 0);
+    s.write_all(&publish(Version::V311, &topics[1], b"{}", Some(2), true))
+        .await
+        .expect("write");
+    assert!(
+        !puback_or_close(&mut s, 2).await,
+        "an operator retained a message on {}",
+        topics[1]
+    );
 
     // Nothing forbidden is retained; the operator's five, the RC's policy are.
     let (code, mut s) = mqtt(
@@ -395,7 +411,7 @@ async fn retained_floods_do_not_grow_the_global_controllers_memory() {
             &text,
             r#"pdsno_broker_refused_total{reason="retain_forbidden"}"#
         ),
-        lc_attempts + 1,
+        lc_attempts + 2,
         "{text}"
     );
     assert_eq!(
