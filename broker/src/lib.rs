@@ -226,6 +226,8 @@ pub(crate) struct Shared {
     /// rumqttd (see `proxy::take_turn`).
     pub(crate) handovers:
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sessions ended because a newer connection took their client id over.
+    pub(crate) taken_over: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Shared {
@@ -280,13 +282,19 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(v) = g.get(client_id) {
-            for (_, t) in v {
+            let mut over = self
+                .taken_over
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (id, t) in v {
+                over.insert(*id);
                 t.cancel();
             }
         }
     }
 
-    pub(crate) fn unregister(&self, client_id: &str, id: u64) {
+    /// Forgets session `id`; true when a take-over ended it.
+    pub(crate) fn unregister(&self, client_id: &str, id: u64) -> bool {
         let mut g = self
             .sessions
             .lock()
@@ -297,6 +305,11 @@ impl Shared {
                 g.remove(client_id);
             }
         }
+        drop(g);
+        self.taken_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id)
     }
 }
 
@@ -488,6 +501,7 @@ impl EmbeddedBroker {
             sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_session: AtomicU64::new(1),
             handovers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            taken_over: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

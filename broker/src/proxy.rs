@@ -328,7 +328,7 @@ pub(crate) async fn serve<S>(
     // Our own DISCONNECT may only go between rumqttd's packets; in the middle of one the
     // client just sees the connection close.
     let say_why = connect.version == Version::V5 && link.outgoing.at_boundary();
-    shared.unregister(&connect.client_id, session);
+    let taken_over = shared.unregister(&connect.client_id, session);
     stats.active.fetch_sub(1, Ordering::Relaxed);
     match &end {
         End::Violation(v) => {
@@ -367,6 +367,13 @@ pub(crate) async fn serve<S>(
         End::FrameTimeout => {
             stats.violations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, client_id = %connect.client_id, "closed a client that stalled inside a packet");
+        }
+        End::Shutdown if taken_over => {
+            tracing::info!(%peer, client_id = %connect.client_id, "a newer connection took the session over");
+            if say_why {
+                // 0x8E: session taken over.
+                let _ = client.write_all(&codec::disconnect_v5(0x8E)).await;
+            }
         }
         End::Shutdown => {
             tracing::info!(%peer, client_id = %connect.client_id, "closing the session (shutdown or revocation)");

@@ -512,9 +512,18 @@ async fn operator_accounts_cannot_take_a_controllers_client_id() {
     );
     assert_eq!(connected_lines(&rc.proc), 1, "the RC's client was kicked");
 
-    // The reader with another id of its own still works.
-    let (code, _s) = mqtt(broker_v5, LOCAL, &mon("mon-2", Version::V5)).await;
+    // The reader with another id of its own still works, and a newer connection of its
+    // own takes that id over (MQTT 5: DISCONNECT 0x8E "session taken over").
+    let (code, mut first) = mqtt(broker_v5, LOCAL, &mon("mon-2", Version::V5)).await;
     assert_eq!(code, 0);
+    let (code, _second) = mqtt(broker_v5, LOCAL, &mon("mon-2", Version::V5)).await;
+    assert_eq!(code, 0, "the take-over is granted");
+    assert_eq!(
+        closed_within(&mut first, WAIT)
+            .await
+            .expect("the first is closed"),
+        pdsno_broker::codec::disconnect_v5(0x8E)
+    );
     let text = metrics_from(LOCAL, &gc).await;
     assert_eq!(
         metric(
