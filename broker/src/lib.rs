@@ -18,7 +18,10 @@
 //!   account to a budget of retained topics and bytes (rumqttd keeps retained messages in
 //!   memory for ever);
 //! - caps connections (in total and per source address), packet sizes, topic depth and
-//!   per-packet counts.
+//!   per-packet counts;
+//! - hands the sessions of one client id to rumqttd one at a time: a newer connection
+//!   ends the older session itself and waits until rumqttd has closed it (rumqttd's own
+//!   take-over races with the old session's clean-up).
 //!
 //! rumqttd itself listens only on loopback ports and accepts only the front door's random
 //! internal credential.

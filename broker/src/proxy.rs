@@ -4,8 +4,9 @@
 //!    timeout (a stalled client costs one task, never the accept loop).
 //! 2. Version, client id and credentials are checked; a refusal gets the CONNACK code the
 //!    spec defines (rumqttd would drop the socket without one).
-//! 3. A loopback connection to rumqttd is opened and the CONNECT forwarded with the
-//!    internal credential in place of the client's.
+//! 3. Once no other session of the client id is left inside rumqttd (an older one is ended
+//!    here, see `take_turn`), a loopback connection to rumqttd is opened and the CONNECT
+//!    forwarded with the internal credential in place of the client's.
 //! 4. Both directions are pumped. Every packet from the client is framed and validated
 //!    before it is forwarded; a violation closes the connection (MQTT 5: after a
 //!    DISCONNECT with the reason code) and rumqttd then publishes the client's will, as the
