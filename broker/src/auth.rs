@@ -57,11 +57,60 @@ pub fn client_id_acceptable(id: &str) -> bool {
             .any(|c| matches!(c, '+' | '#' | '/' | '$') || c.is_control())
 }
 
+/// Client ids reserved for the credential of the same name: [`ReservedIds::new`] takes a
+/// function saying whether an id is reserved.
+#[derive(Clone)]
+pub struct ReservedIds(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl ReservedIds {
+    /// Ids for which `f` is true are reserved.
+    pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        ReservedIds(Arc::new(f))
+    }
+
+    /// Whether `client_id` is reserved.
+    pub fn contains(&self, client_id: &str) -> bool {
+        (self.0)(client_id)
+    }
+}
+
+impl fmt::Debug for ReservedIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReservedIds(..)")
+    }
+}
+
+/// Source addresses exempt from the per-address connection cap: [`ExemptAddresses::new`]
+/// takes a function saying whether an address is exempt.
+#[derive(Clone)]
+pub struct ExemptAddresses(pub(crate) pdsno_shared::slots::Exempt);
+
+impl ExemptAddresses {
+    /// Addresses for which `f` is true are exempt.
+    pub fn new(f: impl Fn(IpAddr) -> bool + Send + Sync + 'static) -> Self {
+        ExemptAddresses(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for ExemptAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ExemptAddresses(..)")
+    }
+}
+
+/// Operator password checks running at once. Each Argon2id check takes ~19 MiB for its
+/// duration; without a bound, a burst of CONNECTs naming an operator account would take
+/// that much per connection. Further checks wait their turn (under the connect timeout).
+pub(crate) const PASSWORD_CHECKS_AT_ONCE: usize = 4;
+
 pub(crate) struct Gate {
     pub(crate) allow_anonymous: bool,
     pub(crate) operators: Vec<OperatorAccount>,
     pub(crate) check: Option<CredentialCheck>,
     pub(crate) lockout: OperatorLockout,
+    pub(crate) reserved: Option<ReservedIds>,
+    /// [`PASSWORD_CHECKS_AT_ONCE`] permits.
+    pub(crate) password_checks: tokio::sync::Semaphore,
 }
 
 /// Most (address, account) pairs remembered; beyond it, pairs neither locked nor failing
@@ -153,11 +202,18 @@ impl Gate {
         if c.auth_method {
             return Err(Refusal::BadAuthMethod);
         }
+        // A controller's client id is only for its own credential (checked by the caller's
+        // credential check); any other account asking for it is refused.
+        let reserved = !c.client_id.is_empty()
+            && self
+                .reserved
+                .as_ref()
+                .is_some_and(|r| r.contains(&c.client_id));
         let Some(username) = c.username.clone() else {
-            return if self.allow_anonymous {
-                Ok(Principal::Anonymous)
-            } else {
-                Err(Refusal::NotAuthorized)
+            return match (self.allow_anonymous, reserved) {
+                (true, false) => Ok(Principal::Anonymous),
+                (true, true) => Err(Refusal::ReservedId),
+                (false, _) => Err(Refusal::NotAuthorized),
             };
         };
         let Some(password) = c.password.clone().map(Zeroizing::new) else {
@@ -174,6 +230,9 @@ impl Gate {
             }
             // Argon2 is deliberately slow; keep it off the executor threads.
             let read_only = account.is_read_only();
+            let Ok(_turn) = self.password_checks.acquire().await else {
+                return Err(Refusal::ServerUnavailable);
+            };
             let ok = tokio::task::spawn_blocking(move || account.verify(&password))
                 .await
                 .unwrap_or(false);
@@ -184,6 +243,9 @@ impl Gate {
                 return Err(Refusal::BadCredentials);
             }
             self.lockout.succeeded(peer.ip(), &username);
+            if reserved {
+                return Err(Refusal::ReservedId);
+            }
             return Ok(if read_only {
                 Principal::Reader(username)
             } else {
@@ -200,16 +262,18 @@ impl Gate {
             peer,
             version: c.version,
         };
-        if check(req).await {
-            Ok(Principal::Credential(username))
-        } else {
-            Err(Refusal::BadCredentials)
+        if !check(req).await {
+            return Err(Refusal::BadCredentials);
         }
+        if reserved && c.client_id != username {
+            return Err(Refusal::ReservedId);
+        }
+        Ok(Principal::Credential(username))
     }
 }
 
 /// Who a connection authenticated as.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Principal {
     /// No user name (anonymous access is on).
     Anonymous,
@@ -219,6 +283,18 @@ pub enum Principal {
     Reader(String),
     /// A credential accepted by the caller's check.
     Credential(String),
+}
+
+impl Principal {
+    /// The account whose budgets (retained messages) this connection draws on: the
+    /// credential or operator account; every anonymous client shares one.
+    pub(crate) fn account(&self) -> String {
+        match self {
+            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Operator(n) | Principal::Reader(n) => format!("operator:{n}"),
+            Principal::Credential(n) => format!("credential:{n}"),
+        }
+    }
 }
 
 /// What a client asks to do with a topic.
@@ -236,21 +312,51 @@ pub enum Access {
 /// A refusal closes the connection (MQTT 5: DISCONNECT 0x87 "not authorized"), or refuses
 /// the CONNECT whose will names a topic the client may not publish on. A PUBLISH is not
 /// dropped silently: the client learns at once that it is misconfigured.
+///
+/// Rules may also say where a message may be retained ([`TopicRules::with_retain`]): a
+/// PUBLISH with the retain flag on another topic closes the connection the same way
+/// (MQTT 5: DISCONNECT 0x9A "retain not supported"), and a CONNECT whose will asks for it
+/// is refused.
 #[derive(Clone)]
-pub struct TopicRules(Arc<RuleFn>);
+pub struct TopicRules {
+    rights: Arc<RuleFn>,
+    retain: Option<Arc<RetainFn>>,
+}
 
 /// The function behind [`TopicRules`].
 type RuleFn = dyn Fn(&Principal, Access, &str) -> bool + Send + Sync;
 
+/// The function behind [`TopicRules::with_retain`].
+type RetainFn = dyn Fn(&Principal, &str) -> bool + Send + Sync;
+
 impl TopicRules {
     /// Rules given by a function of principal, access and topic.
     pub fn new(f: impl Fn(&Principal, Access, &str) -> bool + Send + Sync + 'static) -> Self {
-        TopicRules(Arc::new(f))
+        TopicRules {
+            rights: Arc::new(f),
+            retain: None,
+        }
+    }
+
+    /// The same rules, with `f` saying whether a principal may retain a message on a
+    /// topic it may publish on (without it: wherever it may publish).
+    #[must_use]
+    pub fn with_retain(
+        mut self,
+        f: impl Fn(&Principal, &str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.retain = Some(Arc::new(f));
+        self
     }
 
     /// Whether `principal` may do `access` on `topic`.
     pub fn allows(&self, principal: &Principal, access: Access, topic: &str) -> bool {
-        (self.0)(principal, access, topic)
+        (self.rights)(principal, access, topic)
+    }
+
+    /// Whether `principal` may retain a message on `topic`.
+    pub fn allows_retain(&self, principal: &Principal, topic: &str) -> bool {
+        self.retain.as_ref().is_none_or(|f| f(principal, topic))
     }
 }
 
@@ -266,6 +372,11 @@ pub fn permitted(
         return false;
     }
     rules.is_none_or(|r| r.allows(principal, access, topic))
+}
+
+/// Whether `principal` may retain a message on `topic` under the optional `rules`.
+pub fn retain_permitted(rules: Option<&TopicRules>, principal: &Principal, topic: &str) -> bool {
+    rules.is_none_or(|r| r.allows_retain(principal, topic))
 }
 
 impl fmt::Debug for TopicRules {

@@ -1016,6 +1016,14 @@ pub enum Refusal {
     BadAuthMethod,
     /// MQTT 5: malformed CONNECT.
     Malformed,
+    /// The client id is reserved for another account (a controller's): not authorized.
+    ReservedId,
+    /// The will asks to be retained on a topic where nothing may be retained (3.1.1: not
+    /// authorized; MQTT 5: 0x9A "retain not supported").
+    RetainForbidden,
+    /// The retained will would take the account over its retained-message budget (3.1.1:
+    /// not authorized; MQTT 5: 0x97 "quota exceeded").
+    RetainQuota,
 }
 
 /// The CONNACK refusing a connection, in the client's protocol version.
@@ -1027,7 +1035,11 @@ pub fn connack_refusal(v: Version, why: Refusal) -> Vec<u8> {
                 Refusal::IdentifierRejected => 0x02,
                 Refusal::ServerUnavailable | Refusal::Malformed => 0x03,
                 Refusal::BadCredentials | Refusal::BadAuthMethod => 0x04,
-                Refusal::NotAuthorized | Refusal::Banned => 0x05,
+                Refusal::NotAuthorized
+                | Refusal::Banned
+                | Refusal::ReservedId
+                | Refusal::RetainForbidden
+                | Refusal::RetainQuota => 0x05,
             };
             vec![0x20, 0x02, 0x00, code]
         }
@@ -1037,7 +1049,9 @@ pub fn connack_refusal(v: Version, why: Refusal) -> Vec<u8> {
                 Refusal::IdentifierRejected => 0x85,
                 Refusal::ServerUnavailable => 0x88,
                 Refusal::BadCredentials => 0x86,
-                Refusal::NotAuthorized => 0x87,
+                Refusal::NotAuthorized | Refusal::ReservedId => 0x87,
+                Refusal::RetainForbidden => 0x9A,
+                Refusal::RetainQuota => 0x97,
                 Refusal::Banned => 0x8A,
                 Refusal::BadAuthMethod => 0x8C,
                 Refusal::Malformed => 0x81,

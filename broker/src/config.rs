@@ -78,6 +78,20 @@ pub struct BrokerLimits {
     pub controller_publish_rate: u32,
     /// PUBLISH packets a controller may send at once above the rate.
     pub controller_publish_burst: u32,
+    /// Most connections one source address may hold at once (0 = no per-address rules).
+    /// The last quarter of `max_connections` is kept for addresses holding fewer than a
+    /// quarter of this (see [`pdsno_shared::slots`]); a connection above either is closed
+    /// at once, before TLS or CONNECT. Addresses matched by
+    /// [`BrokerConfig::per_address_exempt`] are held to `max_connections` only.
+    pub max_connections_per_address: usize,
+    /// Most topics one client may hold retained messages on (0 = no limit). A client is
+    /// its account: a controller's credential, an operator account, or all anonymous
+    /// clients together. A retained PUBLISH (or a retained will, counted from CONNECT)
+    /// above it closes the connection (MQTT 5: DISCONNECT 0x97 "quota exceeded").
+    pub retained_topics_per_client: usize,
+    /// Most bytes (topic names and payloads) of retained messages one client may hold
+    /// (0 = no limit); as `retained_topics_per_client`.
+    pub retained_bytes_per_client: usize,
 }
 
 impl Default for BrokerLimits {
@@ -98,6 +112,9 @@ impl Default for BrokerLimits {
             operator_lockout: Duration::from_secs(300),
             controller_publish_rate: 500,
             controller_publish_burst: 2000,
+            max_connections_per_address: 64,
+            retained_topics_per_client: 32,
+            retained_bytes_per_client: 1024 * 1024,
         }
     }
 }
@@ -233,6 +250,13 @@ pub struct BrokerConfig {
     pub operators: Vec<OperatorAccount>,
     /// Topic rights per principal (none: every authenticated client may do anything).
     pub topic_rules: Option<crate::auth::TopicRules>,
+    /// Client ids reserved for the credential of the same name (controllers): an operator
+    /// account or an anonymous client asking for one is refused with CONNACK "not
+    /// authorized", so it cannot take over a controller's session (and fire its will).
+    pub reserved_client_ids: Option<crate::auth::ReservedIds>,
+    /// Source addresses held to `max_connections` only, not to
+    /// `max_connections_per_address` (e.g. a NAT gateway in front of many controllers).
+    pub per_address_exempt: Option<crate::auth::ExemptAddresses>,
 }
 
 impl BrokerConfig {

@@ -14,7 +14,14 @@
 //!   will (rumqttd has no per-topic ACL);
 //! - frames and validates every client packet (see [`codec`]), closing connections that
 //!   break the protocol before rumqttd sees a byte of the offending packet;
-//! - caps connections, packet sizes, topic depth and per-packet counts.
+//! - refuses retained messages where the caller's rules forbid them, and holds every
+//!   account to a budget of retained topics and bytes (rumqttd keeps retained messages in
+//!   memory for ever);
+//! - caps connections (in total and per source address), packet sizes, topic depth and
+//!   per-packet counts;
+//! - hands the sessions of one client id to rumqttd one at a time: a newer connection
+//!   ends the older session itself and waits until rumqttd has closed it (rumqttd's own
+//!   take-over races with the old session's clean-up).
 //!
 //! rumqttd itself listens only on loopback ports and accepts only the front door's random
 //! internal credential.
@@ -35,23 +42,25 @@ pub mod codec;
 pub mod config;
 mod inner;
 mod proxy;
+mod retained;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use pdsno_shared::slots::{AddressSlots, SlotRefusal};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
 pub use auth::{
-    Access, CredentialCheck, CredentialRequest, Principal, TopicRules, client_id_acceptable,
+    Access, CredentialCheck, CredentialRequest, ExemptAddresses, Principal, ReservedIds,
+    TopicRules, client_id_acceptable,
 };
 pub use codec::Version;
 pub use config::{
@@ -116,6 +125,18 @@ pub struct Stats {
     pub banned: AtomicU64,
     /// Times a controller connection was paused for publishing above its rate.
     pub throttled: AtomicU64,
+    /// Connections closed at once because their source address held its share of the
+    /// connection slots.
+    pub refused_per_address: AtomicU64,
+    /// CONNECTs refused for asking for a client id reserved for another account (a
+    /// controller's).
+    pub refused_client_id: AtomicU64,
+    /// Connections closed (or CONNECTs refused) for a retained message on a topic where
+    /// nothing may be retained.
+    pub retain_forbidden: AtomicU64,
+    /// Connections closed (or CONNECTs refused) for a retained message above the
+    /// account's retained-message budget.
+    pub retained_quota: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -145,6 +166,18 @@ pub struct StatsSnapshot {
     pub banned: u64,
     /// See [`Stats::throttled`].
     pub throttled: u64,
+    /// See [`Stats::refused_per_address`].
+    pub refused_per_address: u64,
+    /// See [`Stats::refused_client_id`].
+    pub refused_client_id: u64,
+    /// See [`Stats::retain_forbidden`].
+    pub retain_forbidden: u64,
+    /// See [`Stats::retained_quota`].
+    pub retained_quota: u64,
+    /// Retained messages held (as recorded by the front door).
+    pub retained_messages: u64,
+    /// Bytes (topics and payloads) of those retained messages.
+    pub retained_bytes: u64,
 }
 
 impl Stats {
@@ -163,6 +196,12 @@ impl Stats {
             denied: g(&self.denied),
             banned: g(&self.banned),
             throttled: g(&self.throttled),
+            refused_per_address: g(&self.refused_per_address),
+            refused_client_id: g(&self.refused_client_id),
+            retain_forbidden: g(&self.retain_forbidden),
+            retained_quota: g(&self.retained_quota),
+            retained_messages: 0,
+            retained_bytes: 0,
         }
     }
 }
@@ -173,6 +212,8 @@ pub(crate) struct Shared {
     pub(crate) gate: auth::Gate,
     pub(crate) topic_rules: Option<auth::TopicRules>,
     pub(crate) stats: Arc<Stats>,
+    /// Retained messages per account.
+    pub(crate) retained: retained::RetainedLedger,
     /// rumqttd's internal listeners ([`inner::ACCEPT_LANES`] per version).
     pub(crate) inner_v4: Vec<SocketAddr>,
     pub(crate) inner_v5: Vec<SocketAddr>,
@@ -184,9 +225,24 @@ pub(crate) struct Shared {
     pub(crate) sessions:
         std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, CancellationToken)>>>,
     pub(crate) next_session: AtomicU64,
+    /// One turn per client id: the session holding it is the only one of that id inside
+    /// rumqttd (see `proxy::take_turn`).
+    pub(crate) handovers:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sessions ended because a newer connection took their client id over.
+    pub(crate) taken_over: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Shared {
+    fn snapshot(&self) -> StatsSnapshot {
+        let (messages, bytes) = self.retained.totals();
+        StatsSnapshot {
+            retained_messages: u64::try_from(messages).unwrap_or(u64::MAX),
+            retained_bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
+            ..self.stats.snapshot()
+        }
+    }
+
     /// The internal rumqttd listener for the next connection of `version`.
     pub(crate) fn internal_addr(&self, version: Version) -> Option<SocketAddr> {
         let lanes = match version {
@@ -209,7 +265,39 @@ impl Shared {
         id
     }
 
-    pub(crate) fn unregister(&self, client_id: &str, id: u64) {
+    /// The turn lock of `client_id`.
+    pub(crate) fn handover_lock(&self, client_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut g = self
+            .handovers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if g.len() >= 4096 {
+            // Forget the ids nobody holds or waits for.
+            g.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        g.entry(client_id.to_owned()).or_default().clone()
+    }
+
+    /// Ends every live session of `client_id`.
+    pub(crate) fn end_sessions(&self, client_id: &str) {
+        let g = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = g.get(client_id) {
+            let mut over = self
+                .taken_over
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (id, t) in v {
+                over.insert(*id);
+                t.cancel();
+            }
+        }
+    }
+
+    /// Forgets session `id`; true when a take-over ended it.
+    pub(crate) fn unregister(&self, client_id: &str, id: u64) -> bool {
         let mut g = self
             .sessions
             .lock()
@@ -220,6 +308,11 @@ impl Shared {
                 g.remove(client_id);
             }
         }
+        drop(g);
+        self.taken_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id)
     }
 }
 
@@ -232,7 +325,7 @@ pub struct BrokerControl {
 impl BrokerControl {
     /// Current counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.shared.snapshot()
     }
 }
 
@@ -294,7 +387,6 @@ pub struct BrokerHandle {
     listeners: Vec<BoundListener>,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    stats: Arc<Stats>,
     inner: inner::Inner,
     shared: Arc<Shared>,
 }
@@ -396,19 +488,32 @@ impl EmbeddedBroker {
                     config.limits.operator_lockout_window,
                     config.limits.operator_lockout,
                 ),
+                reserved: config.reserved_client_ids.clone(),
+                password_checks: tokio::sync::Semaphore::new(auth::PASSWORD_CHECKS_AT_ONCE),
             },
             topic_rules: config.topic_rules.clone(),
-            stats: stats.clone(),
+            stats,
+            retained: retained::RetainedLedger::new(
+                config.limits.retained_topics_per_client,
+                config.limits.retained_bytes_per_client,
+            ),
             inner_v4: inner.v4.clone(),
             inner_v5: inner.v5.clone(),
             next_lane: AtomicU64::new(0),
             secret: inner.secret.clone(),
             sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_session: AtomicU64::new(1),
+            handovers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            taken_over: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        // One set of slots for every listener: the caps hold across them.
+        let slots = AddressSlots::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_address,
+            config.per_address_exempt.as_ref().map(|e| e.0.clone()),
+        );
         let mut listeners = Vec::new();
         for (l, listener, tls, addr) in bound {
             listeners.push(BoundListener {
@@ -432,7 +537,6 @@ impl EmbeddedBroker {
             listeners,
             cancel,
             tracker,
-            stats,
             inner,
             shared,
         })
@@ -444,7 +548,7 @@ async fn accept_loop(
     version: Version,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    slots: Arc<Semaphore>,
+    slots: Arc<AddressSlots>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -463,14 +567,27 @@ async fn accept_loop(
         };
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
-            tracker.spawn(refuse_busy(
-                stream,
-                version,
-                shared.limits.connect_timeout.min(Duration::from_secs(2)),
-            ));
-            continue;
+        let permit = match slots.try_take(peer.ip()) {
+            Ok(p) => p,
+            Err(SlotRefusal::Full) => {
+                shared.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                tracker.spawn(refuse_busy(
+                    stream,
+                    version,
+                    shared.limits.connect_timeout.min(Duration::from_secs(2)),
+                ));
+                continue;
+            }
+            Err(SlotRefusal::PerAddress) => {
+                // Closed at once: an address holding its share gets no task and no timer.
+                shared
+                    .stats
+                    .refused_per_address
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "connection cap of the address reached; closing");
+                drop(stream);
+                continue;
+            }
         };
         let shared = shared.clone();
         let cancel = cancel.child_token();
@@ -549,7 +666,7 @@ impl BrokerHandle {
 
     /// Current counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        self.shared.snapshot()
     }
 
     /// True until shutdown begins.

@@ -4,8 +4,9 @@
 //!    timeout (a stalled client costs one task, never the accept loop).
 //! 2. Version, client id and credentials are checked; a refusal gets the CONNACK code the
 //!    spec defines (rumqttd would drop the socket without one).
-//! 3. A loopback connection to rumqttd is opened and the CONNECT forwarded with the
-//!    internal credential in place of the client's.
+//! 3. Once no other session of the client id is left inside rumqttd (an older one is ended
+//!    here, see `take_turn`), a loopback connection to rumqttd is opened and the CONNECT
+//!    forwarded with the internal credential in place of the client's.
 //! 4. Both directions are pumped. Every packet from the client is framed and validated
 //!    before it is forwarded; a violation closes the connection (MQTT 5: after a
 //!    DISCONNECT with the reason code) and rumqttd then publishes the client's will, as the
@@ -13,6 +14,11 @@
 //!
 //! A client that goes away without DISCONNECT makes us close the internal connection the
 //! same way, so its will is published.
+//!
+//! Every refusal of a PUBLISH closes the connection, whatever the reason (MQTT 5: after a
+//! DISCONNECT saying why: 0x87 outside the topic rights, 0x9A retained where nothing may
+//! be retained, 0x97 over the account's retained-message budget); nothing is dropped
+//! silently, so a misconfigured client learns at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Access, Principal, TopicRules, permitted};
+use crate::auth::{Access, Principal, TopicRules, permitted, retain_permitted};
 use crate::codec::{self, Checked, ConnectError, Frame, Refusal, Version, Violation};
 use crate::inner::INTERNAL_USER;
 use crate::{Shared, Stats};
@@ -42,6 +48,10 @@ enum End {
     Violation(Violation),
     /// A PUBLISH or SUBSCRIBE outside the client's topic rights.
     Denied(Access, String),
+    /// A retained PUBLISH on a topic where nothing may be retained.
+    RetainForbidden(String),
+    /// A retained PUBLISH above the account's retained-message budget.
+    RetainQuota(String),
     Io(std::io::Error),
     FrameTimeout,
 }
@@ -164,11 +174,11 @@ pub(crate) async fn serve<S>(
     let principal = match admitted {
         Ok(Ok(p)) => p,
         Ok(Err(refusal)) => {
-            if refusal == Refusal::Banned {
-                stats.banned.fetch_add(1, Ordering::Relaxed);
-            } else {
-                stats.refused_auth.fetch_add(1, Ordering::Relaxed);
-            }
+            match refusal {
+                Refusal::Banned => stats.banned.fetch_add(1, Ordering::Relaxed),
+                Refusal::ReservedId => stats.refused_client_id.fetch_add(1, Ordering::Relaxed),
+                _ => stats.refused_auth.fetch_add(1, Ordering::Relaxed),
+            };
             tracing::info!(%peer, client_id = %connect.client_id, user = ?connect.username, ?refusal, "refused connection");
             let _ = client
                 .write_all(&codec::connack_refusal(connect.version, refusal))
@@ -208,7 +218,45 @@ pub(crate) async fn serve<S>(
         return;
     }
 
-    // 3. Hand over to rumqttd with the internal credential.
+    // A retained will must be allowed there, and fit the account's budget: it may be
+    // published after the client is gone, so it counts from now.
+    if let Some(w) = connect.will.as_ref().filter(|w| w.retain) {
+        let refusal = if !retain_permitted(shared.topic_rules.as_ref(), &principal, &w.topic) {
+            stats.retain_forbidden.fetch_add(1, Ordering::Relaxed);
+            Some(Refusal::RetainForbidden)
+        } else if !w.payload.is_empty()
+            && shared
+                .retained
+                .record(&principal.account(), &w.topic, w.payload.len())
+                .is_err()
+        {
+            stats.retained_quota.fetch_add(1, Ordering::Relaxed);
+            Some(Refusal::RetainQuota)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            tracing::info!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, ?refusal, "refused: retained will");
+            let _ = client
+                .write_all(&codec::connack_refusal(connect.version, refusal))
+                .await;
+            return;
+        }
+    }
+
+    // 3. Hand over to rumqttd with the internal credential, once no other session of this
+    //    client id is left there.
+    let Some(_turn) = take_turn(&shared, &connect.client_id, &cancel).await else {
+        tracing::warn!(%peer, client_id = %connect.client_id, "the previous session of this client id did not end in time");
+        let _ = client
+            .write_all(&codec::connack_refusal(
+                connect.version,
+                Refusal::ServerUnavailable,
+            ))
+            .await;
+        return;
+    };
+    let session = shared.register(&connect.client_id, cancel.clone());
     let internal = match shared.internal_addr(connect.version) {
         Some(addr) => timeout(shared.limits.connect_timeout, TcpStream::connect(addr)).await,
         None => Ok(Err(std::io::Error::other("no internal listener"))),
@@ -217,6 +265,7 @@ pub(crate) async fn serve<S>(
         Ok(Ok(s)) => s,
         _ => {
             tracing::error!(%peer, "embedded broker unreachable");
+            shared.unregister(&connect.client_id, session);
             let _ = client
                 .write_all(&codec::connack_refusal(
                     connect.version,
@@ -240,11 +289,11 @@ pub(crate) async fn serve<S>(
     }
     if let Err(e) = internal.write_all(&forwarded.encode()).await {
         tracing::error!(%peer, error = %e, "embedded broker refused the connection");
+        shared.unregister(&connect.client_id, session);
         return;
     }
     stats.connected.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
-    let session = shared.register(&connect.client_id, cancel.clone());
     tracing::debug!(%peer, client_id = %connect.client_id, ?principal, version = %connect.version, "client connected");
 
     // 4. Pump.
@@ -252,6 +301,8 @@ pub(crate) async fn serve<S>(
         rules: shared.topic_rules.as_ref(),
         principal: &principal,
         last_publish: None,
+        ledger: &shared.retained,
+        account: principal.account(),
     };
     let rate = shared.limits.controller_publish_rate;
     let bucket = (rate > 0 && matches!(principal, Principal::Credential(_))).then(|| {
@@ -278,7 +329,7 @@ pub(crate) async fn serve<S>(
     // Our own DISCONNECT may only go between rumqttd's packets; in the middle of one the
     // client just sees the connection close.
     let say_why = connect.version == Version::V5 && link.outgoing.at_boundary();
-    shared.unregister(&connect.client_id, session);
+    let taken_over = shared.unregister(&connect.client_id, session);
     stats.active.fetch_sub(1, Ordering::Relaxed);
     match &end {
         End::Violation(v) => {
@@ -298,9 +349,32 @@ pub(crate) async fn serve<S>(
                 let _ = client.write_all(&codec::disconnect_v5(0x87)).await;
             }
         }
+        End::RetainForbidden(topic) => {
+            stats.retain_forbidden.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, client_id = %connect.client_id, ?principal, %topic, "closed a client that retained a message where nothing may be retained");
+            if say_why {
+                // 0x9A: retain not supported.
+                let _ = client.write_all(&codec::disconnect_v5(0x9A)).await;
+            }
+        }
+        End::RetainQuota(topic) => {
+            stats.retained_quota.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client_id = %connect.client_id, ?principal, %topic, "closed a client over its retained-message budget");
+            if say_why {
+                // 0x97: quota exceeded.
+                let _ = client.write_all(&codec::disconnect_v5(0x97)).await;
+            }
+        }
         End::FrameTimeout => {
             stats.violations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, client_id = %connect.client_id, "closed a client that stalled inside a packet");
+        }
+        End::Shutdown if taken_over => {
+            tracing::info!(%peer, client_id = %connect.client_id, "a newer connection took the session over");
+            if say_why {
+                // 0x8E: session taken over.
+                let _ = client.write_all(&codec::disconnect_v5(0x8E)).await;
+            }
         }
         End::Shutdown => {
             tracing::info!(%peer, client_id = %connect.client_id, "closing the session (shutdown or revocation)");
@@ -317,6 +391,48 @@ pub(crate) async fn serve<S>(
         }
     }
     let _ = client.shutdown().await;
+}
+
+/// Time left to rumqttd after it closed a session's internal connection, for the rest of
+/// its clean-up of that client id (its will bookkeeping follows the close by a timer tick).
+const HANDOVER_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Waits until no other session of `client_id` is inside rumqttd, ending the ones there
+/// (a client id has one session: the newer connection takes over). rumqttd's own take-over
+/// races with the old session's clean-up when both overlap (it can then drop the new
+/// session, or panic in the listener task and refuse every later client of that
+/// listener), so the front door never lets two sessions of one id overlap. Returns the
+/// turn to hold for the session's life; `None` when the old session did not end within
+/// the connect timeout. An empty id (rumqttd assigns a fresh one) needs no turn.
+async fn take_turn(
+    shared: &Shared,
+    client_id: &str,
+    cancel: &CancellationToken,
+) -> Option<Option<tokio::sync::OwnedMutexGuard<()>>> {
+    if client_id.is_empty() {
+        return Some(None);
+    }
+    let lock = shared.handover_lock(client_id);
+    let deadline = Instant::now() + shared.limits.connect_timeout;
+    loop {
+        if let Ok(turn) = lock.clone().try_lock_owned() {
+            return Some(Some(turn));
+        }
+        // End the current session (it registers right after taking its turn, so a
+        // session between the two is caught on the next round).
+        shared.end_sessions(client_id);
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = timeout(std::time::Duration::from_millis(100), lock.clone().lock_owned()) => {
+                if let Ok(turn) = r {
+                    return Some(Some(turn));
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+    }
 }
 
 /// One client connection's state in the pump.
@@ -368,6 +484,9 @@ struct Rights<'a> {
     rules: Option<&'a TopicRules>,
     principal: &'a Principal,
     last_publish: Option<String>,
+    /// Retained messages per account, and the account this connection charges.
+    ledger: &'a crate::retained::RetainedLedger,
+    account: String,
 }
 
 impl Rights<'_> {
@@ -385,6 +504,17 @@ impl Rights<'_> {
         }
         self.last_publish = Some(topic.to_owned());
         Ok(())
+    }
+
+    /// A retained PUBLISH of `payload_len` bytes on `topic` (already allowed by
+    /// [`Rights::publish`]): allowed there, and within the account's budget.
+    fn retain(&self, topic: &str, payload_len: usize) -> Result<(), End> {
+        if !retain_permitted(self.rules, self.principal, topic) {
+            return Err(End::RetainForbidden(topic.to_owned()));
+        }
+        self.ledger
+            .record(&self.account, topic, payload_len)
+            .map_err(|_| End::RetainQuota(topic.to_owned()))
     }
 
     fn subscribe(&self, filters: &[&str]) -> Result<(), End> {
@@ -418,8 +548,15 @@ fn forward(
             forward_v5_publish(f, frame, aliases, limits, rights, batch)?;
             return Ok(checked);
         }
-        codec::PacketType::Publish if rights.restricted() => {
-            rights.publish(codec::publish_topic_v311(body).map_err(End::Violation)?)?;
+        codec::PacketType::Publish if rights.restricted() || f.flags & 0x01 != 0 => {
+            let topic = codec::publish_topic_v311(body).map_err(End::Violation)?;
+            rights.publish(topic)?;
+            if f.flags & 0x01 != 0 {
+                // Topic (2 + length), packet identifier (QoS > 0), then the payload.
+                let id_len = if f.flags & 0x06 != 0 { 2 } else { 0 };
+                let payload_len = body.len().saturating_sub(2 + topic.len() + id_len);
+                rights.retain(topic, payload_len)?;
+            }
         }
         codec::PacketType::Subscribe if rights.restricted() => {
             rights.subscribe(
@@ -452,7 +589,7 @@ where
     let mut saw_disconnect = false;
     let mut aliases = Aliases::default();
     let mut paused_until: Option<Instant> = None;
-    loop {
+    let end = async { loop {
         // Validate every complete frame already buffered; forward them in one write. The
         // packets before a bad one are still forwarded.
         let mut stop = None;
@@ -561,7 +698,17 @@ where
                 return End::FrameTimeout;
             }
         }
-    }
+    } }.await;
+    // Close the internal connection and wait until rumqttd has closed its side too (it
+    // has then ended the session), so the next session of this client id starts clean.
+    let _ = iw.shutdown().await;
+    let _ = timeout(std::time::Duration::from_secs(1), async {
+        let mut sink = [0u8; 1024];
+        while matches!(ir.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    tokio::time::sleep(HANDOVER_GRACE).await;
+    end
 }
 
 /// Where the broker-to-client byte stream stands. rumqttd's output is forwarded in chunks
@@ -631,8 +778,12 @@ fn forward_v5_publish(
 ) -> Result<(), End> {
     let parts =
         codec::split_publish_v5(f, &frame[f.header_len..], limits).map_err(End::Violation)?;
+    let retain = f.flags & 0x01 != 0;
     if !parts.has_properties {
         rights.publish(parts.topic)?;
+        if retain {
+            rights.retain(parts.topic, parts.payload.len())?;
+        }
         out.extend_from_slice(frame);
         return Ok(());
     }
@@ -660,6 +811,9 @@ fn forward_v5_publish(
         }
     };
     rights.publish(&topic)?;
+    if retain {
+        rights.retain(&topic, parts.payload.len())?;
+    }
     out.extend_from_slice(&codec::encode_publish_v5(
         frame[0],
         &topic,

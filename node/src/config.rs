@@ -138,6 +138,11 @@ pub struct FileConfig {
     pub lockout_secs: Option<f64>,
     /// Concurrent connections per listener (default 1024).
     pub max_connections: Option<usize>,
+    /// Concurrent connections one source address may hold per listener (default 64; 0 =
+    /// no per-address cap); the last quarter of a listener's connections is kept for
+    /// addresses holding fewer than a quarter of it. Networks in `rate_limit_exempt` are
+    /// exempt.
+    pub max_connections_per_address: Option<usize>,
     /// PUBLISH packets per second a controller may send through the embedded broker
     /// (default 500; 0 = no limit); above it the broker slows it down (back-pressure).
     pub mqtt_publish_rate: Option<u32>,
@@ -374,6 +379,10 @@ pub struct NodeArgs {
     /// Concurrent connections per listener.
     #[arg(long, env = "PDSNO_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Concurrent connections one source address may hold per listener (0 = no cap; the
+    /// --rate-limit-exempt networks are exempt).
+    #[arg(long, env = "PDSNO_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
     /// PUBLISH packets per second a controller may send through the embedded broker
     /// (0 = no limit); above it the broker slows it down.
     #[arg(long, env = "PDSNO_MQTT_PUBLISH_RATE")]
@@ -969,6 +978,10 @@ impl NodeConfig {
                 )?,
                 lockout: seconds("lockout_secs", a.lockout_secs.or(file.lockout_secs), 900.0)?,
                 max_connections: a.max_connections.or(file.max_connections).unwrap_or(1024),
+                max_connections_per_address: a
+                    .max_connections_per_address
+                    .or(file.max_connections_per_address)
+                    .unwrap_or(64),
             },
         };
         cfg.check()?;

@@ -73,6 +73,14 @@ impl MqttCredentials {
         Ok(had)
     }
 
+    /// True when a credential is issued to `controller_id`.
+    pub fn has(&self, controller_id: &str) -> bool {
+        self.hashes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(controller_id)
+    }
+
     /// True when `password` is the credential issued to `username`.
     pub fn check(&self, username: &str, password: &[u8]) -> bool {
         let g = self
@@ -114,6 +122,7 @@ mod tests {
         assert!(c.check("regional_cntl_zone-A_1", pw.as_bytes()));
         assert!(!c.check("regional_cntl_zone-A_1", b"guess"));
         assert!(!c.check("regional_cntl_zone-A_2", pw.as_bytes()));
+        assert!(c.has("regional_cntl_zone-A_1") && !c.has("regional_cntl_zone-A_2"));
         let again = MqttCredentials::load(nib).expect("reload");
         assert!(
             again.check("regional_cntl_zone-A_1", pw.as_bytes()),

@@ -41,6 +41,9 @@ pub struct Limits {
     pub lockout: Duration,
     /// Concurrent connections per listener.
     pub max_connections: usize,
+    /// Concurrent connections one source address may hold per listener (0 = no cap); see
+    /// [`pdsno_shared::slots`]. `rate_limit_exempt` networks are exempt.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +56,7 @@ impl Default for Limits {
             lockout_window: Duration::from_secs(60),
             lockout: Duration::from_secs(900),
             max_connections: 1024,
+            max_connections_per_address: 64,
         }
     }
 }

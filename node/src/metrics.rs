@@ -9,7 +9,8 @@
 //! - `pdsno_admission_seconds`: handling time of admission messages (histogram);
 //! - `pdsno_lockouts_total`;
 //! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}`,
-//!   `pdsno_broker_throttled_total` (embedded broker);
+//!   `pdsno_broker_throttled_total`, `pdsno_broker_retained_messages`,
+//!   `pdsno_broker_retained_bytes` (embedded broker);
 //! - `pdsno_mqtt_dropped_total` (this node's MQTT client: QoS 0 while offline, outbox
 //!   overflow, subscriber queue full), `pdsno_mqtt_connection_errors_total`.
 
@@ -55,13 +56,34 @@ pub struct ReasonLabel {
 pub struct Sampled {
     /// Open broker connections.
     pub broker_connections: Option<u64>,
-    /// Broker refusals: auth, protocol, busy, violations, tls, topic rights, locked out.
-    pub broker_refused: Option<[u64; 7]>,
+    /// Broker refusals, in the order of [`BROKER_REFUSALS`].
+    pub broker_refused: Option<[u64; 11]>,
+    /// Retained messages the broker holds, and their bytes.
+    pub broker_retained: Option<(u64, u64)>,
     /// Times the broker paused a controller publishing above its rate.
     pub broker_throttled: Option<u64>,
     /// MQTT client: messages dropped, connection errors.
     pub mqtt: Option<(u64, u64)>,
 }
+
+/// The `reason` labels of `pdsno_broker_refused_total`, in the order of
+/// [`Sampled::broker_refused`]: wrong credentials, protocol, connection cap, protocol
+/// violation after CONNECT, TLS, outside the topic rights, operator lockout, per-address
+/// connection cap, reserved client id, retain where nothing is retained, retained-message
+/// budget.
+pub const BROKER_REFUSALS: [&str; 11] = [
+    "auth",
+    "protocol",
+    "busy",
+    "violation",
+    "tls",
+    "not_authorized",
+    "banned",
+    "per_address_limit",
+    "client_id_reserved",
+    "retain_forbidden",
+    "retained_quota",
+];
 
 type Sampler = Box<dyn Fn(&mut Sampled) + Send + Sync>;
 
@@ -77,6 +99,8 @@ pub struct Metrics {
     broker_connections: Gauge,
     broker_refused: Family<ReasonLabel, Counter>,
     broker_throttled: Counter,
+    broker_retained: Gauge,
+    broker_retained_bytes: Gauge,
     mqtt_dropped: Counter,
     mqtt_errors: Counter,
     samplers: Mutex<Vec<Sampler>>,
@@ -138,6 +162,18 @@ impl Metrics {
             "Times the embedded broker paused a controller publishing above its rate",
             broker_throttled.clone(),
         );
+        let broker_retained = Gauge::default();
+        registry.register(
+            "broker_retained_messages",
+            "Retained messages the embedded broker holds",
+            broker_retained.clone(),
+        );
+        let broker_retained_bytes = Gauge::default();
+        registry.register(
+            "broker_retained_bytes",
+            "Bytes (topics and payloads) of the retained messages the embedded broker holds",
+            broker_retained_bytes.clone(),
+        );
         let mqtt_dropped = Counter::default();
         registry.register(
             "mqtt_dropped",
@@ -160,6 +196,8 @@ impl Metrics {
             broker_connections,
             broker_refused,
             broker_throttled,
+            broker_retained,
+            broker_retained_bytes,
             mqtt_dropped,
             mqtt_errors,
             samplers: Mutex::new(Vec::new()),
@@ -227,18 +265,12 @@ impl Metrics {
                 .inner()
                 .store(t, std::sync::atomic::Ordering::Relaxed);
         }
+        if let Some((n, bytes)) = s.broker_retained {
+            self.broker_retained.set(clamp(n));
+            self.broker_retained_bytes.set(clamp(bytes));
+        }
         if let Some(r) = s.broker_refused {
-            for (reason, v) in [
-                "auth",
-                "protocol",
-                "busy",
-                "violation",
-                "tls",
-                "not_authorized",
-            ]
-            .iter()
-            .zip(r)
-            {
+            for (reason, v) in BROKER_REFUSALS.iter().zip(r) {
                 let c = self.broker_refused.get_or_create(&ReasonLabel {
                     reason: (*reason).to_owned(),
                 });
@@ -282,6 +314,8 @@ mod tests {
         m.add_sampler(|s| {
             s.broker_connections = Some(7);
             s.broker_throttled = Some(3);
+            s.broker_retained = Some((2, 300));
+            s.broker_refused = Some([0, 0, 0, 0, 0, 0, 4, 5, 0, 6, 0]);
         });
         let text = m.render();
         assert!(
@@ -301,6 +335,20 @@ mod tests {
         assert!(text.contains("pdsno_admission_seconds_count 1"), "{text}");
         assert!(text.contains("pdsno_broker_connections 7"), "{text}");
         assert!(text.contains("pdsno_broker_throttled_total 3"), "{text}");
+        assert!(text.contains("pdsno_broker_retained_messages 2"), "{text}");
+        assert!(text.contains("pdsno_broker_retained_bytes 300"), "{text}");
+        for (reason, n) in [
+            ("banned", 4),
+            ("per_address_limit", 5),
+            ("retain_forbidden", 6),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "pdsno_broker_refused_total{{reason=\"{reason}\"}} {n}\n"
+                )),
+                "{text}"
+            );
+        }
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

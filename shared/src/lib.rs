@@ -7,7 +7,8 @@
 //! - [`keys`]: key types that zeroize and never print, and the rotation key ring;
 //! - [`replay`]: the bounded, durable-capable replay guard;
 //! - [`payload`]: typed admission, discovery and policy payloads;
-//! - [`topics`], [`ids`], [`time`], [`bootstrap`]: names, formats and tokens.
+//! - [`topics`], [`ids`], [`time`], [`bootstrap`]: names, formats and tokens;
+//! - [`slots`]: connection slots of a listener, counted per source address.
 //!
 //! This crate does no I/O: no sockets, no runtime, no files.
 
@@ -21,6 +22,7 @@ pub mod keyx;
 pub mod payload;
 pub mod replay;
 pub mod signing;
+pub mod slots;
 pub mod time;
 pub mod topics;
 

@@ -33,8 +33,8 @@ pub enum Topic {
     /// `pdsno/status/{controller_id}`: heartbeat and last will, QoS 0, retained.
     Status(String),
     /// Ours: `pdsno/reply/{controller_id}`: answers to what that controller published
-    /// (e.g. `DISCOVERY_REPORT_ACK`), QoS 1, not retained. Anyone admitted may publish;
-    /// the receiver accepts only its parent's or children's signed envelopes addressed to it.
+    /// (e.g. the regional controller's `DISCOVERY_REPORT_ACK` to a local controller), QoS 1,
+    /// not retained. Only the named controller's parent or children may publish there.
     Reply(String),
 }
 
@@ -119,7 +119,11 @@ impl Topic {
     /// - system events: any assigned controller;
     /// - regional events: any controller of that region (or the global controller);
     /// - status: only the controller named in the topic;
-    /// - reply: any assigned controller but the one named (it does not answer itself).
+    /// - reply: only a controller the named one talks to: its parent or its children (the
+    ///   global controller and any regional controller; a regional controller and the local
+    ///   controllers of its region). The node itself answers only one way (a regional
+    ///   controller acknowledging a local controller's discovery report); the rule is the
+    ///   tier link so that both ends of a link can answer each other, and nobody else.
     pub fn may_publish(&self, sender_id: &str) -> bool {
         let sender = ControllerId::parse(sender_id);
         let in_region = |region: &str| {
@@ -142,9 +146,49 @@ impl Topic {
                 in_region(region) || sender.as_ref().is_some_and(|s| s.role == Role::Global)
             }
             Topic::Status(id) => id == sender_id,
-            Topic::Reply(id) => id != sender_id && sender.is_some(),
+            Topic::Reply(id) => match (sender, ControllerId::parse(id)) {
+                (Some(s), Some(to)) => linked(&s, &to),
+                _ => false,
+            },
         }
     }
+}
+
+/// Whether `a` and `b` are the two ends of a tier link: the global controller and a
+/// regional controller, or a regional controller and a local controller of its region.
+fn linked(a: &ControllerId, b: &ControllerId) -> bool {
+    match (a.role, b.role) {
+        (Role::Global, Role::Regional) | (Role::Regional, Role::Global) => true,
+        (Role::Regional, Role::Local) | (Role::Local, Role::Regional) => {
+            a.region.is_some() && a.region == b.region
+        }
+        _ => false,
+    }
+}
+
+/// Whether a message on the MQTT topic `name` may be retained: only the topics PROTOCOL.md
+/// §5 marks retained (`pdsno/policy/global`, `pdsno/policy/{region}`,
+/// `pdsno/status/{controller_id}`). Discovery reports, events and replies never are, and
+/// nothing outside the pdsno tree is a pdsno topic at all.
+pub fn may_retain_on(name: &str) -> bool {
+    Topic::parse(name).is_some_and(|t| t.delivery().retain)
+}
+
+/// Whether `name` lies in the pdsno topic tree (`pdsno` or below it).
+pub fn in_pdsno_tree(name: &str) -> bool {
+    name == ROOT
+        || name
+            .strip_prefix(ROOT)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Whether an MQTT client id looks like a controller's (`global_cntl_…`, `regional_cntl_…`,
+/// `local_cntl_…`): a broker reserves such ids for the controller's own credential, so
+/// that no other account can take over (and end) a controller's session.
+pub fn is_controller_client_id(client_id: &str) -> bool {
+    ["global_cntl_", "regional_cntl_", "local_cntl_"]
+        .iter()
+        .any(|p| client_id.starts_with(p))
 }
 
 impl fmt::Display for Topic {
@@ -389,6 +433,81 @@ mod tests {
             !Topic::Reply(lc1.into()).may_publish("temp-x"),
             "unassigned"
         );
+    }
+
+    #[test]
+    fn replies_go_only_along_tier_links() {
+        let lc1 = "local_cntl_zone-A_1";
+        let lc2 = "local_cntl_zone-A_2";
+        let lc_b = "local_cntl_zone-B_1";
+        let rc = "regional_cntl_zone-A_1";
+        let rc_b = "regional_cntl_zone-B_1";
+        let gc = "global_cntl_1";
+        for (from, to) in [
+            (rc, lc1),
+            (rc, lc2),
+            (lc1, rc),
+            (gc, rc),
+            (rc, gc),
+            (gc, rc_b),
+        ] {
+            assert!(Topic::Reply(to.into()).may_publish(from), "{from} -> {to}");
+        }
+        for (from, to) in [
+            (lc1, lc2),
+            (lc1, lc1),
+            (lc_b, rc),
+            (rc_b, lc1),
+            (rc, lc_b),
+            (lc1, gc),
+            (gc, lc1),
+            (rc, rc_b),
+            (gc, gc),
+            ("temp-x", lc1),
+            (rc, "temp-x"),
+        ] {
+            assert!(!Topic::Reply(to.into()).may_publish(from), "{from} -> {to}");
+        }
+        assert!(!may_publish_on(lc1, &format!("pdsno/reply/{lc2}")));
+    }
+
+    #[test]
+    fn only_the_retained_topics_of_the_protocol_may_be_retained() {
+        for t in [
+            "pdsno/policy/global",
+            "pdsno/policy/zone-A",
+            "pdsno/status/local_cntl_zone-A_1",
+        ] {
+            assert!(may_retain_on(t), "{t}");
+        }
+        for t in [
+            "pdsno/discovery/zone-A/local_cntl_zone-A_1",
+            "pdsno/events/system",
+            "pdsno/events/zone-A",
+            "pdsno/reply/local_cntl_zone-A_1",
+            "pdsno/status/+",
+            "pdsno",
+            "other/topic",
+        ] {
+            assert!(!may_retain_on(t), "{t}");
+        }
+        assert!(in_pdsno_tree("pdsno") && in_pdsno_tree("pdsno/x/y"));
+        assert!(!in_pdsno_tree("pdsnox/y") && !in_pdsno_tree("other/pdsno"));
+    }
+
+    #[test]
+    fn controller_client_ids_are_recognised() {
+        for id in [
+            "global_cntl_1",
+            "regional_cntl_zone-A_1",
+            "local_cntl_x",
+            "local_cntl_",
+        ] {
+            assert!(is_controller_client_id(id), "{id}");
+        }
+        for id in ["mon-1", "ops", "temp-rc-1", "xglobal_cntl_1", "GLOBAL-CNTL"] {
+            assert!(!is_controller_client_id(id), "{id}");
+        }
     }
 
     #[test]

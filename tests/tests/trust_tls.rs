@@ -684,7 +684,10 @@ fn a_relayed_identity_proof_does_not_verify() {
             tokio_rustls::TlsAcceptor::from(stolen.server_config(&[b"h2"]).expect("config"));
         let incoming = pdsno_node::transport::listen::grpc_incoming(
             listener,
-            16,
+            &pdsno_node::transport::listen::ConnectionLimits {
+                max: 16,
+                ..Default::default()
+            },
             Some(acceptor),
             Arc::new(pdsno_node::metrics::Metrics::new()),
             cancel.clone(),

@@ -78,9 +78,12 @@ async fn topology(
     mqtt: bool,
 ) -> Result<(Vec<Node>, String, String, String), String> {
     let timeout = Duration::from_secs(60);
-    // Every load comes from one address: the per-client rate limit is off here.
+    // Every load comes from one address: the per-client rate limit and the per-address
+    // connection cap are off here.
     let mut gc_extra = vec![
         "--rate-limit-rps".to_owned(),
+        "0".into(),
+        "--max-connections-per-address".to_owned(),
         "0".into(),
         "--listen-mqtt".to_owned(),
         "127.0.0.1:0".into(),
@@ -106,6 +109,8 @@ async fn topology(
         pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), temp, "zone-A", "regional");
     let mut rc_extra = vec![
         "--rate-limit-rps".to_owned(),
+        "0".into(),
+        "--max-connections-per-address".to_owned(),
         "0".into(),
         "--parent".to_owned(),
         format!("http://{gc_grpc}"),

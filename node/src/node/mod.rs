@@ -378,7 +378,20 @@ async fn start_broker(
     bc.operators = cfg.users.clone();
     bc.limits.controller_publish_rate = cfg.mqtt_publish_rate;
     bc.limits.controller_publish_burst = cfg.mqtt_publish_burst;
+    bc.limits.max_connections = cfg.limits.max_connections;
+    bc.limits.max_connections_per_address = cfg.limits.max_connections_per_address;
+    if !cfg.limits.rate_limit_exempt.is_empty() {
+        let nets = cfg.limits.rate_limit_exempt.clone();
+        bc.per_address_exempt = Some(pdsno_broker::ExemptAddresses::new(move |ip| {
+            nets.iter().any(|n| n.contains(&ip))
+        }));
+    }
     bc.topic_rules = Some(topic_rules());
+    // A controller's client id belongs to its credential alone.
+    let issued = creds.clone();
+    bc.reserved_client_ids = Some(pdsno_broker::ReservedIds::new(move |id| {
+        pdsno_shared::topics::is_controller_client_id(id) || issued.has(id)
+    }));
     let broker = EmbeddedBroker::start(bc, Some(creds.broker_check()))
         .await
         .map_err(startup)?;
@@ -400,6 +413,10 @@ async fn start_broker(
 /// publish only on the topics it owns and subscribe only to what its tier reads
 /// (PROTOCOL.md §5); operator accounts, and anonymous clients where the operator allowed
 /// them, are not restricted (read-only accounts never publish: the broker sees to that).
+///
+/// Retained messages: inside the pdsno tree only on the topics PROTOCOL.md §5 retains
+/// (policies and statuses), for every account; outside it (operators' own topics) within
+/// the broker's per-account budget.
 fn topic_rules() -> pdsno_broker::TopicRules {
     use pdsno_broker::{Access, Principal};
     use pdsno_shared::topics;
@@ -409,6 +426,10 @@ fn topic_rules() -> pdsno_broker::TopicRules {
             Access::Subscribe => topics::may_subscribe(id, topic),
         },
         Principal::Operator(_) | Principal::Reader(_) | Principal::Anonymous => true,
+    })
+    .with_retain(|who: &Principal, topic: &str| match who {
+        Principal::Credential(_) => topics::may_retain_on(topic),
+        _ => !topics::in_pdsno_tree(topic) || topics::may_retain_on(topic),
     })
 }
 
@@ -584,6 +605,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             let st = control.stats();
             s.broker_connections = Some(st.active);
             s.broker_throttled = Some(st.throttled);
+            s.broker_retained = Some((st.retained_messages, st.retained_bytes));
             s.broker_refused = Some([
                 st.refused_auth,
                 st.refused_protocol,
@@ -592,6 +614,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                 st.tls_failures,
                 st.denied,
                 st.banned,
+                st.refused_per_address,
+                st.refused_client_id,
+                st.retain_forbidden,
+                st.retained_quota,
             ]);
         });
     }
@@ -903,16 +929,17 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         let api = grpc::GrpcApi::new(inbound.clone()).with_guard(guard.clone());
         let admin_api = crate::admin::AdminApi(admin);
         let tls = tls.clone();
-        let max = cfg.limits.max_connections;
+        let limits = crate::transport::listen::ConnectionLimits::of(&cfg.limits);
         // With --listen-admin the admin service is served there only.
         let admin_api = match admin_listener {
             Some(l) => {
                 let c = cancel.clone();
                 let tls = tls.clone();
                 let metrics = metrics.clone();
+                let limits = limits.clone();
                 tasks.spawn(async move {
                     if let Err(e) =
-                        grpc::serve_admin(l, admin_api, tls.as_deref(), max, metrics, c).await
+                        grpc::serve_admin(l, admin_api, tls.as_deref(), &limits, metrics, c).await
                     {
                         tracing::error!(error = %e, "admin server stopped");
                     }
@@ -922,7 +949,8 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             None => Some(admin_api),
         };
         tasks.spawn(async move {
-            if let Err(e) = grpc::serve(grpc_listener, api, admin_api, tls.as_deref(), max, c).await
+            if let Err(e) =
+                grpc::serve(grpc_listener, api, admin_api, tls.as_deref(), &limits, c).await
             {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
@@ -933,10 +961,10 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         let ib = inbound.clone();
         let tls = tls.clone();
         let guard = guard.clone();
-        let max = cfg.limits.max_connections;
+        let limits = crate::transport::listen::ConnectionLimits::of(&cfg.limits);
         tasks.spawn(async move {
             if let Err(e) =
-                rest::serve(rest_listener, ib, Some(guard), tls.as_deref(), max, c).await
+                rest::serve(rest_listener, ib, Some(guard), tls.as_deref(), &limits, c).await
             {
                 tracing::error!(error = %e, "REST server stopped");
             }

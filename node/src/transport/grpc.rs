@@ -263,7 +263,7 @@ pub async fn serve(
     api: GrpcApi,
     admin: Option<crate::admin::AdminApi>,
     tls: Option<&crate::tls::TlsMaterial>,
-    max_connections: usize,
+    limits: &super::listen::ConnectionLimits,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let metrics = api.inbound.metrics().clone();
@@ -325,13 +325,7 @@ pub async fn serve(
             }),
         )
         .serve_with_incoming_shutdown(
-            super::listen::grpc_incoming(
-                listener,
-                max_connections,
-                acceptor,
-                metrics,
-                cancel.clone(),
-            ),
+            super::listen::grpc_incoming(listener, limits, acceptor, metrics, cancel.clone()),
             cancel.cancelled_owned(),
         )
         .await
@@ -347,7 +341,7 @@ pub async fn serve_admin(
     listener: TcpListener,
     admin: crate::admin::AdminApi,
     tls: Option<&crate::tls::TlsMaterial>,
-    max_connections: usize,
+    limits: &super::listen::ConnectionLimits,
     metrics: Arc<crate::metrics::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
@@ -365,13 +359,7 @@ pub async fn serve_admin(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            super::listen::grpc_incoming(
-                listener,
-                max_connections,
-                acceptor,
-                metrics,
-                cancel.clone(),
-            ),
+            super::listen::grpc_incoming(listener, limits, acceptor, metrics, cancel.clone()),
             cancel.cancelled_owned(),
         )
         .await

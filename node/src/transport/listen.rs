@@ -1,7 +1,9 @@
-//! Accepting connections for the gRPC and REST listeners: a cap on open connections (the
-//! connection beyond it is closed at once and counted), TCP_NODELAY, the TLS handshake
-//! under a deadline (failures counted), and for REST HTTP/1.1 or HTTP/2 with a header-read
-//! timeout.
+//! Accepting connections for the gRPC and REST listeners: a cap on open connections and
+//! one per source address, with the last quarter of the slots kept for addresses holding
+//! little ([`pdsno_shared::slots`]; a connection beyond a cap is closed at once, before
+//! TLS, and counted as `connection_cap` or `per_address_limit`), TCP_NODELAY, the TLS
+//! handshake under a deadline (failures counted), and for REST HTTP/1.1 or HTTP/2 with a
+//! header-read timeout.
 
 use std::future::Future as _;
 use std::io;
@@ -15,9 +17,10 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use pdsno_shared::slots::{AddressSlots, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -34,21 +37,53 @@ pub const FIRST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence on an open connection (children ping every 30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// An accepted connection that holds its place under the cap until dropped, and fails a
+/// The connection caps of one listener.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionLimits {
+    /// Open connections at once.
+    pub max: usize,
+    /// Open connections one source address may hold (0 = no per-address rules).
+    pub per_address: usize,
+    /// Networks held to `max` only (a NAT gateway in front of many controllers).
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
+impl ConnectionLimits {
+    /// The limits of `limits` (the node's configuration).
+    pub fn of(limits: &crate::guard::Limits) -> ConnectionLimits {
+        ConnectionLimits {
+            max: limits.max_connections,
+            per_address: limits.max_connections_per_address,
+            exempt: limits.rate_limit_exempt.clone(),
+        }
+    }
+
+    fn slots(&self) -> Arc<AddressSlots> {
+        let exempt: Option<pdsno_shared::slots::Exempt> = if self.exempt.is_empty() {
+            None
+        } else {
+            let nets = self.exempt.clone();
+            Some(Arc::new(move |ip| nets.iter().any(|n| n.contains(&ip))))
+        };
+        AddressSlots::new(self.max, self.per_address, exempt)
+    }
+}
+
+/// An accepted connection that holds its place under the caps until dropped, and fails a
 /// read that waits longer than [`FIRST_READ_TIMEOUT`] for the first bytes or
 /// [`IDLE_TIMEOUT`] after them (a silent peer cannot hold a slot for ever).
 #[derive(Debug)]
 pub struct Capped {
     inner: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Capped {
-    fn new(inner: TcpStream, permit: OwnedSemaphorePermit) -> Capped {
+    fn new(inner: TcpStream, slot: Slot) -> Capped {
         Capped {
             inner,
-            _permit: permit,
+            _slot: slot,
             deadline: Box::pin(tokio::time::sleep(FIRST_READ_TIMEOUT)),
         }
     }
@@ -118,11 +153,11 @@ impl tonic::transport::server::Connected for Capped {
     }
 }
 
-/// Accepts from `listener` while under `max` open connections; the ones above are closed
-/// and counted as `connection_cap` refusals of `transport`.
+/// Accepts from `listener` within the caps of `slots`; a connection above one is closed at
+/// once and counted as a `connection_cap` or `per_address_limit` refusal of `transport`.
 async fn accept_capped(
     listener: &TcpListener,
-    sem: &Arc<Semaphore>,
+    slots: &Arc<AddressSlots>,
     metrics: &Metrics,
     transport: &'static str,
 ) -> io::Result<(Capped, SocketAddr)> {
@@ -136,14 +171,17 @@ async fn accept_capped(
             }
             Err(e) => return Err(e),
         };
-        let Ok(permit) = sem.clone().try_acquire_owned() else {
-            metrics.refused(transport, "connection_cap");
-            tracing::debug!(%peer, transport, "connection cap reached; closing");
-            drop(stream);
-            continue;
+        let slot = match slots.try_take(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                metrics.refused(transport, why.reason());
+                tracing::debug!(%peer, transport, reason = why.reason(), "connection cap reached; closing");
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
-        return Ok((Capped::new(stream, permit), peer));
+        return Ok((Capped::new(stream, slot), peer));
     }
 }
 
@@ -257,23 +295,23 @@ impl tonic::transport::server::Connected for GrpcConn {
     }
 }
 
-/// The gRPC server's incoming connections, capped at `max`. With `tls`, each handshake
+/// The gRPC server's incoming connections, within `limits`. With `tls`, each handshake
 /// runs in its own task under [`HANDSHAKE_TIMEOUT`]; a failed or stalled one is closed and
 /// counted as a `tls_handshake` refusal of `grpc`.
 pub fn grpc_incoming(
     listener: TcpListener,
-    max: usize,
+    limits: &ConnectionLimits,
     tls: Option<TlsAcceptor>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<GrpcConn>> {
     let (tx, rx) = mpsc::channel(64);
-    let sem = Arc::new(Semaphore::new(max));
+    let slots = limits.slots();
     tokio::spawn(async move {
         loop {
             let r = tokio::select! {
                 () = cancel.cancelled() => break,
-                r = accept_capped(&listener, &sem, &metrics, "grpc") => r,
+                r = accept_capped(&listener, &slots, &metrics, "grpc") => r,
             };
             match (r, &tls) {
                 (Ok((c, _)), None) => {
@@ -323,16 +361,16 @@ pub async fn serve_http(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
-    max: usize,
+    limits: &ConnectionLimits,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
-    let sem = Arc::new(Semaphore::new(max));
+    let slots = limits.slots();
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (conn, peer) = tokio::select! {
             () = cancel.cancelled() => break,
-            r = accept_capped(&listener, &sem, &metrics, "rest") => r.map_err(|e| e.to_string())?,
+            r = accept_capped(&listener, &slots, &metrics, "rest") => r.map_err(|e| e.to_string())?,
         };
         let router = router.clone();
         let tls = tls.clone();
@@ -423,7 +461,7 @@ mod tests {
         max: usize,
     ) -> (
         TcpListener,
-        Arc<Semaphore>,
+        Arc<AddressSlots>,
         Arc<Metrics>,
         std::net::SocketAddr,
     ) {
@@ -431,7 +469,7 @@ mod tests {
         let a = l.local_addr().expect("addr");
         (
             l,
-            Arc::new(Semaphore::new(max)),
+            AddressSlots::new(max, 0, None),
             Arc::new(Metrics::new()),
             a,
         )

@@ -263,7 +263,7 @@ pub async fn serve(
     inbound: Arc<Inbound>,
     guard: Option<Arc<Guard>>,
     tls: Option<&crate::tls::TlsMaterial>,
-    max_connections: usize,
+    limits: &super::listen::ConnectionLimits,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -279,7 +279,7 @@ pub async fn serve(
         listener,
         router(inbound, addr, guard),
         acceptor,
-        max_connections,
+        limits,
         metrics,
         cancel,
     )
