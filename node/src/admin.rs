@@ -81,22 +81,29 @@ pub fn read_key_file(path: &Path) -> Result<HmacKey, String> {
     HmacKey::from_hex(t.trim()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn signing_bytes(command: &str, args: &Value, nonce: &str, signed_at: &str) -> Vec<u8> {
+fn signing_bytes(
+    node_id: &str,
+    command: &str,
+    args: &Value,
+    nonce: &str,
+    signed_at: &str,
+) -> Vec<u8> {
     let mut m = Map::new();
     m.insert("args".into(), args.clone());
     m.insert("command".into(), command.into());
+    m.insert("node_id".into(), node_id.into());
     m.insert("nonce".into(), nonce.into());
     m.insert("signed_at".into(), signed_at.into());
     json::to_canonical_bytes(&Value::Object(m))
 }
 
-/// Builds a signed request.
-pub fn request(key: &HmacKey, command: &str, args: &Value) -> pb::AdminRequest {
+/// Builds a signed request for node `node_id`.
+pub fn request(key: &HmacKey, node_id: &str, command: &str, args: &Value) -> pb::AdminRequest {
     let nonce = pdsno_shared::ids::nonce_hex();
     let signed_at = format_iso(chrono::Utc::now());
     let signature = hmac_hex(
         key.expose_bytes(),
-        &signing_bytes(command, args, &nonce, &signed_at),
+        &signing_bytes(node_id, command, args, &nonce, &signed_at),
     );
     pb::AdminRequest {
         command: command.into(),
@@ -104,6 +111,7 @@ pub fn request(key: &HmacKey, command: &str, args: &Value) -> pb::AdminRequest {
         nonce,
         signed_at,
         signature,
+        node_id: node_id.into(),
     }
 }
 
@@ -187,12 +195,19 @@ impl Admin {
             .map_err(|e| Status::invalid_argument(format!("args_json: {e}")))?;
         if !hmac_verify_hex(
             self.key.expose_bytes(),
-            &signing_bytes(&r.command, &args, &r.nonce, &r.signed_at),
+            &signing_bytes(&r.node_id, &r.command, &args, &r.nonce, &r.signed_at),
             &r.signature,
         ) {
             return Err(Status::unauthenticated(
                 "admin signature does not verify (wrong admin key?)",
             ));
+        }
+        if r.node_id != self.trust.me {
+            return Err(Status::unauthenticated(format!(
+                "admin request is for {:?}, this is {}",
+                r.node_id.chars().take(128).collect::<String>(),
+                self.trust.me
+            )));
         }
         let now = chrono::Utc::now();
         let at = parse_iso(&r.signed_at).map_err(|_| Status::unauthenticated("bad signed_at"))?;
@@ -527,6 +542,15 @@ impl pb::admin_server::Admin for AdminApi {
             result_json: json::to_canonical_string(&result),
         }))
     }
+
+    async fn identify(
+        &self,
+        _req: Request<pb::AdminIdentifyRequest>,
+    ) -> Result<Response<pb::AdminIdentity>, Status> {
+        Ok(Response::new(pb::AdminIdentity {
+            node_id: self.0.trust.me.clone(),
+        }))
+    }
 }
 
 /// Writes `DIR/node.json`: the node's id, role, addresses and, when it serves TLS, the
@@ -771,7 +795,7 @@ pub async fn call_with(
         )
     })?;
     let mut c = pb::admin_client::AdminClient::new(ch);
-    let r = c.command(request(key, command, args)).await.map_err(|s| {
+    let explain = |s: tonic::Status| {
         // A status the node sent is its answer; one made from a broken connection is not.
         use std::error::Error as _;
         // The node's answers carry its response headers; a status tonic made up on our
@@ -790,7 +814,18 @@ pub async fn call_with(
         } else {
             format!("{}: {}", code_name(s.code()), s.message())
         }
-    })?;
+    };
+    // Requests name the node they are for, so a captured one is refused elsewhere.
+    let node_id = c
+        .identify(pb::AdminIdentifyRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .node_id;
+    let r = c
+        .command(request(key, &node_id, command, args))
+        .await
+        .map_err(explain)?;
     json::parse(r.into_inner().result_json.as_bytes()).map_err(|e| e.to_string())
 }
 

@@ -648,7 +648,7 @@ async fn an_admin_request_cannot_be_replayed_after_a_restart() {
     let lab = Lab::new();
     let mut gc = lab.global(&[]);
     let key = pdsno_node::admin::read_key(&gc.data_dir).expect("admin key");
-    let captured = pdsno_node::admin::request(&key, "status", &Value::Object(Map::new()));
+    let captured = pdsno_node::admin::request(&key, &gc.id, "status", &Value::Object(Map::new()));
     let send = |url: String, req: pdsno_shared::grpc::pb::AdminRequest| async move {
         let ch = tonic::transport::Endpoint::from_shared(url)
             .expect("url")
@@ -678,8 +678,26 @@ async fn an_admin_request_cannot_be_replayed_after_a_restart() {
         Ok(_) => panic!("a captured admin request was accepted again after a restart"),
     }
     // A fresh request works.
-    let fresh = pdsno_node::admin::request(&key, "status", &Value::Object(Map::new()));
+    let fresh = pdsno_node::admin::request(&key, &gc.id, "status", &Value::Object(Map::new()));
     send(gc.grpc_url(), fresh).await.expect("fresh request");
+    // A request names its node: another node refuses it, even one given the same admin key.
+    let rc_dir = lab.data("temp-rc-same-key");
+    std::fs::create_dir_all(&rc_dir).expect("dir");
+    std::fs::copy(gc.data_dir.join("admin.key"), rc_dir.join("admin.key"))
+        .expect("copy the admin key");
+    let rc = lab.child("regional", "temp-rc-same-key", &gc, "zone-A", &[]);
+    let for_gc = pdsno_node::admin::request(&key, &gc.id, "status", &Value::Object(Map::new()));
+    match send(rc.grpc_url(), for_gc).await {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+            assert!(s.message().contains("is for \"global_cntl_1\""), "{s:?}");
+        }
+        Ok(_) => panic!("a request for the GC was accepted by the RC"),
+    }
+    let for_rc = pdsno_node::admin::request(&key, &rc.id, "status", &Value::Object(Map::new()));
+    send(rc.grpc_url(), for_rc)
+        .await
+        .expect("the RC's own request");
 }
 
 /// One forged HEARTBEAT over REST from the local address `from`; returns the HTTP status.
