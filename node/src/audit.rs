@@ -3,7 +3,8 @@
 //! Admission decisions are written by the admission authority in the same transaction as
 //! the admitted record. This module adds what arrives from outside at any rate: signature,
 //! replay and freshness failures, lockouts, key rotations and policy changes. Refusals are
-//! throttled per (reason, claimed sender): the first one is written at once, the ones that
+//! throttled per (reason, source address) when the transport knows the address (REST,
+//! gRPC), else per (reason, claimed sender): the first one is written at once, the ones that
 //! follow within [`THROTTLE`] are counted and reported in the next event of that pair
 //! (`details.suppressed`). The claimed sender is the attacker's choice, so on top of that
 //! every refusal event spends from one budget for the whole node ([`REFUSALS_PER_SEC`],
@@ -106,7 +107,25 @@ impl Audit {
         transport: &str,
         detail: &str,
     ) {
-        let key = (reason.to_owned(), clip(sender));
+        self.refusal_from(reason, message_type, sender, None, transport, detail);
+    }
+
+    /// As [`Audit::refusal`], for a message from the network address `source` when it is
+    /// known (REST, gRPC): throttled per (reason, source address) then, since the claimed
+    /// sender is the sender's choice and the address is not.
+    pub fn refusal_from(
+        &self,
+        reason: &str,
+        message_type: &str,
+        sender: &str,
+        source: Option<IpAddr>,
+        transport: &str,
+        detail: &str,
+    ) {
+        let key = (
+            reason.to_owned(),
+            source.map_or_else(|| clip(sender), |ip| ip.to_string()),
+        );
         let now = Instant::now();
         let suppressed = {
             let mut map = self
@@ -156,6 +175,9 @@ impl Audit {
         details.insert("message_type".into(), clip(message_type).into());
         details.insert("transport".into(), transport.into());
         details.insert("detail".into(), clip(detail).into());
+        if let Some(ip) = source {
+            details.insert("source".into(), ip.to_string().into());
+        }
         details.insert("suppressed".into(), Value::from(suppressed));
         self.record(&Event {
             event_type: "MESSAGE_REJECTED".into(),

@@ -328,14 +328,15 @@ impl Inbound {
         path_type: Option<MessageType>,
         transport: &'static str,
     ) -> Result<Reply, InboundError> {
-        self.handle_from(env, path_type, transport, &[])
+        self.handle_from(env, path_type, transport, &[], None)
     }
 
     /// As [`Inbound::handle`], for a message that came over a TLS connection whose client
     /// certificate names the controllers `peer` (`urn:pdsno:controller:` names). When it
     /// names any, the sender must be one of them: a controller cannot use its own
     /// certificate to send as another, even holding a key that signs for it (the shared
-    /// network key). Admission requests are exempt (their sender is a temporary id,
+    /// network key). `source` is the peer's address when the transport knows it: refusals
+    /// are audited per address then. Admission requests are exempt (their sender is a temporary id,
     /// authenticated by the bootstrap token), and so is a certificate that names no
     /// controller (an operator's or a tool's).
     ///
@@ -347,6 +348,7 @@ impl Inbound {
         path_type: Option<MessageType>,
         transport: &'static str,
         peer: &[String],
+        source: Option<std::net::IpAddr>,
     ) -> Result<Reply, InboundError> {
         let kind = env.message_type;
         let sender = if self.audit.is_some() {
@@ -387,7 +389,14 @@ impl Inbound {
                             | "tls_identity_mismatch"
                     )
                 {
-                    a.refusal(reason, kind.as_str(), &sender, transport, &e.to_string());
+                    a.refusal_from(
+                        reason,
+                        kind.as_str(),
+                        &sender,
+                        source,
+                        transport,
+                        &e.to_string(),
+                    );
                 }
             }
         }

@@ -143,10 +143,11 @@ impl GrpcApi {
                 .map_err(|r| refusal_status(&r))?;
         }
         let inbound = self.inbound.clone();
-        let r =
-            tokio::task::spawn_blocking(move || inbound.handle_from(env, None, "grpc", &peer_ids))
-                .await
-                .map_err(|_| Status::internal("handler failed"))?;
+        let r = tokio::task::spawn_blocking(move || {
+            inbound.handle_from(env, None, "grpc", &peer_ids, ip)
+        })
+        .await
+        .map_err(|_| Status::internal("handler failed"))?;
         if admission && let (Some(g), Some(ip)) = (&self.guard, ip) {
             crate::guard::record_admission(g, ip, &r);
         }

@@ -162,7 +162,7 @@ async fn message(
     let inbound = ctx.inbound.clone();
     let peer_ids = peer_ids.map(|axum::Extension(p)| p).unwrap_or_default();
     let handled = tokio::task::spawn_blocking(move || {
-        inbound.handle_from(env, Some(path_type), "rest", &peer_ids.0)
+        inbound.handle_from(env, Some(path_type), "rest", &peer_ids.0, source)
     })
     .await;
     if let (Some((g, ip)), Ok(r)) = (&guard, &handled) {
