@@ -324,7 +324,8 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
                     let temp = format!("temp-bench-{}-{w}-{n}", hex_tag());
                     n += 1;
                     let region = if role == Role::Regional {
-                        format!("{region}-{w}-{n}")
+                        // Unique across runs too: the temp id's tag.
+                        format!("{region}-{}", temp.trim_start_matches("temp-bench-"))
                     } else {
                         region.clone()
                     };
