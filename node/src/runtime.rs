@@ -22,18 +22,28 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM. SIGHUP (which would otherwise end the process) is
+/// answered with a log line: nothing is reloaded yet, the node keeps running.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).ok();
         match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+            Ok(mut term) => loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    Some(()) = async {
+                        match hup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        tracing::info!("SIGHUP: nothing to reload (restart the node to apply configuration changes); still running");
+                    }
                 }
-            }
+            },
             Err(_) => {
                 let _ = tokio::signal::ctrl_c().await;
             }

@@ -169,3 +169,27 @@ fn devices_list_and_show_on_the_regional_and_global_controllers() {
     assert_eq!(code, Some(1));
     assert!(json_of(&out).get("error").is_some(), "{out}");
 }
+
+#[test]
+fn sighup_does_not_stop_a_node() {
+    let lab = Lab::new();
+    let mut gc = lab.global(&[]);
+    let pid = gc.proc.pid().to_string();
+    let (code, _, err) = run("kill", &["-HUP", &pid], Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gc.proc.stderr().contains("SIGHUP") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SIGHUP line: {}",
+            gc.proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gc.proc.is_alive(), "SIGHUP ended the node");
+    // Still serving.
+    let (code, out, _) = pdsno(&["status", "--data-dir", &gc.data_dir.display().to_string()]);
+    assert_eq!(code, Some(0), "{out}");
+    // SIGTERM still stops it cleanly.
+    assert_eq!(gc.proc.terminate(Duration::from_secs(10)), Some(0));
+}
