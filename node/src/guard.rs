@@ -314,8 +314,9 @@ impl Guard {
 }
 
 /// Feeds the outcome of one admission message from `ip` to the lockout: a refused request
-/// or a failed answer counts as a failure, an approval resets the count; a challenge and
-/// our own trouble (busy, unavailable) count as neither.
+/// or a failed answer counts as a failure, an approval resets the count; a challenge, our
+/// own trouble (busy, unavailable) and refusals that say nothing about the requester's
+/// secrets (region full, region already served) count as neither.
 pub fn record_admission(
     g: &Guard,
     ip: IpAddr,
@@ -334,14 +335,17 @@ pub fn record_admission(
                 .get("status")
                 .and_then(pdsno_shared::json::Value::as_str)
                 .unwrap_or("");
+            let reason = e
+                .payload
+                .get("reason")
+                .and_then(pdsno_shared::json::Value::as_str)
+                .unwrap_or(status);
             if status == "APPROVED" {
                 g.admission_succeeded(ip);
-            } else {
-                let reason = e
-                    .payload
-                    .get("reason")
-                    .and_then(pdsno_shared::json::Value::as_str)
-                    .unwrap_or(status);
+            } else if !matches!(
+                reason,
+                "CONTROLLER_QUOTA_EXCEEDED" | "REGION_ALREADY_SERVED"
+            ) {
                 g.admission_failed(ip, reason);
             }
         }
@@ -425,6 +429,34 @@ mod tests {
         g.admission_succeeded(a);
         assert!(!g.admission_failed(a, "x"));
         assert!(g.check_admission(a, "grpc").is_ok());
+    }
+
+    #[test]
+    fn a_full_or_served_region_is_not_a_failed_admission() {
+        use pdsno_shared::envelope::{Envelope, MessageType};
+        let g = guard(Limits {
+            lockout_failures: 1,
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let result = |reason: &str| {
+            let mut p = pdsno_shared::json::Map::new();
+            p.insert("status".into(), "REJECTED".into());
+            p.insert("reason".into(), reason.into());
+            Ok(crate::inbound::Reply::Envelope(Box::new(Envelope::new(
+                MessageType::ValidationResult,
+                "global_cntl_1",
+                "temp-x",
+                p,
+                chrono::Utc::now(),
+            ))))
+        };
+        for reason in ["CONTROLLER_QUOTA_EXCEEDED", "REGION_ALREADY_SERVED"] {
+            record_admission(&g, a, &result(reason));
+            assert!(g.check_admission(a, "grpc").is_ok(), "{reason} locked out");
+        }
+        record_admission(&g, a, &result("INVALID_BOOTSTRAP_TOKEN"));
+        assert!(g.check_admission(a, "grpc").is_err());
     }
 
     #[test]

@@ -113,8 +113,9 @@ async fn no_identity_takeover_between_regional_controllers_of_a_region() {
     ]);
     assert_eq!(code, Some(3), "{out}\n{err}");
     assert!(
-        format!("{out}{err}").contains("REGION_ALREADY_SERVED"),
-        "{out}\n{err}"
+        format!("{out}{err}").contains("REGION_ALREADY_SERVED")
+            && err.contains("revoke it on the global controller"),
+        "the refusal says what to do: {out}\n{err}"
     );
 
     // A local controller of rc1, registered at the GC with its MQTT credential.

@@ -89,8 +89,8 @@ pub struct Admission {
 /// Why admission did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
-    /// The parent refused: we failed a check (final).
-    #[error("admission REJECTED: {0}")]
+    /// The parent refused: we failed a check (final). Shown with what to do about it.
+    #[error("admission REJECTED: {0}{hint}", hint = rejection_hint(.0).map(|h| format!(" ({h})")).unwrap_or_default())]
     Rejected(String),
     /// The parent failed (retry later).
     #[error("admission ERROR at the parent: {0}")]
@@ -104,6 +104,43 @@ pub enum ChildError {
     /// The parent's answer does not verify or is malformed.
     #[error("invalid answer from the parent: {0}")]
     Protocol(String),
+}
+
+/// What an operator can do about a refused admission, by reason code.
+pub fn rejection_hint(reason: &str) -> Option<&'static str> {
+    Some(match reason {
+        "INVALID_BOOTSTRAP_TOKEN" => {
+            "the token does not match this --temp-id, --region and tier, or was minted with another parent's secret: mint it again on the parent's host (pdsno token)"
+        }
+        "BOOTSTRAP_TOKEN_ALREADY_USED" => {
+            "this token was spent by another admission: mint a new token for a new --temp-id"
+        }
+        "REGION_ALREADY_SERVED" => {
+            "the region already has a regional controller; to replace it, revoke it on the global controller (pdsno controller revoke ID) and try again"
+        }
+        "REGION_MISMATCH" => {
+            "this regional controller serves another region: point --parent at the regional controller of your --region"
+        }
+        "INVALID_REGION" => {
+            "the parent does not admit this region: check --region against the global controller's --regions"
+        }
+        "CONTROLLER_QUOTA_EXCEEDED" => {
+            "the region is full: raise quota_per_region on the parent or revoke an unused controller"
+        }
+        "CONTROLLER_TYPE_NOT_PERMITTED" => {
+            "a global controller admits regional controllers and a regional one local controllers: check --parent"
+        }
+        "BLOCKLISTED" => {
+            "this temp id or key is blocklisted (a revoked controller): start from a new data directory with a new --temp-id and token"
+        }
+        "STALE_TIMESTAMP" | "FUTURE_TIMESTAMP" => {
+            "this host's clock and the parent's disagree: synchronise them (NTP)"
+        }
+        "TEMP_ID_MISMATCH" | "INVALID_SIGNATURE" | "UNKNOWN_CHALLENGE" | "CHALLENGE_EXPIRED" => {
+            "the challenge failed: try again; if it persists, check that nothing between this host and the parent alters traffic"
+        }
+        _ => return None,
+    })
 }
 
 impl ChildError {
