@@ -193,3 +193,78 @@ fn sighup_does_not_stop_a_node() {
     // SIGTERM still stops it cleanly.
     assert_eq!(gc.proc.terminate(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn status_json_nests_each_controller_once_and_check_reports_a_dead_one() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--regions", "zone-A", "--heartbeat-interval", "0.2"]);
+    let rc = lab.child(
+        "regional",
+        "temp-rc-st",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.2"],
+    );
+    let mut lcs: Vec<_> = (1..=2)
+        .map(|i| {
+            lab.child(
+                "local",
+                &format!("temp-lc-st{i}"),
+                &rc,
+                "zone-A",
+                &["--heartbeat-interval", "0.2"],
+            )
+        })
+        .collect();
+    let gc_dir = gc.data_dir.display().to_string();
+    let status = || {
+        let (code, out, err) = pdsno(&["status", "--data-dir", &gc_dir, "--json", "--check"]);
+        (code, json_of(&out), err)
+    };
+    use pdsno_shared::json::Value;
+    let children = |v: &Value| -> Vec<Value> {
+        v.get("children")
+            .and_then(Value::as_array)
+            .map(<[Value]>::to_vec)
+            .unwrap_or_default()
+    };
+    let ids = |v: &[Value]| -> Vec<String> {
+        v.iter()
+            .filter_map(|c| c.get("controller_id")?.as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let (code, st, err) = status();
+        let under_rc = children(&st)
+            .first()
+            .map(|r| ids(&children(r)).len())
+            .unwrap_or(0);
+        if code == Some(0) && under_rc == 2 {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{code:?} {err} {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The GC's own children are its RC only; the LCs are under the RC, in id order.
+    assert_eq!(ids(&children(&st)), vec![rc.id.clone()]);
+    let mut want: Vec<String> = lcs.iter().map(|l| l.id.clone()).collect();
+    want.sort_by_key(|id| pdsno_shared::ids::ControllerId::parse(id).map(|c| c.seq));
+    assert_eq!(ids(&children(&children(&st)[0])), want);
+    // An LC dies: --check says so and exits 1.
+    lcs[1].proc.kill();
+    let dead = lcs[1].id.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _, err) = status();
+        if code == Some(1) {
+            assert!(err.contains(&dead), "{err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{code:?} {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

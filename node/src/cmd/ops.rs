@@ -102,6 +102,81 @@ pub struct StatusArgs {
     /// The node to ask (a GC shows the whole tree).
     #[command(flatten)]
     pub target: AdminTarget,
+    /// For monitoring: exit 1 when any controller below the node is offline or stale
+    /// (revoked ones do not count), naming them on stderr.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Sorts controller ids by role, region and sequence number (`..._2` before `..._10`).
+fn id_order(id: &str) -> (String, u64, String) {
+    match pdsno_shared::ids::ControllerId::parse(id) {
+        Some(c) => (
+            format!("{}/{}", c.role.as_str(), c.region.unwrap_or_default()),
+            c.seq,
+            String::new(),
+        ),
+        None => (String::new(), 0, id.to_owned()),
+    }
+}
+
+fn sorted_by_id(mut v: Vec<Value>) -> Vec<Value> {
+    v.sort_by_cached_key(|c| {
+        id_order(c.get("controller_id").and_then(Value::as_str).unwrap_or(""))
+    });
+    v
+}
+
+/// The status with its tree in shape: each controller listed once, under the controller
+/// that validated it (a GC knows its RCs' local controllers too, but they are shown under
+/// their RC, not as its own children), in numeric id order.
+pub fn normalized(st: &Value) -> Value {
+    let mut st = st.clone();
+    let me = s(&st, "controller_id");
+    if let Some(Value::Array(children)) = st.get("children").cloned() {
+        let direct: Vec<Value> = children
+            .into_iter()
+            .filter(|c| c.get("validated_by").and_then(Value::as_str) == Some(me.as_str()))
+            .map(|mut c| {
+                if let Some(Value::Array(g)) = c.get("children").cloned()
+                    && let Value::Object(m) = &mut c
+                {
+                    m.insert("children".into(), Value::Array(sorted_by_id(g)));
+                }
+                c
+            })
+            .collect();
+        if let Value::Object(m) = &mut st {
+            m.insert("children".into(), Value::Array(sorted_by_id(direct)));
+        }
+    }
+    st
+}
+
+/// Controllers below the node that are offline or stale (revoked ones are not).
+fn unhealthy(st: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut walk = |c: &Value| {
+        let l = c.get("liveness").and_then(Value::as_str).unwrap_or("");
+        if matches!(l, "offline" | "stale") {
+            out.push(format!("{} {l}", s(c, "controller_id")));
+        }
+    };
+    for c in st
+        .get("children")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+    {
+        walk(c);
+        for g in c
+            .get("children")
+            .and_then(Value::as_array)
+            .unwrap_or_default()
+        {
+            walk(g);
+        }
+    }
+    out
 }
 
 /// `pdsno policy` subcommands.
@@ -162,6 +237,7 @@ fn line(v: &Value) -> String {
 
 /// Renders a node's status as a tree.
 pub fn render_tree(st: &Value) -> String {
+    let st = &normalized(st);
     let mut out = String::new();
     let me = s(st, "controller_id");
     let mut head = format!(
@@ -182,7 +258,11 @@ pub fn render_tree(st: &Value) -> String {
             .iter()
             .map(|(k, v)| format!("{k}={}", json::to_canonical_string(v)))
             .collect();
-        head.push_str(&format!("  inventory {}", parts.join(" ")));
+        if parts.is_empty() {
+            head.push_str("  inventory pending (no summary yet)");
+        } else {
+            head.push_str(&format!("  inventory {}", parts.join(" ")));
+        }
     } else if let Some(n) = st.get("discovery").and_then(|d| d.get("active_devices")) {
         head.push_str(&format!("  devices {}", json::to_canonical_string(n)));
     }
@@ -237,10 +317,16 @@ pub fn status(a: &StatusArgs) -> ExitCode {
         .call("status", Value::Object(Map::new()), Duration::from_secs(10))
     {
         Ok(v) => {
+            let v = normalized(&v);
             if a.target.json {
                 println!("{}", json::to_pretty_string(&v));
             } else {
                 print!("{}", render_tree(&v));
+            }
+            let bad = unhealthy(&v);
+            if a.check && !bad.is_empty() {
+                eprintln!("not healthy: {}", bad.join(", "));
+                return ExitCode::from(1);
             }
             ExitCode::SUCCESS
         }
