@@ -619,6 +619,16 @@ fn read_node_file(dir: &Path) -> Result<Value, String> {
 /// A message when the file is missing or malformed.
 pub fn node_url(dir: &Path) -> Result<String, String> {
     let v = read_node_file(dir)?;
+    if crate::data_dir::in_use(dir) == Some(false) {
+        return Err(format!(
+            "no node is running on {} (its node.json{} is from a run that ended): start it, or give --connect URL",
+            dir.display(),
+            v.get("pid")
+                .and_then(Value::as_u64)
+                .map(|p| format!(", pid {p},"))
+                .unwrap_or_default()
+        ));
+    }
     v.get("admin")
         .or_else(|| v.get("grpc"))
         .and_then(Value::as_str)

@@ -60,6 +60,20 @@ pub fn lock(dir: &Path) -> Result<DataDirLock, String> {
     Ok(DataDirLock { _file: file })
 }
 
+/// Whether a node holds `dir` now: `Some(false)` when the lock file is there but nobody
+/// holds it (the node that wrote `node.json` has stopped), `None` when it cannot be told.
+pub fn in_use(dir: &Path) -> Option<bool> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dir.join(LOCK_FILE))
+        .ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => Some(false),
+        Err(std::fs::TryLockError::WouldBlock) => Some(true),
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,7 +84,9 @@ mod tests {
         let first = lock(dir.path()).expect("first");
         let e = lock(dir.path()).expect_err("second");
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        assert_eq!(in_use(dir.path()), Some(true));
         drop(first);
+        assert_eq!(in_use(dir.path()), Some(false));
         lock(dir.path()).expect("free again");
     }
 }

@@ -44,6 +44,10 @@ fn a_data_dir_serves_one_node_and_a_lost_identity_key_is_never_replaced() {
     // The running node was not disturbed.
     assert!(gc.proc.is_alive());
     gc.proc.terminate(Duration::from_secs(10));
+    // The tools notice that node.json is from a run that ended.
+    let (code, _, err) = pdsno(&["status", "--data-dir", &data]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no node is running on"), "{err}");
 
     // Stopped, the directory is free again; without its key the node refuses to start
     // rather than become someone else.
