@@ -7,9 +7,17 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::cmd;
 
+/// The version with the commit it was built from: `0.1.0 (commit 0123456789ab)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PDSNO_COMMIT"),
+    ")"
+);
+
 /// pdsno: a partially distributed SDN orchestrator in one binary.
 #[derive(Debug, Parser)]
-#[command(name = "pdsno", version, about, long_about = None, propagate_version = true)]
+#[command(name = "pdsno", version = VERSION, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]

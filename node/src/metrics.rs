@@ -122,6 +122,15 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pdsno");
+        // pdsno_build_info{version,commit} 1
+        registry.register(
+            "build",
+            "The running build",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("PDSNO_COMMIT")),
+            ]),
+        );
         let messages = Family::<MessageLabels, Counter>::default();
         registry.register(
             "messages",

@@ -272,3 +272,34 @@ fn status_json_nests_each_controller_once_and_check_reports_a_dead_one() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn version_and_build_info_name_the_commit() {
+    use std::io::{Read as _, Write as _};
+    let (code, out, _) = pdsno(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("pdsno 0.") && out.contains("(commit "),
+        "{out}"
+    );
+    let commit = out
+        .split("(commit ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("commit")
+        .to_owned();
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let mut s = std::net::TcpStream::connect(gc.rest).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    assert!(
+        text.contains(&format!(
+            "pdsno_build_info{{version=\"{}\",commit=\"{commit}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+}
