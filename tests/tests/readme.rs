@@ -73,3 +73,118 @@ fn cargo_run_at_the_root_has_exactly_one_binary_to_run() {
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
     assert!(ci.contains("cargo test --workspace"));
 }
+
+/// The commands of a ```sh block, continuation lines joined, comments and blank lines
+/// dropped.
+fn commands(block: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in block.lines() {
+        let line = line.split(" #").next().unwrap_or("").trim_end();
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => cur.push_str(head),
+            None => {
+                cur.push_str(line);
+                out.push(std::mem::take(&mut cur).trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// "## Run a controller" as written: the secret and token commands, a GC, an RC and an LC,
+/// each in the shell, in the README's order, in a fresh directory. Only the ports differ
+/// (free ones, given through the tiers' PDSNO_LISTEN_* variables and rewritten in --parent
+/// URLs).
+#[test]
+fn the_run_a_controller_walk_through_works_as_written() {
+    use pdsno_tests::{Proc, free_port};
+    use std::time::Duration;
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README");
+    let section = readme
+        .split("## Run a controller")
+        .nth(1)
+        .expect("the section");
+    let block = section
+        .split("```sh")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its sh block");
+    let cmds = commands(block);
+    assert!(cmds.len() >= 5, "{cmds:?}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = pdsno_tests::pdsno_bin().display().to_string();
+    // Each tier's default ports, and the free ones it gets here.
+    let tiers = [
+        ("global", 50051u16, 8001u16),
+        ("regional", 50052, 8002),
+        ("local", 50053, 8003),
+    ];
+    let ports: Vec<(u16, u16)> = tiers.iter().map(|_| (free_port(), free_port())).collect();
+    let mqtt = free_port();
+    let mut running = Vec::new();
+    for cmd in &cmds {
+        assert!(cmd.starts_with("pdsno "), "{cmd}");
+        let mut line = cmd.replacen("pdsno", &bin, 1);
+        for (i, (_, grpc, _)) in tiers.iter().enumerate() {
+            line = line.replace(
+                &format!("127.0.0.1:{grpc}"),
+                &format!("127.0.0.1:{}", ports[i].0),
+            );
+        }
+        let script = format!("cd '{}' && exec {line}", dir.path().display());
+        let sub = cmd.split_whitespace().nth(1).unwrap_or_default();
+        match tiers.iter().position(|(t, _, _)| *t == sub) {
+            Some(i) => {
+                let grpc = format!("127.0.0.1:{}", ports[i].0);
+                let rest = format!("127.0.0.1:{}", ports[i].1);
+                let mqtt = format!("127.0.0.1:{mqtt}");
+                let mut env = vec![
+                    ("PDSNO_LISTEN_GRPC", grpc.as_str()),
+                    ("PDSNO_LISTEN_REST", rest.as_str()),
+                ];
+                if sub == "global" {
+                    env.push(("PDSNO_LISTEN_MQTT", mqtt.as_str()));
+                }
+                let mut p =
+                    Proc::spawn(sub, std::path::Path::new("/bin/sh"), &["-c", &script], &env);
+                p.wait_line(Duration::from_secs(60), |l| l.starts_with("ready "));
+                running.push(p);
+            }
+            None => {
+                let (code, out, err) = run("/bin/sh", &["-c", &script], Duration::from_secs(60));
+                assert_eq!(code, Some(0), "{cmd}: {out}{err}");
+            }
+        }
+    }
+    assert_eq!(running.len(), 3, "a GC, an RC and an LC: {cmds:?}");
+    let lc = running.last_mut().expect("lc");
+    let ready = lc.wait_line(Duration::from_secs(5), |l| l.starts_with("ready "));
+    assert!(ready.contains("id=local_cntl_zone-A_1"), "{ready}");
+    // The operating commands work on the same data directories.
+    let gc_data = dir.path().join("gc-data").display().to_string();
+    let (code, out, err) = run(
+        &bin,
+        &["status", "--data-dir", &gc_data],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("regional_cntl_zone-A_1"), "{out}");
+    for mode in [
+        "bootstrap.secret",
+        "rc-a.token",
+        "lc-1.token",
+        "rc-a-data/bootstrap.secret",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(dir.path().join(mode))
+            .expect(mode)
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, 0o600, "{mode}");
+    }
+}
