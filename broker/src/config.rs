@@ -17,8 +17,9 @@ pub struct ListenerConfig {
     pub name: String,
     /// Address to bind (port 0 picks a free port; read it back from the handle).
     pub addr: SocketAddr,
-    /// The protocol version served; a client speaking another one gets a CONNACK
-    /// "unacceptable protocol version".
+    /// The protocol version this listener was opened for. Every listener serves both MQTT
+    /// 3.1.1 and 5 (the CONNECT's protocol level decides); this one only shapes the answer
+    /// to a CONNECT too malformed to tell.
     pub version: Version,
     /// Serve TLS with this certificate and key.
     pub tls: Option<TlsFiles>,

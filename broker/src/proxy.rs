@@ -154,17 +154,8 @@ pub(crate) async fn serve<S>(
             return;
         }
     };
-    if connect.version != listener_version {
-        stats.refused_protocol.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%peer, client_version = %connect.version, listener = %listener_version, "refused: protocol version not served on this listener");
-        let _ = client
-            .write_all(&codec::connack_refusal(
-                connect.version,
-                Refusal::UnsupportedVersion,
-            ))
-            .await;
-        return;
-    }
+    // Every listener serves both MQTT 3.1.1 and 5, as Mosquitto does: the CONNECT's
+    // protocol level picks rumqttd's internal listener (step 3).
 
     // 2. Who is it?
     let admitted = tokio::select! {
