@@ -27,9 +27,9 @@ pub struct FileConfig {
     /// A separate listener for the admin service (operator commands), e.g. on loopback;
     /// the gRPC listener then no longer serves it.
     pub listen_admin: Option<SocketAddr>,
-    /// Embedded broker MQTT 3.1.1 listen address (global controller).
+    /// Embedded broker listen address (global controller; MQTT 3.1.1 and 5).
     pub listen_mqtt: Option<SocketAddr>,
-    /// Embedded broker MQTT 5 listen address.
+    /// An extra embedded broker listener (MQTT 3.1.1 and 5).
     pub listen_mqtt_v5: Option<SocketAddr>,
     /// Run the embedded broker (global controller; default true).
     pub embedded_broker: Option<bool>,
@@ -182,10 +182,12 @@ pub struct NodeArgs {
     /// on the gRPC listener.
     #[arg(long, env = "PDSNO_LISTEN_ADMIN", value_name = "ADDR")]
     pub listen_admin: Option<SocketAddr>,
-    /// Embedded broker MQTT 3.1.1 listen address (global controller).
+    /// Embedded broker listen address, MQTT 3.1.1 and 5 (global controller).
     #[arg(long, env = "PDSNO_LISTEN_MQTT", value_name = "ADDR")]
     pub listen_mqtt: Option<SocketAddr>,
-    /// Embedded broker MQTT 5 listen address (global controller).
+    /// An extra embedded broker listener (global controller). Every listener serves MQTT
+    /// 3.1.1 and 5; this one is for deployments that want MQTT 5 clients on a port of their
+    /// own.
     #[arg(long, env = "PDSNO_LISTEN_MQTT_V5", value_name = "ADDR")]
     pub listen_mqtt_v5: Option<SocketAddr>,
     /// Do not run the embedded broker (use --mqtt-url).
