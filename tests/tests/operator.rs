@@ -303,3 +303,80 @@ fn version_and_build_info_name_the_commit() {
         "{text}"
     );
 }
+
+/// GET `path` on `addr`; (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+#[test]
+fn ready_says_what_a_node_waits_for() {
+    let lab = Lab::new();
+    let mut gc = lab.global(&["--regions", "zone-A"]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-rd",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.2"],
+    );
+    // Its broker comes with its credential, after admission.
+    rc.proc
+        .wait_line(Duration::from_secs(30), |l| l.starts_with("mqtt connected"));
+    let (code, body) = http_get(gc.rest, "/ready");
+    assert_eq!(code, 200, "{body}");
+    let v = json_of(&body);
+    assert_eq!(v.get("status").and_then(|s| s.as_str()), Some("ready"));
+    assert_eq!(
+        v.get("checks")
+            .and_then(|c| c.get("nib"))
+            .and_then(|s| s.as_str()),
+        Some("ok")
+    );
+    // The RC is ready once its parent acknowledged a heartbeat and the broker is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(rc.rest, "/ready");
+        if code == 200 {
+            let v = json_of(&body);
+            let checks = v.get("checks").expect("checks");
+            for k in ["nib", "mqtt", "parent"] {
+                assert_eq!(checks.get(k).and_then(|s| s.as_str()), Some("ok"), "{body}");
+            }
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{code} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The GC (its parent and broker) goes away: not ready, with the reasons; still alive.
+    gc.proc.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(rc.rest, "/ready");
+        let v = json_of(&body);
+        let failing = |k: &str| {
+            v.get("checks")
+                .and_then(|c| c.get(k))
+                .and_then(|s| s.as_str())
+                .is_some_and(|s| s != "ok")
+        };
+        if code == 503 && failing("mqtt") && failing("parent") {
+            assert_eq!(v.get("status").and_then(|s| s.as_str()), Some("not ready"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _) = http_get(rc.rest, "/health");
+    assert_eq!(code, 200, "liveness is not readiness");
+}

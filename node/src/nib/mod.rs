@@ -267,6 +267,15 @@ impl Nib {
         &self.path
     }
 
+    /// Checks that the store takes writes now: takes the write lock and lets it go.
+    ///
+    /// # Errors
+    /// When SQLite refuses (read-only file or disk, locked by another process, ...).
+    pub fn check_writable(&self) -> Result<(), NibError> {
+        self.conn().execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
     /// Locks the connection for a unit of work.
     pub fn conn(&self) -> MutexGuard<'_, Connection> {
         // SQLite keeps its own consistency; a panic elsewhere while holding the lock does

@@ -461,6 +461,49 @@ fn advertised_mqtt(cfg: &NodeConfig, broker: &BrokerHandle) -> Option<String> {
     })
 }
 
+/// What `GET /ready` checks: the NIB takes writes; the broker connection is up (when the
+/// node uses one: configured, or handed over by its parent with its credential); the parent
+/// acknowledged a heartbeat recently (children; the limit leaves room for heartbeats that go
+/// over MQTT, of which every sixth also goes to the parent directly).
+fn readiness(
+    nib: Arc<Nib>,
+    outbound: Arc<crate::outbound::Outbound>,
+    heartbeats: Option<Arc<HeartbeatStats>>,
+    interval: Duration,
+    mqtt_configured: bool,
+) -> rest::ReadyCheck {
+    let limit = interval * 13 + Duration::from_secs(5);
+    Arc::new(move || {
+        let mut v = vec![("nib", nib.check_writable().map_err(|e| e.to_string()))];
+        if mqtt_configured || outbound.mqtt().is_some() {
+            v.push((
+                "mqtt",
+                if outbound.mqtt_connected() {
+                    Ok(())
+                } else {
+                    Err("not connected to the broker".into())
+                },
+            ));
+        }
+        if let Some(h) = &heartbeats {
+            let at = h.parent_ack_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let age = chrono::Utc::now().timestamp_millis() - at;
+            let r = if at == 0 {
+                Err("no heartbeat acknowledged by the parent yet".to_owned())
+            } else if age > i64::try_from(limit.as_millis()).unwrap_or(i64::MAX) {
+                Err(format!(
+                    "the parent last acknowledged a heartbeat {:.0} s ago",
+                    age as f64 / 1000.0
+                ))
+            } else {
+                Ok(())
+            };
+            v.push(("parent", r));
+        }
+        v
+    })
+}
+
 /// Runs the node until `cancel` fires.
 ///
 /// # Errors
@@ -962,9 +1005,24 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         let tls = tls.clone();
         let guard = guard.clone();
         let limits = crate::transport::listen::ConnectionLimits::of(&cfg.limits);
+        let ready = readiness(
+            nib.clone(),
+            outbound.clone(),
+            heartbeat_stats.clone().filter(|_| me.parent.is_some()),
+            cfg.heartbeat_interval,
+            cfg.mqtt_url.is_some(),
+        );
         tasks.spawn(async move {
-            if let Err(e) =
-                rest::serve(rest_listener, ib, Some(guard), tls.as_deref(), &limits, c).await
+            if let Err(e) = rest::serve(
+                rest_listener,
+                ib,
+                Some(guard),
+                tls.as_deref(),
+                &limits,
+                Some(ready),
+                c,
+            )
+            .await
             {
                 tracing::error!(error = %e, "REST server stopped");
             }

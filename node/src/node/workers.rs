@@ -32,9 +32,18 @@ pub struct HeartbeatStats {
     pub rekeys: AtomicU64,
     /// Status messages published on the broker.
     pub published: AtomicU64,
+    /// When the parent last acknowledged a heartbeat sent to it directly (Unix
+    /// milliseconds; 0: never).
+    pub parent_ack_ms: std::sync::atomic::AtomicI64,
 }
 
 impl HeartbeatStats {
+    /// Records the parent's acknowledgement of a heartbeat.
+    pub fn parent_acknowledged(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.parent_ack_ms
+            .store(at.timestamp_millis(), Ordering::Relaxed);
+    }
+
     /// Records a heartbeat from the parent.
     pub fn parent_heard(&self, at: chrono::DateTime<chrono::Utc>) {
         self.parent_heard.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +191,7 @@ impl StatusLoop {
             match parent.link.exchange(&env).await {
                 Ok(_) => {
                     stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.parent_acknowledged(chrono::Utc::now());
                     key_refusals = 0;
                     if failing {
                         tracing::info!(parent = %parent.id, "heartbeats accepted again");

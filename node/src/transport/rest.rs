@@ -35,7 +35,12 @@ struct Ctx {
     inbound: Arc<Inbound>,
     addr: SocketAddr,
     guard: Option<Arc<Guard>>,
+    ready: Option<ReadyCheck>,
 }
+
+/// What `GET /ready` checks: each named check and its failure, if it failed. Blocking
+/// (it may touch the NIB).
+pub type ReadyCheck = Arc<dyn Fn() -> Vec<(&'static str, Result<(), String>)> + Send + Sync>;
 
 /// 429 with `Retry-After` and the compat body `{"error":"Rate limit exceeded. Retry after N seconds"}`.
 fn refusal_response(r: &Refusal) -> Response {
@@ -60,6 +65,7 @@ async fn rate_limit(
         .map(|c| c.0);
     if let (Some(g), Some(peer)) = (&ctx.guard, peer)
         && req.uri().path() != "/health"
+        && req.uri().path() != "/ready"
         && let Err(r) = g.check_rate(peer.ip(), "rest")
     {
         return refusal_response(&r);
@@ -191,6 +197,41 @@ async fn health(State(ctx): State<Ctx>) -> Response {
     json_response(StatusCode::OK, &Value::Object(m))
 }
 
+/// Readiness: 200 `{"status":"ready","checks":{...}}` when every check passes, else 503
+/// `{"status":"not ready","checks":{name: reason}}`.
+async fn ready(State(ctx): State<Ctx>) -> Response {
+    let results = match ctx.ready.clone() {
+        Some(check) => tokio::task::spawn_blocking(move || check())
+            .await
+            .unwrap_or_else(|e| vec![("checks", Err(e.to_string()))]),
+        None => Vec::new(),
+    };
+    let ok = results.iter().all(|(_, r)| r.is_ok());
+    let mut checks = Map::new();
+    for (name, r) in results {
+        checks.insert(
+            name.into(),
+            match r {
+                Ok(()) => "ok".into(),
+                Err(e) => e.into(),
+            },
+        );
+    }
+    let mut m = Map::new();
+    m.insert(
+        "status".into(),
+        if ok { "ready" } else { "not ready" }.into(),
+    );
+    m.insert("controller_id".into(), ctx.inbound.id().into());
+    m.insert("checks".into(), Value::Object(checks));
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(code, &Value::Object(m))
+}
+
 async fn info(State(ctx): State<Ctx>) -> Response {
     let mut m = Map::new();
     m.insert("controller_id".into(), ctx.inbound.id().into());
@@ -234,14 +275,26 @@ async fn method_not_allowed() -> Response {
 /// The REST router of a node listening on `addr`; `guard` applies the rate limit and the
 /// admission lockout.
 pub fn router(inbound: Arc<Inbound>, addr: SocketAddr, guard: Option<Arc<Guard>>) -> Router {
+    router_with(inbound, addr, guard, None)
+}
+
+/// As [`router`], with what `GET /ready` checks.
+pub fn router_with(
+    inbound: Arc<Inbound>,
+    addr: SocketAddr,
+    guard: Option<Arc<Guard>>,
+    ready_check: Option<ReadyCheck>,
+) -> Router {
     let ctx = Ctx {
         inbound,
         addr,
         guard,
+        ready: ready_check,
     };
     Router::new()
         .route("/message/{kind}", post(message))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -264,6 +317,7 @@ pub async fn serve(
     guard: Option<Arc<Guard>>,
     tls: Option<&crate::tls::TlsMaterial>,
     limits: &super::listen::ConnectionLimits,
+    ready: Option<ReadyCheck>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -277,7 +331,7 @@ pub async fn serve(
     let metrics = inbound.metrics().clone();
     super::listen::serve_http(
         listener,
-        router(inbound, addr, guard),
+        router_with(inbound, addr, guard, ready),
         acceptor,
         limits,
         metrics,
