@@ -15,6 +15,38 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+const GLOBAL_EXAMPLES: &str = "\
+Examples:
+  # First start: a bootstrap secret (mode 0600) and a token for a regional controller
+  pdsno token --init-secret --bootstrap-secret-file bootstrap.secret \\
+    --temp-id temp-rc-a --region zone-A --type regional --out rc-a.token
+  pdsno global --data-dir gc-data --bootstrap-secret-file bootstrap.secret --regions zone-A,zone-B
+  # From a file (every flag is also a TOML key and a PDSNO_* variable)
+  pdsno global --config /etc/pdsno/global.toml --check-config
+
+Defaults: gRPC 127.0.0.1:50051, REST 127.0.0.1:8001, MQTT 127.0.0.1:1883 (3.1.1 and 5);
+data directory ./pdsno-global. Listen on other addresses with --listen-grpc etc.";
+
+const REGIONAL_EXAMPLES: &str = "\
+Examples:
+  # First start, with the token minted on the global controller's host
+  pdsno regional --data-dir rc-a-data --parent http://gc:50051 \\
+    --region zone-A --temp-id temp-rc-a --bootstrap-token-file rc-a.token
+  # Later starts need only the data directory; mint local controllers' tokens with
+  pdsno token --data-dir rc-a-data --temp-id temp-lc-1 --region zone-A --type local --out lc-1.token
+
+Defaults: gRPC 127.0.0.1:50052, REST 127.0.0.1:8002. Its bootstrap secret is its own
+(DATA_DIR/bootstrap.secret); never give it the global controller's.";
+
+const LOCAL_EXAMPLES: &str = "\
+Examples:
+  pdsno local --data-dir lc-1-data --parent http://rc-a:50052 \\
+    --region zone-A --temp-id temp-lc-1 --bootstrap-token-file lc-1.token
+  # One discovery cycle from a device list, then exit (4: report not delivered)
+  pdsno local --data-dir lc-1-data --scanner file --scan-file devices.json --scan-once
+
+Defaults: gRPC 127.0.0.1:50053, REST 127.0.0.1:8003.";
+
 /// pdsno: a partially distributed SDN orchestrator in one binary.
 #[derive(Debug, Parser)]
 #[command(name = "pdsno", version = VERSION, about, long_about = None, propagate_version = true)]
@@ -28,10 +60,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the global controller (root of trust; embeds the MQTT broker).
+    #[command(after_help = GLOBAL_EXAMPLES)]
     Global(cmd::tier::TierArgs),
     /// Run a regional controller (admitted by the global controller).
+    #[command(after_help = REGIONAL_EXAMPLES)]
     Regional(cmd::tier::TierArgs),
     /// Run a local controller (admitted by its regional controller).
+    #[command(after_help = LOCAL_EXAMPLES)]
     Local(cmd::tier::TierArgs),
     /// Pairwise keys: list them, rotate one.
     #[command(subcommand)]

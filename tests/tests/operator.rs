@@ -380,3 +380,21 @@ fn ready_says_what_a_node_waits_for() {
     let (code, _) = http_get(rc.rest, "/health");
     assert_eq!(code, 200, "liveness is not readiness");
 }
+
+#[test]
+fn each_tier_help_has_examples_and_defaults() {
+    for (tier, port) in [
+        ("global", "50051"),
+        ("regional", "50052"),
+        ("local", "50053"),
+    ] {
+        let (code, out, _) = pdsno(&[tier, "--help"]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains("Examples:"), "{tier}: {out}");
+        assert!(
+            out.contains(&format!("pdsno {tier} --data-dir")),
+            "{tier}: {out}"
+        );
+        assert!(out.contains(&format!("127.0.0.1:{port}")), "{tier}: {out}");
+    }
+}
