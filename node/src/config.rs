@@ -295,7 +295,7 @@ pub struct NodeArgs {
     #[arg(long, env = "PDSNO_MQTT_CA_FILE", value_name = "FILE")]
     pub mqtt_ca_file: Option<PathBuf>,
     /// Do not use MQTT at all (everything goes over gRPC).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_NO_MQTT")]
     pub no_mqtt: bool,
     /// Seconds between discovery cycles (local controllers).
     #[arg(
@@ -334,7 +334,7 @@ pub struct NodeArgs {
     #[arg(long, env = "PDSNO_MAX_DEVICES_PER_LC")]
     pub max_devices_per_lc: Option<u64>,
     /// Run one discovery cycle, deliver its report, and exit (local controllers).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_SCAN_ONCE")]
     pub scan_once: bool,
     /// This node's certificate chain (PEM); turns on TLS for gRPC, REST and the embedded broker.
     #[arg(long, env = "PDSNO_TLS_CERT", value_name = "FILE")]
@@ -346,10 +346,10 @@ pub struct NodeArgs {
     #[arg(long, env = "PDSNO_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// Refuse clients without a certificate signed by --tls-ca (mutual TLS).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_REQUIRE_CLIENT_CERT")]
     pub require_client_cert: bool,
     /// Refuse plaintext: no plaintext listener, no http:// or mqtt:// peer.
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_REQUIRE_TLS")]
     pub require_tls: bool,
     /// The embedded broker's TLS listener (default: port 8883 next to --listen-mqtt).
     #[arg(long, env = "PDSNO_LISTEN_MQTTS", value_name = "ADDR")]

@@ -398,3 +398,35 @@ fn each_tier_help_has_examples_and_defaults() {
         assert!(out.contains(&format!("127.0.0.1:{port}")), "{tier}: {out}");
     }
 }
+
+#[test]
+fn boolean_settings_work_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d").display().to_string();
+    let check = |k: &str, v: &str| {
+        let out = std::process::Command::new(pdsno_tests::pdsno_bin())
+            .args([
+                "regional",
+                "--data-dir",
+                &data,
+                "--parent",
+                "http://127.0.0.1:1",
+                "--check-config",
+            ])
+            .env(k, v)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // PDSNO_REQUIRE_TLS=true is a real requirement (it used to be ignored).
+    let (code, err) = check("PDSNO_REQUIRE_TLS", "true");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("require_tls"), "{err}");
+    let (code, err) = check("PDSNO_REQUIRE_TLS", "false");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = check("PDSNO_REQUIRE_CLIENT_CERT", "1");
+    assert_eq!(code, Some(2), "{err}");
+}
