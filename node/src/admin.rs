@@ -344,6 +344,40 @@ impl Admin {
                 m.insert("content".into(), content.map(Value::Object).into());
                 Ok(Value::Object(m))
             }
+            "lockout.list" => {
+                let g = self
+                    .guard
+                    .as_ref()
+                    .ok_or_else(|| Status::unavailable("no admission guard on this node"))?;
+                let rows: Vec<Value> = g
+                    .lockouts()
+                    .into_iter()
+                    .map(|(ip, left)| {
+                        let mut m = Map::new();
+                        m.insert("source".into(), ip.to_string().into());
+                        m.insert("seconds_left".into(), left.into());
+                        Value::Object(m)
+                    })
+                    .collect();
+                Ok(Value::Array(rows))
+            }
+            "lockout.clear" => {
+                let g = self
+                    .guard
+                    .clone()
+                    .ok_or_else(|| Status::unavailable("no admission guard on this node"))?;
+                let ip: std::net::IpAddr = arg("source")
+                    .ok_or_else(|| Status::invalid_argument("source is required"))?
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("source is not an IP address"))?;
+                let was = tokio::task::spawn_blocking(move || g.clear_lockout(ip))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let mut m = Map::new();
+                m.insert("source".into(), ip.to_string().into());
+                m.insert("was_locked_out".into(), was.into());
+                Ok(Value::Object(m))
+            }
             "inventory" => {
                 let t = self.trust.clone();
                 let rows = tokio::task::spawn_blocking(move || {

@@ -189,6 +189,21 @@ impl Audit {
         });
     }
 
+    /// An operator lifted the admission lockout of an address.
+    pub fn lockout_cleared(&self, ip: IpAddr, was_locked_out: bool) {
+        let mut details = Map::new();
+        details.insert("source".into(), ip.to_string().into());
+        details.insert("was_locked_out".into(), was_locked_out.into());
+        self.record(&Event {
+            event_type: "ADMISSION_LOCKOUT_CLEARED".into(),
+            actor: self.trust.me.clone(),
+            subject: Some(ip.to_string()),
+            action: "An operator lifted an admission lockout".into(),
+            decision: Some("CLEARED".into()),
+            details,
+        });
+    }
+
     /// An address locked out after failed admissions.
     pub fn lockout(&self, ip: IpAddr, failures: u32, duration: Duration, last_reason: &str) {
         let mut details = Map::new();

@@ -82,6 +82,9 @@ pub enum Command {
     /// Devices: the inventory of a regional controller's region or of the global controller.
     #[command(subcommand)]
     Devices(cmd::devices::DevicesCommand),
+    /// Admission lockouts on a parent: list them, lift one.
+    #[command(subcommand)]
+    Lockout(cmd::lockout::LockoutCommand),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child (or write it to --out).
@@ -149,6 +152,7 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Status(a) => cmd::ops::status(&a),
         Command::Policy(c) => cmd::ops::policy(&c),
         Command::Devices(c) => cmd::devices::run(&c),
+        Command::Lockout(c) => cmd::lockout::run(&c),
         Command::Keys(c) => cmd::keys::keys(&c),
         Command::Controller(c) => cmd::keys::controller(&c),
         Command::Sign(a) => cmd::envelope_tools::sign(&a, sub),

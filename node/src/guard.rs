@@ -272,14 +272,28 @@ impl Guard {
     pub fn restore_lockouts(&self, events: &[EventRow], now: DateTime<Utc>) -> usize {
         let mono = Instant::now();
         let mut map = self.failures();
-        let mut n = 0;
-        for ev in events {
-            if ev.event_type != "ADMISSION_LOCKOUT" {
-                continue;
-            }
+        let mut n: usize = 0;
+        // Oldest first, so a clearing undoes the lockouts imposed before it.
+        let mut ordered: Vec<&EventRow> = events.iter().collect();
+        ordered.sort_by_key(|e| e.seq);
+        for ev in ordered {
             let Ok(details) = pdsno_shared::json::parse(ev.details.as_bytes()) else {
                 continue;
             };
+            if ev.event_type == "ADMISSION_LOCKOUT_CLEARED" {
+                if let Some(ip) = details
+                    .get("source")
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| s.parse::<IpAddr>().ok())
+                    && map.remove(&ip).is_some_and(|f| f.locked_until.is_some())
+                {
+                    n = n.saturating_sub(1);
+                }
+                continue;
+            }
+            if ev.event_type != "ADMISSION_LOCKOUT" {
+                continue;
+            }
             let ip = details
                 .get("source")
                 .and_then(|v| v.as_str())
@@ -302,6 +316,38 @@ impl Guard {
             }
         }
         n
+    }
+
+    /// The addresses locked out now, with the seconds left, longest first.
+    pub fn lockouts(&self) -> Vec<(IpAddr, u64)> {
+        let now = Instant::now();
+        let mut v: Vec<(IpAddr, u64)> = self
+            .failures()
+            .iter()
+            .filter_map(|(ip, f)| {
+                let until = f.locked_until.filter(|u| *u > now)?;
+                Some((*ip, ceil_secs(until - now)))
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Lifts the lockout of `ip` (an operator's decision, audited as
+    /// `ADMISSION_LOCKOUT_CLEARED` so a restart does not restore it); also forgets its
+    /// failures. Returns whether it was locked out.
+    pub fn clear_lockout(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let was = self
+            .failures()
+            .remove(&ip)
+            .and_then(|f| f.locked_until)
+            .is_some_and(|u| u > now);
+        if let Some(a) = &self.audit {
+            a.lockout_cleared(ip, was);
+        }
+        tracing::warn!(source = %ip, was_locked_out = was, "admission lockout cleared by an operator");
+        was
     }
 
     /// Records a successful admission from `ip`: its failure count starts again.

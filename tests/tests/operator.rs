@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use pdsno_tests::{Lab, run};
 
+mod common;
+
 fn pdsno(args: &[&str]) -> (Option<i32>, String, String) {
     run(
         &pdsno_tests::pdsno_bin().display().to_string(),
@@ -429,4 +431,59 @@ fn boolean_settings_work_from_the_environment() {
     assert_eq!(code, Some(0), "{err}");
     let (code, err) = check("PDSNO_REQUIRE_CLIENT_CERT", "1");
     assert_eq!(code, Some(2), "{err}");
+}
+
+#[test]
+fn an_operator_lists_and_lifts_a_lockout_for_good() {
+    use pdsno_node::transport::parent::ParentLink;
+    let lab = Lab::new();
+    let args = ["--lockout-failures", "2", "--lockout-secs", "600"];
+    let mut gc = lab.global(&args);
+    let gc_dir = gc.data_dir.display().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let link = ParentLink::new(&gc.grpc_url()).expect("link");
+        for i in 0..2 {
+            let c = common::RawChild::new(&lab, &format!("rc-bad-{i}"), "zone-A", "regional");
+            let (status, _) = common::handshake(&link, &gc.id, &c, |p| {
+                p.insert("signed_nonce".into(), "AAAA".into());
+            })
+            .await;
+            assert_eq!(status, "REJECTED");
+        }
+    });
+    let (code, out, err) = pdsno(&["lockout", "list", "--data-dir", &gc_dir, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows = json_of(&out);
+    let row = rows.as_array().and_then(|a| a.first()).expect("a lockout");
+    assert_eq!(
+        row.get("source").and_then(|s| s.as_str()),
+        Some("127.0.0.1")
+    );
+    let left = row
+        .get("seconds_left")
+        .and_then(|s| s.as_u64())
+        .expect("left");
+    assert!((590..=600).contains(&left), "{left}");
+    // Lifted: the next admission from that address goes through, and a restart does not
+    // bring the lockout back from the audit log.
+    let (code, out, err) = pdsno(&["lockout", "clear", "127.0.0.1", "--data-dir", &gc_dir]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("lifted"), "{out}");
+    gc.proc.terminate(Duration::from_secs(10));
+    let gc = lab.ready(lab.spawn("global", "global", &args), "global");
+    let (code, out, _) = pdsno(&["lockout", "list", "--data-dir", &gc_dir]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("no address is locked out"), "{out}");
+    let good = common::RawChild::new(&lab, "rc-good", "zone-A", "regional");
+    let (status, reason) = rt.block_on(async {
+        let link = ParentLink::new(&gc.grpc_url()).expect("link");
+        common::handshake(&link, &gc.id, &good, |_| {}).await
+    });
+    assert_eq!(status, "APPROVED", "{reason}");
+    let (_, tail, _) = pdsno(&["audit", "tail", "--data-dir", &gc_dir, "-n", "50"]);
+    assert!(tail.contains("ADMISSION_LOCKOUT_CLEARED"), "{tail}");
 }

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod envelope_tools;
 pub mod keys;
 pub(crate) mod lab;
+pub mod lockout;
 pub mod ops;
 pub mod passwd;
 pub mod secrets;

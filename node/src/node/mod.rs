@@ -752,7 +752,12 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     let audit = crate::audit::Audit::new(trust.clone());
     inbound.observe(metrics.clone(), Some(audit.clone()));
     let guard = crate::guard::Guard::new(cfg.limits.clone(), Some(audit.clone()), metrics.clone());
-    match nib.latest_events_of_type("ADMISSION_LOCKOUT", 10_000) {
+    match nib
+        .latest_events_of_type("ADMISSION_LOCKOUT", 10_000)
+        .and_then(|mut v| {
+            v.extend(nib.latest_events_of_type("ADMISSION_LOCKOUT_CLEARED", 10_000)?);
+            Ok(v)
+        }) {
         Ok(events) => {
             let n = guard.restore_lockouts(&events, clock.now());
             if n > 0 {
