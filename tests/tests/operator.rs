@@ -487,3 +487,77 @@ fn an_operator_lists_and_lifts_a_lockout_for_good() {
     let (_, tail, _) = pdsno(&["audit", "tail", "--data-dir", &gc_dir, "-n", "50"]);
     assert!(tail.contains("ADMISSION_LOCKOUT_CLEARED"), "{tail}");
 }
+
+#[test]
+fn bootstrap_tokens_expire() {
+    use pdsno_node::transport::parent::ParentLink;
+    let lab = Lab::new();
+    let gc = lab.global(&["--regions", "zone-A,zone-B", "--lockout-failures", "0"]);
+    let secret = lab.secret_file.display().to_string();
+    let mint = |temp: &str, region: &str, ttl: &str| {
+        let (code, out, err) = pdsno(&[
+            "token",
+            "--bootstrap-secret-file",
+            &secret,
+            "--temp-id",
+            temp,
+            "--region",
+            region,
+            "--type",
+            "regional",
+            "--ttl",
+            ttl,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        out.trim().to_owned()
+    };
+    let short = mint("temp-rc-late", "zone-A", "1s");
+    assert!(short.starts_with("pdsno1."), "{short}");
+    let forever = mint("temp-rc-b", "zone-B", "0");
+    assert_eq!(forever.len(), 64, "the original form: {forever}");
+    std::thread::sleep(Duration::from_millis(2100));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let link = ParentLink::new(&gc.grpc_url()).expect("link");
+        let mut late = common::RawChild::new(&lab, "temp-rc-late", "zone-A", "regional");
+        late.token = short;
+        assert_eq!(
+            common::handshake(&link, &gc.id, &late, |_| {}).await,
+            ("REJECTED".to_owned(), "BOOTSTRAP_TOKEN_EXPIRED".to_owned())
+        );
+        let mut b = common::RawChild::new(&lab, "temp-rc-b", "zone-B", "regional");
+        b.token = forever;
+        assert_eq!(
+            common::handshake(&link, &gc.id, &b, |_| {}).await.0,
+            "APPROVED"
+        );
+    });
+    // A fresh token with the default lifetime admits a real controller, which says why when
+    // its token is too old.
+    let token = mint("temp-rc-a", "zone-A", "24h");
+    let data = lab.data("temp-rc-a").display().to_string();
+    let url = gc.grpc_url();
+    let mut p = pdsno_tests::Proc::pdsno(
+        "temp-rc-a",
+        &[
+            "regional",
+            "--data-dir",
+            &data,
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--parent",
+            &url,
+            "--region",
+            "zone-A",
+            "--temp-id",
+            "temp-rc-a",
+        ],
+        &[("PDSNO_BOOTSTRAP_TOKEN", token.as_str())],
+    );
+    p.wait_line(Duration::from_secs(30), |l| l.starts_with("admitted "));
+}

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use pdsno_shared::bootstrap::{admission_key, bootstrap_token, legacy_signed_nonce, token_matches};
+use pdsno_shared::bootstrap::{
+    TokenCheck, admission_key, check_token, legacy_signed_nonce, token_matches,
+};
 use pdsno_shared::envelope::Envelope;
 use pdsno_shared::ids::{self, Role};
 use pdsno_shared::json::{self, Map, Value};
@@ -47,6 +49,8 @@ pub mod reason {
     pub const BLOCKLISTED: &str = "BLOCKLISTED";
     /// Token does not match.
     pub const INVALID_BOOTSTRAP_TOKEN: &str = "INVALID_BOOTSTRAP_TOKEN";
+    /// Token past its expiry (ours: tokens minted with `pdsno token --ttl`).
+    pub const BOOTSTRAP_TOKEN_EXPIRED: &str = "BOOTSTRAP_TOKEN_EXPIRED";
     /// Token consumed by an earlier admission.
     pub const BOOTSTRAP_TOKEN_ALREADY_USED: &str = "BOOTSTRAP_TOKEN_ALREADY_USED";
     /// No such pending challenge.
@@ -397,18 +401,29 @@ impl Authority {
                 now,
             )));
         }
-        let expected = bootstrap_token(
+        match check_token(
             self.cfg.bootstrap_secret.expose().as_bytes(),
             &req.temp_id,
             &req.region,
             &req.controller_type,
-        );
-        if !token_matches(&expected, &req.bootstrap_token) {
-            return Ok(RequestOutcome::Refused(self.refuse(
-                &req.temp_id,
-                reason::INVALID_BOOTSTRAP_TOKEN,
-                now,
-            )));
+            &req.bootstrap_token,
+            now.timestamp(),
+        ) {
+            TokenCheck::Valid => {}
+            TokenCheck::Expired => {
+                return Ok(RequestOutcome::Refused(self.refuse(
+                    &req.temp_id,
+                    reason::BOOTSTRAP_TOKEN_EXPIRED,
+                    now,
+                )));
+            }
+            TokenCheck::Invalid => {
+                return Ok(RequestOutcome::Refused(self.refuse(
+                    &req.temp_id,
+                    reason::INVALID_BOOTSTRAP_TOKEN,
+                    now,
+                )));
+            }
         }
         let mut recover = None;
         match self.nib.token_used(&req.bootstrap_token) {

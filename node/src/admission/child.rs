@@ -112,6 +112,9 @@ pub fn rejection_hint(reason: &str) -> Option<&'static str> {
         "INVALID_BOOTSTRAP_TOKEN" => {
             "the token does not match this --temp-id, --region and tier, or was minted with another parent's secret: mint it again on the parent's host (pdsno token)"
         }
+        "BOOTSTRAP_TOKEN_EXPIRED" => {
+            "the token's time ran out: mint a new one on the parent's host (pdsno token --ttl)"
+        }
         "BOOTSTRAP_TOKEN_ALREADY_USED" => {
             "this token was spent by another admission: mint a new token for a new --temp-id"
         }

@@ -44,9 +44,32 @@ pub struct TokenArgs {
     /// exist yet.
     #[arg(long, requires = "bootstrap_secret_file")]
     pub init_secret: bool,
+    /// How long the token stays valid: `30m`, `24h`, `7d`, or seconds. `0` mints the
+    /// original PDSNO's form, which never expires (for original-PDSNO parents).
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    pub ttl: std::time::Duration,
     /// Write the token to this file (mode 0600) instead of printing it.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+}
+
+/// Parses a lifetime: a number with an optional unit `s`, `m`, `h` or `d`.
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let (num, mult) = match s.trim().char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3_600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s.trim(), 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a lifetime (like 30m, 24h, 7d or seconds)"))?;
+    n.checked_mul(mult)
+        .filter(|secs| *secs <= 10 * 365 * 86_400)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is longer than ten years"))
 }
 
 /// Writes `text` and a newline to `path`, mode 0600 whatever the umask, replacing any
@@ -162,21 +185,55 @@ pub fn run(a: &TokenArgs) -> ExitCode {
         ChildType::Regional => "regional",
         ChildType::Local => "local",
     };
-    let token = Zeroizing::new(bootstrap_token(
-        secret.as_bytes(),
-        &a.temp_id,
-        &a.region,
-        kind,
-    ));
+    let token = Zeroizing::new(if a.ttl.is_zero() {
+        bootstrap_token(secret.as_bytes(), &a.temp_id, &a.region, kind)
+    } else {
+        let expires =
+            chrono::Utc::now().timestamp() + i64::try_from(a.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        pdsno_shared::bootstrap::expiring_token(
+            secret.as_bytes(),
+            &a.temp_id,
+            &a.region,
+            kind,
+            expires,
+        )
+    });
     match &a.out {
         Some(p) => {
             if let Err(e) = write_private(p, &token) {
                 eprintln!("error: --out {}: {e}", p.display());
                 return ExitCode::from(1);
             }
-            eprintln!("wrote the token for {} to {}", a.temp_id, p.display());
+            eprintln!(
+                "wrote the token for {} to {}{}",
+                a.temp_id,
+                p.display(),
+                if a.ttl.is_zero() {
+                    " (no expiry)".to_owned()
+                } else {
+                    format!(" (valid for {} s)", a.ttl.as_secs())
+                }
+            );
         }
         None => println!("{}", token.as_str()),
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes() {
+        let d = |s| parse_ttl(s).map(|d| d.as_secs());
+        assert_eq!(d("90"), Ok(90));
+        assert_eq!(d("30m"), Ok(1_800));
+        assert_eq!(d("24h"), Ok(86_400));
+        assert_eq!(d("7d"), Ok(604_800));
+        assert_eq!(d("0"), Ok(0));
+        assert!(d("soon").is_err());
+        assert!(d("-1h").is_err());
+        assert!(d("99999d").is_err());
+    }
 }

@@ -210,15 +210,14 @@ async fn admit(
     // global controller's secret: anyone on this host could mint regional tokens.
     if cfg.role == Role::Regional
         && let Some(secret) = &cfg.bootstrap_secret
-        && pdsno_shared::bootstrap::token_matches(
-            &pdsno_shared::bootstrap::bootstrap_token(
-                secret.expose().as_bytes(),
-                &temp_id,
-                &region,
-                Role::Regional.as_str(),
-            ),
+        && pdsno_shared::bootstrap::check_token(
+            secret.expose().as_bytes(),
+            &temp_id,
+            &region,
+            Role::Regional.as_str(),
             token.expose(),
-        )
+            i64::MIN,
+        ) != pdsno_shared::bootstrap::TokenCheck::Invalid
     {
         return Err(startup(
             "bootstrap_secret_file: this is the global controller's bootstrap secret (it minted this controller's own token), and a regional controller must not hold it: anyone on this host could mint regional tokens. Remove bootstrap_secret_file / PDSNO_BOOTSTRAP_SECRET here; the regional controller then creates its own in its data directory",

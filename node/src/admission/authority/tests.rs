@@ -4,6 +4,7 @@ use pdsno_shared::keys::base64_encode;
 use pdsno_shared::time::ManualClock;
 
 use super::*;
+use pdsno_shared::bootstrap::bootstrap_token;
 
 const SECRET: &str = "test-bootstrap-secret";
 
