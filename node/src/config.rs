@@ -451,6 +451,8 @@ pub struct NodeConfig {
     pub temp_id: Option<String>,
     /// Bootstrap token.
     pub bootstrap_token: Option<SecretString>,
+    /// Where the bootstrap token was to come from (named when a first start lacks it).
+    pub bootstrap_token_file: Option<PathBuf>,
     /// Bootstrap secret.
     pub bootstrap_secret: Option<SecretString>,
     /// Shared network key.
@@ -738,9 +740,25 @@ impl NodeConfig {
                 .or(file.bootstrap_token_file.as_ref()),
         ) {
             (Some(t), _) => Some(SecretString::new(t.expose().trim())),
+            // First start only: an admitted controller restarts without it.
+            (None, Some(p)) if !p.exists() => {
+                CHECK_NOTES.with(|n| {
+                    if let Some(v) = n.borrow_mut().as_mut() {
+                        v.push(format!(
+                            "bootstrap_token_file: {} does not exist (needed for the first start only)",
+                            p.display()
+                        ));
+                    }
+                });
+                None
+            }
             (None, Some(p)) => Some(read_secret("bootstrap_token_file", p)?),
             (None, None) => None,
         };
+        let bootstrap_token_file = a
+            .bootstrap_token_file
+            .clone()
+            .or(file.bootstrap_token_file.clone());
         let bootstrap_secret = match a
             .bootstrap_secret_file
             .as_ref()
@@ -863,6 +881,7 @@ impl NodeConfig {
             region,
             temp_id,
             bootstrap_token,
+            bootstrap_token_file,
             bootstrap_secret,
             network_key,
             regions,

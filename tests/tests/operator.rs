@@ -561,3 +561,59 @@ fn bootstrap_tokens_expire() {
     );
     p.wait_line(Duration::from_secs(30), |l| l.starts_with("admitted "));
 }
+
+#[test]
+fn an_admitted_controller_restarts_without_its_token_file() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let token_file = lab.dir.path().join("rc.token");
+    pdsno_tests::write_private(&token_file, &lab.token("temp-rc-tf", "zone-A", "regional"));
+    let tf = token_file.display().to_string();
+    let url = gc.grpc_url();
+    let args = [
+        "--parent",
+        url.as_str(),
+        "--region",
+        "zone-A",
+        "--temp-id",
+        "temp-rc-tf",
+        "--bootstrap-token-file",
+        tf.as_str(),
+    ];
+    let mut rc = lab.ready(lab.spawn("regional", "temp-rc-tf", &args), "temp-rc-tf");
+    rc.proc.terminate(Duration::from_secs(10));
+    // The operator deletes the spent token, as the unit files say; the config still names it.
+    std::fs::remove_file(&token_file).expect("remove");
+    let mut rc = lab.ready(lab.spawn("regional", "temp-rc-tf", &args), "temp-rc-tf");
+    assert!(rc.proc.lines().iter().any(|l| l.starts_with("restored ")));
+    assert!(
+        rc.proc.stderr().contains("first start only"),
+        "admission flags on an admitted data directory are pointed out: {}",
+        rc.proc.stderr()
+    );
+    rc.proc.terminate(Duration::from_secs(10));
+    // A first start without the file says what is missing.
+    let data = lab.data("temp-rc-new").display().to_string();
+    let (code, _, err) = pdsno(&[
+        "regional",
+        "--data-dir",
+        &data,
+        "--listen-grpc",
+        "127.0.0.1:0",
+        "--listen-rest",
+        "127.0.0.1:0",
+        "--parent",
+        &url,
+        "--region",
+        "zone-B",
+        "--temp-id",
+        "temp-rc-new",
+        "--bootstrap-token-file",
+        &tf,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("bootstrap token file {tf} does not exist")),
+        "{err}"
+    );
+}

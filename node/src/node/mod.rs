@@ -198,10 +198,15 @@ async fn admit(
         .temp_id
         .clone()
         .ok_or_else(|| startup("not admitted yet: --temp-id is required"))?;
-    let token = cfg
-        .bootstrap_token
-        .clone()
-        .ok_or_else(|| startup("not admitted yet: --bootstrap-token (or its file) is required"))?;
+    let token = cfg.bootstrap_token.clone().ok_or_else(|| {
+        startup(match &cfg.bootstrap_token_file {
+            Some(p) => format!(
+                "not admitted yet: the bootstrap token file {} does not exist (mint one on the parent's host with pdsno token ... --out FILE; it is needed for the first start only)",
+                p.display()
+            ),
+            None => "not admitted yet: give the bootstrap token (--bootstrap-token-file FILE or PDSNO_BOOTSTRAP_TOKEN)".into(),
+        })
+    })?;
     let region = cfg
         .region
         .clone()
@@ -571,6 +576,9 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                     me.id,
                     me.parent.as_ref().map_or("-", |p| p.0.as_str())
                 ));
+                if cfg.bootstrap_token.is_some() || cfg.temp_id.is_some() {
+                    tracing::warn!(id = %me.id, "already admitted: --temp-id and the bootstrap token are for the first start only and are ignored (remove them; to admit this host anew, revoke {} on its parent and start from a fresh data directory)", me.id);
+                }
                 me
             }
             None => admit(&cfg, &nib, &identity, &clock, &grpc_url, &cancel).await?,
