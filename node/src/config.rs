@@ -395,6 +395,10 @@ pub struct NodeArgs {
     /// Validate the configuration and exit (0 if valid, else the first error).
     #[arg(long)]
     pub check_config: bool,
+    /// Print the effective configuration (file, variables and flags applied; secrets only
+    /// as set or not) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// A secret given on the command line (a token, a password): its `Debug` shows
@@ -584,6 +588,197 @@ impl std::fmt::Debug for NodeConfig {
             .field("regions", &self.regions)
             .field("legacy_compat", &self.legacy_compat)
             .finish_non_exhaustive()
+    }
+}
+
+/// A setting's `Debug` text as JSON: `None` is null, `Some(x)` is x, numbers and booleans are
+/// themselves, quoted text loses its quotes.
+fn tidy(text: String) -> pdsno_shared::json::Value {
+    use pdsno_shared::json::Value;
+    let t = text
+        .strip_prefix("Some(")
+        .and_then(|x| x.strip_suffix(')'))
+        .unwrap_or(&text);
+    match t {
+        "None" => Value::Null,
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => match t.parse::<u64>() {
+            Ok(n) => n.into(),
+            Err(_) => t
+                .strip_prefix('"')
+                .and_then(|x| x.strip_suffix('"'))
+                .unwrap_or(t)
+                .into(),
+        },
+    }
+}
+
+impl NodeConfig {
+    /// The effective configuration, one entry per setting (values as Rust shows them;
+    /// secrets only as set or not), for `--print-config`.
+    pub fn effective(&self) -> pdsno_shared::json::Map {
+        use pdsno_shared::json::{Map, Value};
+        let mut m = Map::new();
+        m.insert("role".into(), tidy(format!("{:?}", self.role)));
+        m.insert("data_dir".into(), tidy(format!("{:?}", self.data_dir)));
+        m.insert(
+            "listen_grpc".into(),
+            tidy(format!("{:?}", self.listen_grpc)),
+        );
+        m.insert(
+            "listen_rest".into(),
+            tidy(format!("{:?}", self.listen_rest)),
+        );
+        m.insert(
+            "listen_admin".into(),
+            tidy(format!("{:?}", self.listen_admin)),
+        );
+        m.insert(
+            "listen_mqtt".into(),
+            tidy(format!("{:?}", self.listen_mqtt)),
+        );
+        m.insert(
+            "listen_mqtt_v5".into(),
+            tidy(format!("{:?}", self.listen_mqtt_v5)),
+        );
+        m.insert(
+            "embedded_broker".into(),
+            tidy(format!("{:?}", self.embedded_broker)),
+        );
+        m.insert("mqtt_url".into(), tidy(format!("{:?}", self.mqtt_url)));
+        m.insert("parent".into(), tidy(format!("{:?}", self.parent)));
+        m.insert("region".into(), tidy(format!("{:?}", self.region)));
+        m.insert("temp_id".into(), tidy(format!("{:?}", self.temp_id)));
+        m.insert(
+            "bootstrap_token_file".into(),
+            tidy(format!("{:?}", self.bootstrap_token_file)),
+        );
+        m.insert("regions".into(), tidy(format!("{:?}", self.regions)));
+        m.insert(
+            "legacy_compat".into(),
+            tidy(format!("{:?}", self.legacy_compat)),
+        );
+        m.insert(
+            "quota_per_region".into(),
+            tidy(format!("{:?}", self.quota_per_region)),
+        );
+        m.insert("blocklist".into(), tidy(format!("{:?}", self.blocklist)));
+        m.insert(
+            "root_public_key".into(),
+            tidy(format!("{:?}", self.root_public_key)),
+        );
+        m.insert("parent_pin".into(), tidy(format!("{:?}", self.parent_pin)));
+        m.insert(
+            "mqtt_publish_rate".into(),
+            tidy(format!("{:?}", self.mqtt_publish_rate)),
+        );
+        m.insert(
+            "mqtt_publish_burst".into(),
+            tidy(format!("{:?}", self.mqtt_publish_burst)),
+        );
+        m.insert(
+            "challenge_ttl".into(),
+            tidy(format!("{:?}", self.challenge_ttl)),
+        );
+        m.insert(
+            "heartbeat_interval".into(),
+            tidy(format!("{:?}", self.heartbeat_interval)),
+        );
+        m.insert(
+            "key_rotation".into(),
+            tidy(format!("{:?}", self.key_rotation)),
+        );
+        m.insert("key_grace".into(), tidy(format!("{:?}", self.key_grace)));
+        m.insert(
+            "advertise_grpc".into(),
+            tidy(format!("{:?}", self.advertise_grpc)),
+        );
+        m.insert(
+            "advertise_mqtt".into(),
+            tidy(format!("{:?}", self.advertise_mqtt)),
+        );
+        m.insert(
+            "mqtt_username".into(),
+            tidy(format!("{:?}", self.mqtt_username)),
+        );
+        m.insert(
+            "mqtt_ca_file".into(),
+            tidy(format!("{:?}", self.mqtt_ca_file)),
+        );
+        m.insert("mqtt".into(), tidy(format!("{:?}", self.mqtt)));
+        m.insert(
+            "discovery_interval".into(),
+            tidy(format!("{:?}", self.discovery_interval)),
+        );
+        m.insert("scanner".into(), tidy(format!("{:?}", self.scanner)));
+        m.insert("subnet".into(), tidy(format!("{:?}", self.subnet)));
+        m.insert("scan_seed".into(), tidy(format!("{:?}", self.scan_seed)));
+        m.insert("scan_file".into(), tidy(format!("{:?}", self.scan_file)));
+        m.insert(
+            "missed_cycles".into(),
+            tidy(format!("{:?}", self.missed_cycles)),
+        );
+        m.insert(
+            "summary_interval".into(),
+            tidy(format!("{:?}", self.summary_interval)),
+        );
+        m.insert(
+            "spike_threshold".into(),
+            tidy(format!("{:?}", self.spike_threshold)),
+        );
+        m.insert(
+            "max_devices_per_lc".into(),
+            tidy(format!("{:?}", self.max_devices_per_lc)),
+        );
+        m.insert("scan_once".into(), tidy(format!("{:?}", self.scan_once)));
+        m.insert("tls".into(), tidy(format!("{:?}", self.tls)));
+        m.insert(
+            "listen_mqtts".into(),
+            tidy(format!("{:?}", self.listen_mqtts)),
+        );
+        m.insert("limits".into(), tidy(format!("{:?}", self.limits)));
+        m.insert(
+            "bootstrap_token".into(),
+            if self.bootstrap_token.is_some() {
+                "[set]"
+            } else {
+                "[not set]"
+            }
+            .into(),
+        );
+        m.insert(
+            "bootstrap_secret".into(),
+            if self.bootstrap_secret.is_some() {
+                "[set]"
+            } else {
+                "[not set]"
+            }
+            .into(),
+        );
+        m.insert(
+            "network_key".into(),
+            if self.network_key.is_some() {
+                "[set]"
+            } else {
+                "[not set]"
+            }
+            .into(),
+        );
+        m.insert(
+            "mqtt_password".into(),
+            if self.mqtt_password.is_some() {
+                "[set]"
+            } else {
+                "[not set]"
+            }
+            .into(),
+        );
+        m.insert(
+            "users".into(),
+            Value::Array(self.users.iter().map(|u| Value::from(u.name())).collect()),
+        );
+        m
     }
 }
 

@@ -617,3 +617,44 @@ fn an_admitted_controller_restarts_without_its_token_file() {
         "{err}"
     );
 }
+
+#[test]
+fn print_config_shows_the_effective_settings_and_no_secret() {
+    let lab = Lab::new();
+    let secret = lab.secret_file.display().to_string();
+    let data = lab.data("pc").display().to_string();
+    let out = std::process::Command::new(pdsno_tests::pdsno_bin())
+        .args([
+            "global",
+            "--data-dir",
+            &data,
+            "--bootstrap-secret-file",
+            &secret,
+            "--regions",
+            "zone-A,zone-B",
+            "--print-config",
+        ])
+        .env("PDSNO_HEARTBEAT_INTERVAL", "2.5")
+        .env(
+            "PDSNO_MESSAGE_SIGNING_SECRET",
+            "network-secret-never-printed",
+        )
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = json_of(&text);
+    let get = |k: &str| v.get(k).cloned().unwrap_or(pdsno_shared::json::Value::Null);
+    assert_eq!(get("heartbeat_interval").as_str(), Some("2.5s"), "{text}");
+    assert_eq!(get("listen_grpc").as_str(), Some("127.0.0.1:50051"));
+    assert_eq!(get("network_key").as_str(), Some("[set]"));
+    assert_eq!(get("bootstrap_secret").as_str(), Some("[set]"));
+    assert!(
+        !text.contains("network-secret-never-printed") && !text.contains(&lab.secret),
+        "{text}"
+    );
+    assert!(
+        !data.is_empty() && !lab.data("pc").exists(),
+        "nothing started"
+    );
+}

@@ -50,6 +50,24 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
             }
         };
     }
+    if args.print_config {
+        return match NodeConfig::resolve(role, args) {
+            Ok(mut c) => {
+                c.users.extend(accounts);
+                println!(
+                    "{}",
+                    pdsno_shared::json::to_pretty_string(&pdsno_shared::json::Value::Object(
+                        c.effective()
+                    ))
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     crate::logging::init();
     crate::cmd::secrets::warn(warnings);
     let cfg = match NodeConfig::resolve(role, args) {
