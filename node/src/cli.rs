@@ -170,3 +170,57 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Audit(c) => cmd::audit::run(&c),
     }
 }
+
+/// Every `PDSNO_*` variable a flag of `pdsno <tier>` reads, with its flag.
+pub fn tier_env_vars() -> Vec<(String, String)> {
+    let cmd = Cli::command();
+    let mut out = Vec::new();
+    if let Some(sub) = cmd.find_subcommand("global") {
+        for a in sub.get_arguments() {
+            if let (Some(env), Some(long)) = (a.get_env(), a.get_long()) {
+                out.push((env.to_string_lossy().into_owned(), long.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// `PDSNO_*` variables read outside the tiers' flags (tools, the runtime, tests).
+const OTHER_VARIABLES: &[&str] = &[
+    "PDSNO_BOOTSTRAP_SECRET",
+    "PDSNO_BOOTSTRAP_TOKEN",
+    "PDSNO_WORKER_THREADS",
+    "PDSNO_ADMIN_KEY_FILE",
+    "PDSNO_BIN",
+    "PDSNO_TEST_LOG",
+    "PDSNO_PYTHON",
+    "PDSNO_DIFF_SEED",
+    "PDSNO_DIFF_CASES",
+    // Deprecated names, still read for one release (with a warning).
+    "PDSNO_LOCKOUT_WINDOW",
+];
+
+/// The `PDSNO_*` variables set in `vars` that nothing reads: each with the variable that was
+/// probably meant. A misspelt `PDSNO_REQUIRE_TSL=true` must not leave TLS off quietly.
+pub fn unknown_variables(vars: impl IntoIterator<Item = String>) -> Vec<(String, Option<String>)> {
+    let cmd = Cli::command();
+    let mut known: Vec<String> = OTHER_VARIABLES.iter().map(|s| (*s).to_owned()).collect();
+    for sub in cmd.get_subcommands() {
+        let mut stack = vec![sub];
+        while let Some(c) = stack.pop() {
+            known.extend(
+                c.get_arguments()
+                    .filter_map(|a| a.get_env())
+                    .map(|e| e.to_string_lossy().into_owned()),
+            );
+            stack.extend(c.get_subcommands());
+        }
+    }
+    vars.into_iter()
+        .filter(|v| v.starts_with("PDSNO_") && !known.contains(v))
+        .map(|v| {
+            let hint = crate::config::did_you_mean(&v, known.iter().cloned());
+            (v, hint)
+        })
+        .collect()
+}

@@ -31,8 +31,11 @@ pub struct FileConfig {
     pub listen_mqtt: Option<SocketAddr>,
     /// An extra embedded broker listener (MQTT 3.1.1 and 5).
     pub listen_mqtt_v5: Option<SocketAddr>,
-    /// Run the embedded broker (global controller; default true).
+    /// Run the embedded broker (global controller; default true). Older spelling of
+    /// `no_embedded_broker = true`.
     pub embedded_broker: Option<bool>,
+    /// Do not run the embedded broker (global controller; use `mqtt_url`).
+    pub no_embedded_broker: Option<bool>,
     /// External broker URL (`mqtt://host:port`, `mqtts://...`); a comma-separated list
     /// names the members of a broker cluster, tried in turn.
     pub mqtt_url: Option<String>,
@@ -73,7 +76,9 @@ pub struct FileConfig {
     pub mqtt_users: Option<Vec<UserEntry>>,
     /// Seconds an admission challenge stays valid (default 30).
     pub challenge_ttl_secs: Option<u64>,
-    /// Seconds between heartbeats to the parent (default 10).
+    /// Seconds between heartbeats to the parent (default 10). Key `heartbeat_interval`
+    /// (`heartbeat_interval_secs` still read).
+    #[serde(rename = "heartbeat_interval", alias = "heartbeat_interval_secs")]
     pub heartbeat_interval_secs: Option<f64>,
     /// Seconds between scheduled pairwise key rotations (default 86400).
     pub key_rotation_secs: Option<u64>,
@@ -93,7 +98,9 @@ pub struct FileConfig {
     pub mqtt_ca_file: Option<PathBuf>,
     /// Do not use MQTT at all (everything goes over gRPC).
     pub no_mqtt: Option<bool>,
-    /// Seconds between discovery cycles (local controllers; default 30).
+    /// Seconds between discovery cycles (local controllers; default 30). Key
+    /// `discovery_interval` (`discovery_interval_secs` still read).
+    #[serde(rename = "discovery_interval", alias = "discovery_interval_secs")]
     pub discovery_interval_secs: Option<f64>,
     /// `simulated` (default), `probe` (TCP probes + neighbour table) or `file`.
     pub scanner: Option<String>,
@@ -105,7 +112,9 @@ pub struct FileConfig {
     pub scan_file: Option<PathBuf>,
     /// Cycles a device may be missed before it is reported inactive (default 3).
     pub missed_cycles: Option<u32>,
-    /// Seconds between a regional controller's summaries to the GC (default 30).
+    /// Seconds between a regional controller's summaries to the GC (default 30). Key
+    /// `summary_interval` (`summary_interval_secs` still read).
+    #[serde(rename = "summary_interval", alias = "summary_interval_secs")]
     pub summary_interval_secs: Option<f64>,
     /// New devices in one report above which a spike is flagged (default 100).
     pub spike_threshold: Option<usize>,
@@ -373,7 +382,7 @@ pub struct NodeArgs {
     #[arg(long, env = "PDSNO_LOCKOUT_FAILURES")]
     pub lockout_failures: Option<u32>,
     /// Window (seconds) in which failed admission attempts count.
-    #[arg(long, env = "PDSNO_LOCKOUT_WINDOW", value_name = "SECS")]
+    #[arg(long, env = "PDSNO_LOCKOUT_WINDOW_SECS", value_name = "SECS")]
     pub lockout_window_secs: Option<f64>,
     /// Lockout duration (seconds).
     #[arg(long, env = "PDSNO_LOCKOUT_SECS", value_name = "SECS")]
@@ -870,8 +879,52 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         if !key_path.is_empty() && key_path != "." {
             key = format!("{key}: {key_path}");
         }
-        err(&key, inner.message().to_owned())
+        let mut message = inner.message().to_owned();
+        // serde names the unknown key and the expected ones: say which one was meant.
+        if let Some(rest) = message.strip_prefix("unknown field `")
+            && let Some((unknown, expected)) = rest.split_once("`, expected")
+            && let Some(best) = did_you_mean(
+                unknown,
+                expected.split('`').skip(1).step_by(2).map(str::to_owned),
+            )
+        {
+            message = format!("unknown key `{unknown}` (did you mean `{best}`?)");
+        }
+        err(&key, message)
     })
+}
+
+/// A variable renamed to follow the naming rule, still read for one release: its value (when
+/// it parses as seconds), with a warning naming the new name.
+fn deprecated_seconds(old: &str, new: &str) -> Option<f64> {
+    let v = std::env::var(old).ok()?;
+    eprintln!("warning: {old} is deprecated; use {new}");
+    v.trim().parse().ok()
+}
+
+/// The candidate closest to `word` (by edit distance), when it is close enough to be what was
+/// meant.
+pub fn did_you_mean(word: &str, candidates: impl IntoIterator<Item = String>) -> Option<String> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let cost = usize::from(ca != *cb);
+                cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
+        .into_iter()
+        .map(|c| (distance(&word.to_lowercase(), &c.to_lowercase()), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
 }
 
 /// The parent URL a controller uses for its first admission when none is configured: the
@@ -1070,7 +1123,9 @@ impl NodeConfig {
                 .or(file.listen_mqtt)
                 .unwrap_or_else(|| loopback(1883)),
             listen_mqtt_v5: a.listen_mqtt_v5.or(file.listen_mqtt_v5),
-            embedded_broker: !a.no_embedded_broker && file.embedded_broker.unwrap_or(true),
+            embedded_broker: !a.no_embedded_broker
+                && !file.no_embedded_broker.unwrap_or(false)
+                && file.embedded_broker.unwrap_or(true),
             mqtt_url: a.mqtt_url.clone().or(file.mqtt_url),
             parent: parent.clone(),
             region,
@@ -1189,7 +1244,11 @@ impl NodeConfig {
                 lockout_failures: a.lockout_failures.or(file.lockout_failures).unwrap_or(5),
                 lockout_window: seconds(
                     "lockout_window_secs",
-                    a.lockout_window_secs.or(file.lockout_window_secs),
+                    a.lockout_window_secs
+                        .or(file.lockout_window_secs)
+                        .or_else(|| {
+                            deprecated_seconds("PDSNO_LOCKOUT_WINDOW", "PDSNO_LOCKOUT_WINDOW_SECS")
+                        }),
                     60.0,
                 )?,
                 lockout: seconds("lockout_secs", a.lockout_secs.or(file.lockout_secs), 900.0)?,

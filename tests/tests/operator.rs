@@ -658,3 +658,136 @@ fn print_config_shows_the_effective_settings_and_no_secret() {
         "nothing started"
     );
 }
+
+/// Flags whose variable or TOML key departs from the rule, and why.
+const NAMING_EXCEPTIONS: &[(&str, &str)] = &[
+    ("config", "the file itself"),
+    ("check-config", "an action, not a setting"),
+    ("print-config", "an action, not a setting"),
+    (
+        "secret",
+        "PDSNO_MESSAGE_SIGNING_SECRET, the original PDSNO's name; never inline in a file",
+    ),
+    (
+        "secret-file",
+        "PDSNO_MESSAGE_SIGNING_SECRET_FILE, after the original PDSNO's name",
+    ),
+    (
+        "bootstrap-token",
+        "a secret: never inline in a file (bootstrap_token_file)",
+    ),
+    ("user", "a secret: --user-file / [[mqtt_users]] in the file"),
+    (
+        "reader",
+        "a secret: --reader-file / [[mqtt_users]] in the file",
+    ),
+    ("user-file", "accounts in the file are [[mqtt_users]]"),
+    ("reader-file", "accounts in the file are [[mqtt_users]]"),
+    (
+        "scan-once",
+        "a one-shot run, chosen when running, not a setting",
+    ),
+];
+
+/// One naming rule: flag `--heartbeat-interval` <-> `PDSNO_HEARTBEAT_INTERVAL` <-> TOML
+/// `heartbeat_interval`, for every flag of every tier, derived from the CLI definition.
+#[test]
+fn every_flag_has_its_variable_and_its_file_key() {
+    let cmd = <pdsno_node::cli::Cli as clap::CommandFactory>::command();
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for tier in ["global", "regional", "local"] {
+        let sub = cmd.find_subcommand(tier).expect("tier");
+        for a in sub.get_arguments() {
+            let Some(long) = a.get_long() else { continue };
+            if NAMING_EXCEPTIONS.iter().any(|(f, _)| *f == long)
+                || long == "help"
+                || long == "version"
+            {
+                continue;
+            }
+            checked += 1;
+            let snake = long.replace('-', "_");
+            let want = format!("PDSNO_{}", snake.to_uppercase());
+            let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+            if env.as_deref() != Some(want.as_str()) {
+                problems.push(format!("{tier} --{long}: variable {env:?}, want {want}"));
+            }
+            // A file key of the wrong type is refused as such (an unknown one differently).
+            let file = dir.path().join(format!("{tier}-{snake}.toml"));
+            std::fs::write(&file, format!("{snake} = {{ wrong = 1 }}\n")).expect("write");
+            let f = file.display().to_string();
+            let (code, _, err) = pdsno(&[tier, "--config", &f, "--check-config"]);
+            if code != Some(2) || err.contains("unknown key") || !err.contains(&snake) {
+                problems.push(format!("{tier} --{long}: no file key {snake}: {err}"));
+            }
+        }
+    }
+    assert!(checked > 100, "{checked} flags checked");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn misspelt_variables_and_keys_are_errors_that_name_the_right_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d").display().to_string();
+    let run_env = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(pdsno_tests::pdsno_bin());
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let base = [
+        "regional",
+        "--data-dir",
+        &data,
+        "--parent",
+        "http://127.0.0.1:1",
+        "--check-config",
+    ];
+    let (code, err, _) = run_env(&base, &[("PDSNO_REQUIRE_TSL", "true")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("unknown variable PDSNO_REQUIRE_TSL (did you mean PDSNO_REQUIRE_TLS?)"),
+        "{err}"
+    );
+    let file = dir.path().join("rc.toml");
+    std::fs::write(&file, "regoin = \"zone-A\"\n").expect("write");
+    let f = file.display().to_string();
+    let (code, err, _) = run_env(&["regional", "--config", &f, "--check-config"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("unknown key `regoin` (did you mean `region`?)"),
+        "{err}"
+    );
+    // Old names keep working for a release: a renamed variable with a warning, old file keys.
+    std::fs::write(&file, "heartbeat_interval_secs = 4.0\n").expect("write");
+    let (code, err, out) = run_env(
+        &[
+            "regional",
+            "--config",
+            &f,
+            "--parent",
+            "http://127.0.0.1:1",
+            "--print-config",
+        ],
+        &[("PDSNO_LOCKOUT_WINDOW", "45")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("PDSNO_LOCKOUT_WINDOW is deprecated; use PDSNO_LOCKOUT_WINDOW_SECS"),
+        "{err}"
+    );
+    assert!(
+        out.contains("lockout_window: 45s") && out.contains("\"heartbeat_interval\": \"4s\""),
+        "{out}"
+    );
+}

@@ -1036,8 +1036,8 @@ fn every_example_config_checks() {
         ),
         (
             "wrong type",
-            "data_dir = \"/x\"\nheartbeat_interval_secs = \"ten\"\n",
-            "heartbeat_interval_secs",
+            "data_dir = \"/x\"\nheartbeat_interval = \"ten\"\n",
+            "heartbeat_interval",
         ),
         (
             "bad address",

@@ -25,6 +25,17 @@ pub struct TierArgs {
 /// command line) are printed and logged first.
 pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
     let args = &a.node;
+    let unknown = crate::cli::unknown_variables(std::env::vars().map(|(k, _)| k));
+    if !unknown.is_empty() {
+        for (v, hint) in unknown {
+            match hint {
+                Some(h) => eprintln!("error: unknown variable {v} (did you mean {h}?)"),
+                None => eprintln!("error: unknown variable {v}"),
+            }
+        }
+        eprintln!("error: invalid configuration: unset or correct the variables above");
+        return ExitCode::from(2);
+    }
     let accounts = match a.accounts.accounts() {
         Ok(v) => v,
         Err(e) => {
