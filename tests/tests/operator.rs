@@ -791,3 +791,31 @@ fn misspelt_variables_and_keys_are_errors_that_name_the_right_one() {
         "{out}"
     );
 }
+
+#[test]
+fn an_admission_benchmark_of_refusals_fails() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--rate-limit-rps", "0", "--lockout-failures", "0"]);
+    let wrong = lab.dir.path().join("wrong.secret");
+    pdsno_tests::write_private(&wrong, "not-the-secret-of-this-controller-0123");
+    let w = wrong.display().to_string();
+    let url = gc.grpc_url();
+    let (code, out, err) = pdsno(&[
+        "bench",
+        "admission",
+        "--url",
+        &url,
+        "--bootstrap-secret-file",
+        &w,
+        "--conns",
+        "1",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("most admissions failed"), "{err}");
+    assert!(
+        err.contains("INVALID_BOOTSTRAP_TOKEN"),
+        "the first error is named: {err}"
+    );
+}

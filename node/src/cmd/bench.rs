@@ -301,6 +301,7 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let mut best = (0.0f64, 0usize, Duration::ZERO, Duration::ZERO);
+    let (mut all_ok, mut all_errors, mut an_error) = (0usize, 0usize, None);
     for &conns in &a.conns {
         let stop_at = Instant::now() + Duration::from_secs(a.duration.max(1));
         let mut tasks = Vec::new();
@@ -370,6 +371,11 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
             }
         }
         lat.sort();
+        all_ok += lat.len();
+        all_errors += errors;
+        if an_error.is_none() {
+            an_error.clone_from(&first_error);
+        }
         let rate = lat.len() as f64 / a.duration.max(1) as f64;
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         println!(
@@ -392,5 +398,12 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
         best.2.as_secs_f64() * 1e3,
         best.3.as_secs_f64() * 1e3
     );
+    // A benchmark of refusals measures nothing: say so, and fail.
+    if all_errors > all_ok {
+        return Err(format!(
+            "most admissions failed ({all_errors} errors, {all_ok} admitted): the numbers above are not admission rates. First error: {}",
+            an_error.unwrap_or_default()
+        ));
+    }
     Ok(())
 }
