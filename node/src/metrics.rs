@@ -298,8 +298,86 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        // The standard process series (unprefixed, as every Prometheus exporter names them),
+        // before the closing `# EOF`.
+        let process = process_metrics();
+        match out.rfind("# EOF") {
+            Some(i) => out.insert_str(i, &process),
+            None => out.push_str(&process),
+        }
         out
     }
+}
+
+/// `process_*` series read from `/proc/self` (Linux; empty elsewhere): resident and virtual
+/// memory, CPU seconds, open file descriptors, threads, start time.
+fn process_metrics() -> String {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return String::new();
+    };
+    let kib = |key: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, v: f64| {
+        out.push_str(&format!(
+            "# TYPE {name} gauge\n# HELP {name} {help}\n{name} {v}\n"
+        ));
+    };
+    if let Some(v) = kib("VmRSS:") {
+        gauge(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            (v * 1024) as f64,
+        );
+    }
+    if let Some(v) = kib("VmSize:") {
+        gauge(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            (v * 1024) as f64,
+        );
+    }
+    if let Some(v) = kib("Threads:") {
+        gauge("process_threads", "Number of OS threads.", v as f64);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge(
+            "process_open_fds",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    // /proc/self/stat: fields after the command name; utime, stime and starttime in clock
+    // ticks (USER_HZ, 100 on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(u), Some(s)) = (tick(11), tick(12)) {
+        out.push_str(&format!(
+            "# TYPE process_cpu_seconds counter\n# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\nprocess_cpu_seconds_total {}\n",
+            (u + s) / 100.0
+        ));
+    }
+    if let (Some(start), Some(boot)) = (tick(19), btime) {
+        out.push_str(&format!(
+            "# TYPE process_start_time_seconds gauge\n# HELP process_start_time_seconds Start time of the process since the Unix epoch in seconds.\nprocess_start_time_seconds {}\n",
+            boot + start / 100.0
+        ));
+    }
+    out
 }
 
 /// The content type of [`Metrics::render`].

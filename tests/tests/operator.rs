@@ -304,6 +304,21 @@ fn version_and_build_info_name_the_commit() {
         )),
         "{text}"
     );
+    // The standard process series, before the closing EOF.
+    let rss: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("process_resident_memory_bytes");
+    assert!(rss > 1e6, "{rss}");
+    for series in [
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(text.contains(series), "{series}: {text}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }
 
 /// GET `path` on `addr`; (status, body).
