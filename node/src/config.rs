@@ -104,6 +104,11 @@ pub struct FileConfig {
     pub discovery_interval_secs: Option<f64>,
     /// `simulated` (default), `probe` (TCP probes + neighbour table) or `file`.
     pub scanner: Option<String>,
+    /// What is logged: `error`, `warn`, `info` (default), `debug`, `trace`, or a filter
+    /// such as `info,pdsno_node::discovery=debug`; `RUST_LOG` wins when set.
+    pub log_level: Option<String>,
+    /// `text` (default) or `json` (one JSON object a line).
+    pub log_format: Option<String>,
     /// The subnet this local controller scans (CIDR).
     pub subnet: Option<String>,
     /// Seed of the simulated scanner (default: derived from the controller id).
@@ -316,6 +321,13 @@ pub struct NodeArgs {
     /// Device scanner: simulated, probe (TCP probes + neighbour table) or file.
     #[arg(long, env = "PDSNO_SCANNER")]
     pub scanner: Option<String>,
+    /// What is logged: error, warn, info (default), debug, trace, or a filter such as
+    /// `info,pdsno_node::discovery=debug` (RUST_LOG wins when set).
+    #[arg(long, env = "PDSNO_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text (default) or json (one JSON object a line, on stderr).
+    #[arg(long, env = "PDSNO_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
     /// The subnet to scan (CIDR).
     #[arg(long, env = "PDSNO_SUBNET")]
     pub subnet: Option<String>,
@@ -512,6 +524,10 @@ pub struct NodeConfig {
     pub discovery_interval: std::time::Duration,
     /// The scanner.
     pub scanner: ScannerKind,
+    /// The log filter (`RUST_LOG` syntax).
+    pub log_level: String,
+    /// Logs as JSON lines.
+    pub log_json: bool,
     /// The subnet to scan.
     pub subnet: Option<String>,
     /// Simulated scanner seed.
@@ -1206,6 +1222,36 @@ impl NodeConfig {
                     return Err(err(
                         "scanner",
                         format!("{other:?}: expected simulated, probe or file"),
+                    ));
+                }
+            },
+            log_level: {
+                let l = a
+                    .log_level
+                    .clone()
+                    .or(file.log_level)
+                    .unwrap_or_else(|| "info".into());
+                if l.is_empty()
+                    || !l
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_:=,.-".contains(c))
+                {
+                    return Err(err(
+                        "log_level",
+                        format!(
+                            "{l:?}: expected error, warn, info, debug, trace or a filter like info,pdsno_node=debug"
+                        ),
+                    ));
+                }
+                l
+            },
+            log_json: match a.log_format.clone().or(file.log_format).as_deref() {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => {
+                    return Err(err(
+                        "log_format",
+                        format!("{other:?}: expected text or json"),
                     ));
                 }
             },

@@ -834,3 +834,61 @@ fn an_admission_benchmark_of_refusals_fails() {
         "the first error is named: {err}"
     );
 }
+
+#[test]
+fn logs_as_json_lines_at_the_chosen_level() {
+    let lab = Lab::new();
+    let mut gc = lab.ready(
+        lab.spawn_env(
+            "global",
+            "global",
+            &["--log-format", "json"],
+            &[("RUST_LOG", "")],
+        ),
+        "global",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gc.proc.stderr().contains("pdsno starting") {
+        assert!(std::time::Instant::now() < deadline, "{}", gc.proc.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gc.proc.terminate(Duration::from_secs(10));
+    let err = gc.proc.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        json_of(l);
+    }
+    let start = lines
+        .iter()
+        .map(|l| json_of(l))
+        .find(|v| {
+            v.get("fields")
+                .and_then(|f| f.get("message"))
+                .and_then(|m| m.as_str())
+                == Some("pdsno starting")
+        })
+        .expect("the startup line");
+    let fields = start.get("fields").expect("fields");
+    assert!(
+        fields
+            .get("version")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.contains("(commit ")),
+        "{start:?}"
+    );
+    assert!(fields.get("data_dir").is_some(), "{start:?}");
+    // --log-level warn: no info lines.
+    let lab = Lab::new();
+    let mut gc = lab.ready(
+        lab.spawn_env(
+            "global",
+            "global",
+            &["--log-level", "warn"],
+            &[("RUST_LOG", "")],
+        ),
+        "global",
+    );
+    gc.proc.terminate(Duration::from_secs(10));
+    assert!(!gc.proc.stderr().contains(" INFO "), "{}", gc.proc.stderr());
+}

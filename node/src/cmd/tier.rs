@@ -79,8 +79,6 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
             }
         };
     }
-    crate::logging::init();
-    crate::cmd::secrets::warn(warnings);
     let cfg = match NodeConfig::resolve(role, args) {
         Ok(mut c) => {
             c.users.extend(accounts);
@@ -91,6 +89,15 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    crate::logging::init_with(&cfg.log_level, cfg.log_json);
+    crate::cmd::secrets::warn(warnings);
+    tracing::info!(
+        version = crate::cli::VERSION,
+        role = role.as_str(),
+        config = %args.config.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
+        data_dir = %cfg.data_dir.display(),
+        "pdsno starting"
+    );
     crate::runtime::block_on(async move {
         let cancel = CancellationToken::new();
         let c = cancel.clone();
