@@ -15,6 +15,17 @@ fn demo_admits_discovers_propagates_policy_and_reports_a_dead_lc() {
     );
     assert_eq!(code, Some(0), "demo failed\nstdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("global_cntl_1  grpc 127.0.0.1:"), "{out}");
+    // The operator is told where the data is, and that it goes away.
+    let data = out
+        .lines()
+        .find_map(|l| l.strip_prefix("data and logs: "))
+        .expect("the data line");
+    assert!(
+        data.ends_with("(deleted when the demo ends; --keep-data keeps them)"),
+        "{data}"
+    );
+    let dir = data.split(' ').next().unwrap_or_default();
+    assert!(!std::path::Path::new(dir).exists(), "{dir} was not deleted");
     for id in [
         "regional_cntl_zone-A_1",
         "regional_cntl_zone-B_1",

@@ -82,7 +82,15 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
         regions.len(),
         regions.len() * a.locals
     );
-    println!("data and logs: {}", dir.display());
+    println!(
+        "data and logs: {}{}",
+        dir.display(),
+        if a.keep_data {
+            " (kept)"
+        } else {
+            " (deleted when the demo ends; --keep-data keeps them)"
+        }
+    );
     let started = Instant::now();
     let mut nodes: Vec<Node> = Vec::new();
     let result = async {
