@@ -892,3 +892,38 @@ fn logs_as_json_lines_at_the_chosen_level() {
     gc.proc.terminate(Duration::from_secs(10));
     assert!(!gc.proc.stderr().contains(" INFO "), "{}", gc.proc.stderr());
 }
+
+#[test]
+fn a_refused_region_is_told_which_regions_the_parent_admits() {
+    let lab = Lab::new();
+    let gc = lab.global(&["--regions", "zone-A,zone-B"]);
+    let url = gc.grpc_url();
+    let token = lab.token("temp-rc-q", "zone-Q", "regional");
+    let data = lab.data("temp-rc-q").display().to_string();
+    let out = std::process::Command::new(pdsno_tests::pdsno_bin())
+        .args([
+            "regional",
+            "--data-dir",
+            &data,
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--parent",
+            &url,
+            "--region",
+            "zone-Q",
+            "--temp-id",
+            "temp-rc-q",
+        ])
+        .env("PDSNO_BOOTSTRAP_TOKEN", &token)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("INVALID_REGION [this parent admits: zone-A, zone-B]")
+            && err.contains("check --region"),
+        "{err}"
+    );
+}

@@ -531,7 +531,15 @@ impl Authority {
         if !ids::is_valid_region(&req.region)
             || (!self.cfg.regions.is_empty() && !self.cfg.regions.contains(&req.region))
         {
-            return Ok(self.refuse(&temp_id, reason::INVALID_REGION, now));
+            // Ours: say which regions this parent admits (its configuration, not a secret).
+            let mut m = self.refuse(&temp_id, reason::INVALID_REGION, now);
+            if !self.cfg.regions.is_empty() {
+                m.insert(
+                    "allowed_regions".into(),
+                    Value::Array(self.cfg.regions.iter().map(|r| r.as_str().into()).collect()),
+                );
+            }
+            return Ok(m);
         }
         if self
             .cfg

@@ -108,7 +108,7 @@ pub enum ChildError {
 
 /// What an operator can do about a refused admission, by reason code.
 pub fn rejection_hint(reason: &str) -> Option<&'static str> {
-    Some(match reason {
+    Some(match reason.split(' ').next().unwrap_or(reason) {
         "INVALID_BOOTSTRAP_TOKEN" => {
             "the token does not match this --temp-id, --region and tier, or was minted with another parent's secret: mint it again on the parent's host (pdsno token)"
         }
@@ -209,7 +209,11 @@ fn refusal(env: &Envelope) -> Result<ChildError, ChildError> {
     let r: ValidationResult = env
         .payload_as()
         .map_err(|e| ChildError::Protocol(e.to_string()))?;
-    let reason = r.reason.unwrap_or_else(|| "no reason given".into());
+    let mut reason = r.reason.unwrap_or_else(|| "no reason given".into());
+    if let Some(Value::Array(allowed)) = r.extra.get("allowed_regions") {
+        let names: Vec<&str> = allowed.iter().filter_map(Value::as_str).take(64).collect();
+        reason = format!("{reason} [this parent admits: {}]", names.join(", "));
+    }
     Ok(match r.status {
         ValidationStatus::Rejected => ChildError::Rejected(reason),
         _ => ChildError::ParentError(reason),
