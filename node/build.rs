@@ -11,7 +11,9 @@ fn main() {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=PDSNO_COMMIT={commit}");
+    // Not a PDSNO_* name: `cargo run` also exports it to the program it runs, and a node
+    // refuses PDSNO_* variables it does not know (the demo's controllers would stop).
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     // Rebuild when HEAD moves (a new commit or checkout), not on every change.
     for f in ["../.git/HEAD", "../.git/refs/heads"] {
         if std::path::Path::new(f).exists() {

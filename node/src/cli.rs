@@ -11,7 +11,7 @@ use crate::cmd;
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
-    env!("PDSNO_COMMIT"),
+    env!("BUILD_GIT_COMMIT"),
     ")"
 );
 

@@ -128,7 +128,7 @@ impl Metrics {
             "The running build",
             prometheus_client::metrics::info::Info::new(vec![
                 ("version", env!("CARGO_PKG_VERSION")),
-                ("commit", env!("PDSNO_COMMIT")),
+                ("commit", env!("BUILD_GIT_COMMIT")),
             ]),
         );
         let messages = Family::<MessageLabels, Counter>::default();

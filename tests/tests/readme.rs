@@ -69,6 +69,15 @@ fn cargo_run_at_the_root_has_exactly_one_binary_to_run() {
 
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
     assert!(readme.contains("cargo run --release -- demo"));
+    // `cargo run` exports build-script variables to the program: a PDSNO_* one would be an
+    // unknown variable to every controller the demo starts.
+    for build in ["node/build.rs", "shared/build.rs"] {
+        let text = std::fs::read_to_string(root.join(build)).unwrap_or_default();
+        assert!(
+            !text.contains("rustc-env=PDSNO_"),
+            "{build} exports a PDSNO_ variable"
+        );
+    }
     assert!(readme.contains("cargo test --workspace"));
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
     assert!(ci.contains("cargo test --workspace"));
