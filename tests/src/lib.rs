@@ -499,6 +499,36 @@ impl Lab {
         Proc::pdsno(name, &args, env)
     }
 
+    /// The arguments of `pdsno <tier>` for the first start of child `name` under
+    /// `parent_url` in `region`: the lab's data directory for `name`, free ports, its temp
+    /// id. The token (and anything else) is the caller's to add.
+    pub fn first_start_args(
+        &self,
+        tier: &str,
+        name: &str,
+        parent_url: &str,
+        region: &str,
+    ) -> Vec<String> {
+        [
+            tier,
+            "--data-dir",
+            &self.data(name).display().to_string(),
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--parent",
+            parent_url,
+            "--region",
+            region,
+            "--temp-id",
+            name,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
     /// Waits for `ready` and returns the node.
     pub fn ready(&self, mut proc: Proc, name: &str) -> NodeProc {
         let line = proc.wait_line(Duration::from_secs(60), |l| l.starts_with("ready "));

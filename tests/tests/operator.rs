@@ -553,25 +553,11 @@ fn bootstrap_tokens_expire() {
     // A fresh token with the default lifetime admits a real controller, which says why when
     // its token is too old.
     let token = mint("temp-rc-a", "zone-A", "24h");
-    let data = lab.data("temp-rc-a").display().to_string();
-    let url = gc.grpc_url();
+    let args = lab.first_start_args("regional", "temp-rc-a", &gc.grpc_url(), "zone-A");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = pdsno_tests::Proc::pdsno(
         "temp-rc-a",
-        &[
-            "regional",
-            "--data-dir",
-            &data,
-            "--listen-grpc",
-            "127.0.0.1:0",
-            "--listen-rest",
-            "127.0.0.1:0",
-            "--parent",
-            &url,
-            "--region",
-            "zone-A",
-            "--temp-id",
-            "temp-rc-a",
-        ],
+        &args,
         &[("PDSNO_BOOTSTRAP_TOKEN", token.as_str())],
     );
     p.wait_line(Duration::from_secs(30), |l| l.starts_with("admitted "));
@@ -608,24 +594,10 @@ fn an_admitted_controller_restarts_without_its_token_file() {
     );
     rc.proc.terminate(Duration::from_secs(10));
     // A first start without the file says what is missing.
-    let data = lab.data("temp-rc-new").display().to_string();
-    let (code, _, err) = pdsno(&[
-        "regional",
-        "--data-dir",
-        &data,
-        "--listen-grpc",
-        "127.0.0.1:0",
-        "--listen-rest",
-        "127.0.0.1:0",
-        "--parent",
-        &url,
-        "--region",
-        "zone-B",
-        "--temp-id",
-        "temp-rc-new",
-        "--bootstrap-token-file",
-        &tf,
-    ]);
+    let mut args = lab.first_start_args("regional", "temp-rc-new", &url, "zone-B");
+    args.extend(["--bootstrap-token-file".to_owned(), tf.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = pdsno(&args);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("bootstrap token file {tf} does not exist")),
@@ -899,23 +871,8 @@ fn a_refused_region_is_told_which_regions_the_parent_admits() {
     let gc = lab.global(&["--regions", "zone-A,zone-B"]);
     let url = gc.grpc_url();
     let token = lab.token("temp-rc-q", "zone-Q", "regional");
-    let data = lab.data("temp-rc-q").display().to_string();
     let out = std::process::Command::new(pdsno_tests::pdsno_bin())
-        .args([
-            "regional",
-            "--data-dir",
-            &data,
-            "--listen-grpc",
-            "127.0.0.1:0",
-            "--listen-rest",
-            "127.0.0.1:0",
-            "--parent",
-            &url,
-            "--region",
-            "zone-Q",
-            "--temp-id",
-            "temp-rc-q",
-        ])
+        .args(lab.first_start_args("regional", "temp-rc-q", &url, "zone-Q"))
         .env("PDSNO_BOOTSTRAP_TOKEN", &token)
         .output()
         .expect("run");

@@ -92,25 +92,10 @@ async fn no_identity_takeover_between_regional_controllers_of_a_region() {
 
     // A second RC for zone-A, with a valid token of its own: refused, with the reason.
     let token = lab.token("temp-rc-a2", "zone-A", "regional");
-    let url = gc.grpc_url();
-    let data = lab.data("temp-rc-a2").display().to_string();
-    let (code, out, err) = pdsno(&[
-        "regional",
-        "--data-dir",
-        &data,
-        "--listen-grpc",
-        "127.0.0.1:0",
-        "--listen-rest",
-        "127.0.0.1:0",
-        "--parent",
-        &url,
-        "--region",
-        "zone-A",
-        "--temp-id",
-        "temp-rc-a2",
-        "--bootstrap-token",
-        &token,
-    ]);
+    let mut args = lab.first_start_args("regional", "temp-rc-a2", &gc.grpc_url(), "zone-A");
+    args.extend(["--bootstrap-token".to_owned(), token]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = pdsno(&args);
     assert_eq!(code, Some(3), "{out}\n{err}");
     assert!(
         format!("{out}{err}").contains("REGION_ALREADY_SERVED")
@@ -302,28 +287,15 @@ async fn an_rc_secret_mints_nothing_the_gc_or_another_region_accepts() {
 
     // An RC given the GC's secret refuses to start, naming the setting.
     let token = lab.token("temp-rc-c", "zone-C", "regional");
-    let data = lab.data("temp-rc-c").display().to_string();
-    let secret_file = lab.secret_file.display().to_string();
-    let url = gc.grpc_url();
-    let (code, out, err) = pdsno(&[
-        "regional",
-        "--data-dir",
-        &data,
-        "--bootstrap-secret-file",
-        &secret_file,
-        "--listen-grpc",
-        "127.0.0.1:0",
-        "--listen-rest",
-        "127.0.0.1:0",
-        "--parent",
-        &url,
-        "--region",
-        "zone-C",
-        "--temp-id",
-        "temp-rc-c",
-        "--bootstrap-token",
-        &token,
+    let mut args = lab.first_start_args("regional", "temp-rc-c", &gc.grpc_url(), "zone-C");
+    args.extend([
+        "--bootstrap-secret-file".to_owned(),
+        lab.secret_file.display().to_string(),
+        "--bootstrap-token".to_owned(),
+        token,
     ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = pdsno(&args);
     assert_ne!(code, Some(0), "{out}");
     assert!(
         err.contains("bootstrap_secret_file") && err.contains("global controller's"),
