@@ -884,3 +884,34 @@ fn a_refused_region_is_told_which_regions_the_parent_admits() {
         "{err}"
     );
 }
+
+#[test]
+fn a_child_signing_with_a_secret_its_parent_lacks_is_told_which_setting_differs() {
+    let lab = Lab::new();
+    // The global controller runs without a shared message-signing secret.
+    let gc = lab.global(&[]);
+    let url = gc.grpc_url();
+    let token = lab.token("temp-rc-s", "zone-A", "regional");
+    let secret = lab.data("network.secret");
+    pdsno_tests::write_private(&secret, "a-shared-message-signing-secret-0123\n");
+    let mut args = lab.first_start_args("regional", "temp-rc-s", &url, "zone-A");
+    args.extend(["--secret-file".into(), secret.display().to_string()]);
+    let out = std::process::Command::new(pdsno_tests::pdsno_bin())
+        .args(&args)
+        .env("PDSNO_BOOTSTRAP_TOKEN", &token)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Final (exit 3), not retried, and the message names the setting on both sides.
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("--secret-file") && err.contains("same secret"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("could not verify our admission request")
+            .count(),
+        1,
+        "{err}"
+    );
+}

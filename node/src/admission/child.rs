@@ -104,6 +104,31 @@ pub enum ChildError {
     /// The parent's answer does not verify or is malformed.
     #[error("invalid answer from the parent: {0}")]
     Protocol(String),
+    /// The parent and this controller sign admission differently (final: a setting must
+    /// change on one side).
+    #[error("admission REJECTED: {0}")]
+    SigningSetup(String),
+}
+
+/// What a refused signature on our admission request means, given how we signed it.
+/// With a shared message-signing secret we sign with it; a parent with another secret (or
+/// none, so it checks the bootstrap token's key) cannot verify that, and retrying cannot help.
+fn explain_refused_signature(e: ChildError, signed_with_network_key: bool) -> ChildError {
+    match &e {
+        ChildError::Link(LinkError::Status {
+            code: tonic::Code::Unauthenticated,
+            message,
+        }) if signed_with_network_key && message.contains("signature") => {
+            ChildError::SigningSetup(format!(
+                "the parent could not verify our admission request ({message}). This controller \
+                 signs it with the shared message-signing secret (--secret-file, \
+                 PDSNO_MESSAGE_SIGNING_SECRET_FILE or PDSNO_MESSAGE_SIGNING_SECRET); the parent \
+                 has another secret or none. Give every controller of the deployment the same \
+                 secret, or remove it here (then admission is signed with the bootstrap token)"
+            ))
+        }
+        _ => e,
+    }
 }
 
 /// What an operator can do about a refused admission, by reason code.
@@ -164,7 +189,9 @@ impl ChildError {
                         }
                     )
             }
-            ChildError::Rejected(_) | ChildError::Untrusted(_) => false,
+            ChildError::Rejected(_) | ChildError::Untrusted(_) | ChildError::SigningSetup(_) => {
+                false
+            }
         }
     }
 }
@@ -270,7 +297,10 @@ pub async fn admit(
     // second loss is final (each loss counts against this address's admission lockout).
     let mut lost = None;
     for _ in 0..2 {
-        match attempt(link, cfg, identity, clock, &hs, &parent_id).await? {
+        let outcome = attempt(link, cfg, identity, clock, &hs, &parent_id)
+            .await
+            .map_err(|e| explain_refused_signature(e, cfg.network_key.is_some()))?;
+        match outcome {
             Attempt::Done(result) => {
                 let a = trust(&result.payload, cfg, identity, &parent_id, clock.now())?;
                 if pinned_key.is_some_and(|k| k != a.parent_public_key) {
