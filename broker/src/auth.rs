@@ -285,6 +285,26 @@ pub enum Principal {
     Credential(String),
 }
 
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Anonymous => f.write_str("anonymous"),
+            Principal::Operator(n) => write!(f, "operator:{n}"),
+            Principal::Reader(n) => write!(f, "reader:{n}"),
+            Principal::Credential(n) => write!(f, "controller:{n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Publish => "publish",
+            Access::Subscribe => "subscribe",
+        })
+    }
+}
+
 impl Principal {
     /// The account whose budgets (retained messages) this connection draws on: the
     /// credential or operator account; every anonymous client shares one.

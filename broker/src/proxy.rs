@@ -170,7 +170,7 @@ pub(crate) async fn serve<S>(
                 Refusal::ReservedId => stats.refused_client_id.fetch_add(1, Ordering::Relaxed),
                 _ => stats.refused_auth.fetch_add(1, Ordering::Relaxed),
             };
-            tracing::info!(%peer, client_id = %connect.client_id, user = ?connect.username, ?refusal, "refused connection");
+            tracing::info!(%peer, client_id = %connect.client_id, user = %connect.username.as_deref().unwrap_or("-"), ?refusal, "refused connection");
             let _ = client
                 .write_all(&codec::connack_refusal(connect.version, refusal))
                 .await;
@@ -199,7 +199,7 @@ pub(crate) async fn serve<S>(
         )
     {
         stats.denied.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
+        tracing::info!(%peer, client_id = %connect.client_id, %principal, topic = %w.topic, "refused: will on a topic the client may not publish on");
         let _ = client
             .write_all(&codec::connack_refusal(
                 connect.version,
@@ -227,7 +227,7 @@ pub(crate) async fn serve<S>(
             None
         };
         if let Some(refusal) = refusal {
-            tracing::info!(%peer, client_id = %connect.client_id, ?principal, topic = %w.topic, ?refusal, "refused: retained will");
+            tracing::info!(%peer, client_id = %connect.client_id, %principal, topic = %w.topic, ?refusal, "refused: retained will");
             let _ = client
                 .write_all(&codec::connack_refusal(connect.version, refusal))
                 .await;
@@ -285,7 +285,7 @@ pub(crate) async fn serve<S>(
     }
     stats.connected.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(%peer, client_id = %connect.client_id, ?principal, version = %connect.version, "client connected");
+    tracing::debug!(%peer, client_id = %connect.client_id, %principal, version = %connect.version, "client connected");
 
     // 4. Pump.
     let rights = Rights {
@@ -334,7 +334,7 @@ pub(crate) async fn serve<S>(
         }
         End::Denied(access, topic) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, client_id = %connect.client_id, ?principal, ?access, %topic, "closed a client that went outside its topic rights");
+            tracing::info!(%peer, client_id = %connect.client_id, %principal, %access, %topic, "closed a client that went outside its topic rights");
             if say_why {
                 // 0x87: not authorized.
                 let _ = client.write_all(&codec::disconnect_v5(0x87)).await;
@@ -342,7 +342,7 @@ pub(crate) async fn serve<S>(
         }
         End::RetainForbidden(topic) => {
             stats.retain_forbidden.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, client_id = %connect.client_id, ?principal, %topic, "closed a client that retained a message where nothing may be retained");
+            tracing::info!(%peer, client_id = %connect.client_id, %principal, %topic, "closed a client that retained a message where nothing may be retained");
             if say_why {
                 // 0x9A: retain not supported.
                 let _ = client.write_all(&codec::disconnect_v5(0x9A)).await;
@@ -350,7 +350,7 @@ pub(crate) async fn serve<S>(
         }
         End::RetainQuota(topic) => {
             stats.retained_quota.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, client_id = %connect.client_id, ?principal, %topic, "closed a client over its retained-message budget");
+            tracing::warn!(%peer, client_id = %connect.client_id, %principal, %topic, "closed a client over its retained-message budget");
             if say_why {
                 // 0x97: quota exceeded.
                 let _ = client.write_all(&codec::disconnect_v5(0x97)).await;

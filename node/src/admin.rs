@@ -315,7 +315,8 @@ impl Admin {
                     .map_err(|e| Status::internal(e.to_string()))?
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 let version = rt.policy.version();
-                println!("policy version={version} published");
+                crate::report::line(&format!("policy version={version} published"));
+                tracing::info!(version, "policy published");
                 let d = match rt.policy.topic() {
                     Some(topic) => {
                         crate::policy::distribute(&self.trust, &rt.outbound, &env, &topic).await

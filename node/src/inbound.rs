@@ -73,6 +73,41 @@ pub enum InboundError {
         /// The envelope's sender.
         sender: String,
     },
+    /// The sender proved its identity, but this node revoked it (403 / PERMISSION_DENIED,
+    /// with `notice` for the controller to verify: see [`revocation_notice`]).
+    #[error("{message}")]
+    Revoked {
+        /// What happened and what to do.
+        message: String,
+        /// A VALIDATION_RESULT saying so, signed with this node's identity key.
+        notice: Box<Envelope>,
+    },
+}
+
+/// The `status` of a revocation notice's payload.
+pub const REVOKED_STATUS: &str = "REVOKED";
+/// The `reason` of a revocation notice's payload.
+pub const REVOKED_REASON: &str = "CONTROLLER_REVOKED";
+
+/// The notice a parent gives a controller it revoked: a VALIDATION_RESULT addressed to it,
+/// status `REVOKED`, signed with the parent's identity key, so the controller can tell a
+/// real revocation from a forged refusal before it stops.
+pub fn revocation_notice(trust: &Trust, to: &str, message: &str, revoked_at: &str) -> Envelope {
+    let mut m = Map::new();
+    m.insert("status".into(), REVOKED_STATUS.into());
+    m.insert("reason".into(), REVOKED_REASON.into());
+    m.insert("message".into(), message.into());
+    m.insert("revoked_by".into(), trust.me.clone().into());
+    m.insert("revoked_at".into(), revoked_at.into());
+    let mut env = Envelope::new(
+        MessageType::ValidationResult,
+        trust.me.clone(),
+        to,
+        m,
+        trust.clock.now(),
+    );
+    trust.sign_identity(&mut env);
+    env
 }
 
 /// What a handler answers.
@@ -157,6 +192,7 @@ impl InboundError {
             InboundError::NoHandler(_) => "no_handler",
             InboundError::Busy(_) => "busy",
             InboundError::PeerMismatch { .. } => "tls_identity_mismatch",
+            InboundError::Revoked { .. } => "revoked",
         }
     }
 }
@@ -403,6 +439,40 @@ impl Inbound {
         r
     }
 
+    /// When `env` fails verification because its sender is a controller we revoked, and it
+    /// is signed with that controller's identity key: the refusal that tells it so.
+    fn revoked_sender(&self, env: &Envelope) -> Option<InboundError> {
+        let nib = &self.trust.nib;
+        let row = nib.controller(&env.sender_id).ok().flatten()?;
+        if row.status != "revoked" {
+            return None;
+        }
+        let key = PublicKey::from_base64(row.public_key.as_deref()?).ok()?;
+        let keys = pdsno_shared::signing::VerifyKeys {
+            hmac: None,
+            ed25519: Some(&key),
+        };
+        self.verifier
+            .verify(env, keys, None, self.trust.clock.now())
+            .ok()?;
+        let (why, at) = nib
+            .block_entry(&env.sender_id)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| ("revoked".into(), String::new()));
+        let message = format!(
+            "controller {} was revoked by {} at {at} ({why}); it cannot rejoin with this \
+             identity: to re-admit the host, start it with a new --data-dir, --temp-id and \
+             bootstrap token",
+            env.sender_id, self.trust.me
+        );
+        let notice = revocation_notice(&self.trust, &env.sender_id, &message, &at);
+        Some(InboundError::Revoked {
+            message,
+            notice: Box::new(notice),
+        })
+    }
+
     fn handle_inner(
         &self,
         env: Envelope,
@@ -415,16 +485,18 @@ impl Inbound {
             .authority
             .as_ref()
             .and_then(|a| a.admission_key_for(&env));
-        let verified = self
+        let verified = match self
             .trust
             .verify(&self.verifier, &env, admission.clone(), None)
-            .map_err(|e| {
-                if e.is_internal() {
-                    InboundError::Unavailable(e.to_string())
-                } else {
-                    InboundError::BadSignature(e)
-                }
-            })?;
+        {
+            Ok(v) => v,
+            Err(e) if e.is_internal() => return Err(InboundError::Unavailable(e.to_string())),
+            Err(e) => {
+                return Err(self
+                    .revoked_sender(&env)
+                    .unwrap_or(InboundError::BadSignature(e)));
+            }
+        };
         // A policy is a broadcast: pushed over gRPC when the broker is away, it still
         // names no single recipient.
         let broadcast = env.message_type == MessageType::PolicyUpdate

@@ -23,6 +23,7 @@ pub mod nib;
 pub mod node;
 pub mod outbound;
 pub mod policy;
+pub mod report;
 pub mod runtime;
 pub mod tls;
 pub mod transport;

@@ -488,10 +488,11 @@ pub async fn after_applied(
 ) {
     match (republish, policy.topic()) {
         (Some(copy), Some(topic)) => {
-            println!(
+            crate::report::line(&format!(
                 "policy version={version} republished region={}",
                 trust.region.as_deref().unwrap_or("-")
-            );
+            ));
+            tracing::info!(version, region = %trust.region.as_deref().unwrap_or("-"), "policy applied and handed on to the region");
             let d = distribute(trust, outbound, &copy, &topic).await;
             if !d.published && d.unreachable > 0 {
                 tracing::warn!(
@@ -501,7 +502,10 @@ pub async fn after_applied(
                 );
             }
         }
-        _ => println!("policy version={version} applied"),
+        _ => {
+            crate::report::line(&format!("policy version={version} applied"));
+            tracing::info!(version, "policy applied");
+        }
     }
 }
 

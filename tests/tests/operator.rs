@@ -915,3 +915,120 @@ fn a_child_signing_with_a_secret_its_parent_lacks_is_told_which_setting_differs(
         "{err}"
     );
 }
+
+#[test]
+fn a_revoked_regional_controller_is_told_and_stops_with_its_own_exit_code() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-r",
+        &gc,
+        "zone-A",
+        &["--heartbeat-interval", "0.2"],
+    );
+    rc.proc
+        .wait_line(Duration::from_secs(30), |l| l.starts_with("key "));
+    let (code, out, err) = pdsno(&[
+        "controller",
+        "revoke",
+        &rc.id,
+        "--data-dir",
+        &gc.data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rc.proc.is_alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked RC keeps running: {}",
+            rc.proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let code = rc.proc.terminate(Duration::from_secs(1));
+    let err = rc.proc.stderr();
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains(&format!(
+            "controller {} was revoked by global_cntl_1",
+            rc.id
+        )) && err.contains("revoked by an operator"),
+        "{err}"
+    );
+    // Started again on the same data directory, it is told again at once.
+    let again = std::process::Command::new(pdsno_tests::pdsno_bin())
+        .args([
+            "regional",
+            "--data-dir",
+            &rc.data_dir.display().to_string(),
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--heartbeat-interval",
+            "0.2",
+        ])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(5), "{err}");
+    assert!(err.contains("was revoked by global_cntl_1"), "{err}");
+}
+
+#[test]
+fn one_stream_when_stdout_and_stderr_are_the_same_file() {
+    let lab = Lab::new();
+    let log = lab.data("both.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let data = lab.data("gc");
+    let secret = lab.data("gc.secret");
+    pdsno_tests::write_private(&secret, "a-bootstrap-secret-for-one-stream\n");
+    let mut child = std::process::Command::new(pdsno_tests::pdsno_bin())
+        .args([
+            "global",
+            "--data-dir",
+            &data.display().to_string(),
+            "--bootstrap-secret-file",
+            &secret.display().to_string(),
+            "--regions",
+            "zone-A",
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--listen-mqtt",
+            "127.0.0.1:0",
+        ])
+        .stdout(file.try_clone().expect("clone"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        if t.contains("controller ready") {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready: {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    // The log says it once, with what the report line carried (the key to pin)...
+    let ready: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("controller ready"))
+        .collect();
+    assert_eq!(ready.len(), 1, "{text}");
+    assert!(ready[0].contains("public_key="), "{text}");
+    // ... and no report line repeats it.
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("ready ") || l.starts_with("mqtt v4 ")),
+        "{text}"
+    );
+}

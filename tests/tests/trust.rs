@@ -835,14 +835,23 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
         }
         other => panic!("a revoked controller's message was accepted: {other:?}"),
     }
-    let (_, acked_then, _) = heartbeats(&status(&lc).await);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let (_, acked_now, failed) = heartbeats(&status(&lc).await);
-    assert_eq!(
-        acked_now, acked_then,
-        "heartbeats still accepted after revocation"
+    // The revoked controller is told, with a notice the RC signs, and stops: exit code 5,
+    // the reason and what to do in its log.
+    let deadline = Instant::now() + WAIT;
+    let code = loop {
+        if !lc.proc.is_alive() {
+            break lc.proc.terminate(Duration::from_secs(1));
+        }
+        assert!(Instant::now() < deadline, "the revoked LC keeps running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let err = lc.proc.stderr();
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains(&format!("controller {} was revoked by {}", lc.id, rc.id))
+            && err.contains("new --data-dir"),
+        "{err}"
     );
-    assert!(failed > 0);
     let row = child_row(&status(&rc).await, &lc.id);
     assert_eq!(row.get("status").and_then(Value::as_str), Some("revoked"));
 

@@ -65,15 +65,17 @@ pub fn on_summary(trust: &Arc<Trust>, env: &Envelope) -> Result<HandlerReply, In
         )
         .map_err(|e| InboundError::Unavailable(e.to_string()))?;
     if fresh {
-        println!(
+        crate::report::line(&format!(
             "summary from={sender} region={} new={} updated={} inactive={} region_total={}",
             s.region, s.total_new, s.total_updated, s.total_inactive, s.total_devices_in_region
-        );
+        ));
+        tracing::info!(rc = %sender, region = %s.region, new = s.total_new, updated = s.total_updated, inactive = s.total_inactive, region_total = s.total_devices_in_region, "regional summary");
         for (mac, other) in &cross {
-            println!(
+            crate::report::line(&format!(
                 "anomaly kind=cross_region mac={mac} regions={other},{}",
                 s.region
-            );
+            ));
+            tracing::warn!(%mac, regions = %format!("{other},{}", s.region), "a device is reported in two regions");
         }
     }
     Ok(HandlerReply::Accepted)

@@ -259,7 +259,7 @@ impl LocalDiscovery {
                 "undelivered reports replaced by a full report"
             );
         }
-        println!(
+        crate::report::line(&format!(
             "discovery cycle={} seen={} new={} updated={} inactive={} active={} report={}",
             delta.cycle,
             delta.seen,
@@ -268,7 +268,7 @@ impl LocalDiscovery {
             delta.inactive.len(),
             delta.active,
             report_id.as_deref().unwrap_or("-")
-        );
+        ));
         tracing::info!(
             cycle = delta.cycle,
             scanner = self.scanner.name(),

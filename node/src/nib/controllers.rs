@@ -507,6 +507,21 @@ impl Nib {
             .is_some())
     }
 
+    /// Why and when `subject` was blocklisted, if it is.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn block_entry(&self, subject: &str) -> Result<Option<(String, String)>, NibError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT reason, added_at FROM blocklist WHERE subject = ?1",
+                params![subject],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
     /// Adds `subject` to the blocklist.
     ///
     /// # Errors

@@ -278,7 +278,7 @@ impl Children {
         }
         changed.sort();
         for (id, state) in &changed {
-            println!("liveness id={id} state={state}");
+            crate::report::line(&format!("liveness id={id} state={state}"));
             tracing::info!(child = %id, state, "child liveness changed");
         }
         changed

@@ -53,14 +53,19 @@ pub enum NodeError {
     /// `--scan-once`: the report could not be delivered (it stays queued).
     #[error("the discovery report was not acknowledged; it stays queued for the next run")]
     Undelivered,
+    /// The parent proved it revoked this controller.
+    #[error("{0}")]
+    Revoked(String),
 }
 
 impl NodeError {
-    /// The process exit code for this error: 3 for a refused admission, 1 otherwise.
+    /// The process exit code for this error: 3 for a refused admission, 4 for an
+    /// undelivered `--scan-once` report, 5 for a revoked controller, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             NodeError::Admission(_) => 3,
             NodeError::Undelivered => 4,
+            NodeError::Revoked(_) => 5,
             NodeError::Startup(_) => 1,
         }
     }
@@ -70,9 +75,9 @@ fn startup(e: impl std::fmt::Display) -> NodeError {
     NodeError::Startup(e.to_string())
 }
 
-/// Writes a report line on stdout (line-buffered, so it is visible at once).
+/// Writes a report line on stdout (see [`crate::report`]).
 fn say(line: &str) {
-    println!("{line}");
+    crate::report::line(line);
 }
 
 /// This node's identity and where it sits in the tree.
@@ -576,6 +581,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                     me.id,
                     me.parent.as_ref().map_or("-", |p| p.0.as_str())
                 ));
+                tracing::info!(id = %me.id, parent = %me.parent.as_ref().map_or("-", |p| p.0.as_str()), "restored this controller's identity; no admission needed");
                 if cfg.bootstrap_token.is_some() || cfg.temp_id.is_some() {
                     tracing::warn!(id = %me.id, "already admitted: --temp-id and the bootstrap token are for the first start only and are ignored (remove them; to admit this host anew, revoke {} on its parent and start from a fresh data directory)", me.id);
                 }
@@ -620,6 +626,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
                 cfg.parent_pin.id.as_deref(),
             )
             .map_err(startup)?,
+            revoked: Arc::new(workers::Revoked::new(cancel.clone())),
         }),
         _ => None,
     };
@@ -1200,7 +1207,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         cfg.role.as_str(),
         identity.public().to_base64()
     ));
-    tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, "controller ready");
+    tracing::info!(id = %me.id, role = %cfg.role, grpc = %grpc_addr, rest = %rest_addr, admin = %admin_addr.map_or("-".into(), |a| a.to_string()), public_key = %identity.public().to_base64(), "controller ready");
 
     let mut outcome = Ok(());
     if let (true, Some(ld)) = (cfg.scan_once, &local) {
@@ -1209,6 +1216,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             Ok(_) => {
                 let delivered = delivery.wait_drained(Duration::from_secs(30)).await;
                 say(&format!("scan-once delivered={delivered}"));
+                tracing::info!(delivered, "scan-once: one discovery cycle done");
                 if !delivered {
                     outcome = Err(NodeError::Undelivered);
                 }
@@ -1219,6 +1227,9 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     }
 
     cancel.cancelled().await;
+    if let Some(m) = parent_side.as_ref().and_then(|p| p.revoked.message()) {
+        outcome = Err(NodeError::Revoked(m.to_owned()));
+    }
     tracing::info!(id = %me.id, "shutting down");
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
         .await

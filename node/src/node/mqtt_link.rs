@@ -255,7 +255,7 @@ impl MqttNode {
             let connected = *state.borrow_and_update() == LinkState::Connected;
             if connected {
                 let b = client.broker();
-                println!("mqtt connected broker={}:{}", b.host, b.port);
+                crate::report::line(&format!("mqtt connected broker={}:{}", b.host, b.port));
                 self.on_connected().await;
             }
             tokio::select! {

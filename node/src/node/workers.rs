@@ -61,6 +61,78 @@ pub struct ParentSide {
     pub key: PublicKey,
     /// Its gRPC link.
     pub link: ParentLink,
+    /// Set when the parent proved it revoked us; the node then stops.
+    pub revoked: Arc<Revoked>,
+}
+
+/// A revocation the parent proved (its signed notice), and the node's stop.
+#[derive(Debug)]
+pub struct Revoked {
+    message: std::sync::OnceLock<String>,
+    stop: CancellationToken,
+}
+
+impl Revoked {
+    /// Not revoked; `stop` is cancelled when the parent proves a revocation.
+    pub fn new(stop: CancellationToken) -> Self {
+        Revoked {
+            message: std::sync::OnceLock::new(),
+            stop,
+        }
+    }
+
+    /// What the parent said, once it proved a revocation.
+    pub fn message(&self) -> Option<&str> {
+        self.message.get().map(String::as_str)
+    }
+}
+
+impl ParentSide {
+    /// True when `e` is the parent's signed notice that it revoked `me`: then the node is
+    /// told to stop (exit code 5). A refusal that merely claims it, unsigned or signed by
+    /// another key, is logged and otherwise ignored: an on-path attacker must not be able
+    /// to stop a controller with one forged answer.
+    pub fn stop_if_revoked(&self, me: &str, e: &LinkError) -> bool {
+        let LinkError::Revoked { message, notice } = e else {
+            return false;
+        };
+        match check_notice(notice, &self.id, &self.key, me) {
+            Ok(()) => {
+                if self.revoked.message.set(message.clone()).is_ok() {
+                    tracing::error!(parent = %self.id, "{message}");
+                }
+                self.revoked.stop.cancel();
+                true
+            }
+            Err(why) => {
+                tracing::warn!(parent = %self.id, reason = %why, "a refusal claimed this controller is revoked, without the parent's signature; ignored");
+                false
+            }
+        }
+    }
+}
+
+/// Checks a revocation notice: a VALIDATION_RESULT from `parent` to `me`, status REVOKED,
+/// signed with the parent's identity key, fresh.
+fn check_notice(bytes: &[u8], parent: &str, key: &PublicKey, me: &str) -> Result<(), String> {
+    let env = Envelope::from_slice(bytes).map_err(|e| e.to_string())?;
+    if env.message_type != MessageType::ValidationResult
+        || env.sender_id != parent
+        || env.recipient_id != me
+        || env.payload.get("status").and_then(Value::as_str) != Some(crate::inbound::REVOKED_STATUS)
+    {
+        return Err("not a revocation notice for this controller from its parent".into());
+    }
+    let verifier =
+        pdsno_shared::signing::Verifier::new(pdsno_shared::replay::MemoryNonceStore::new());
+    let keys = pdsno_shared::signing::VerifyKeys {
+        hmac: None,
+        ed25519: Some(key),
+    };
+    verifier
+        .verify(&env, keys, Some(parent), chrono::Utc::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Runs the first key exchange with the parent until it succeeds (or cancellation).
@@ -76,10 +148,15 @@ pub async fn first_exchange(trust: Arc<Trust>, parent: ParentSide, cancel: Cance
     loop {
         match exchange::initiate(&trust, &parent.link, &parent.id, &parent.key, false).await {
             Ok(kid) => {
-                println!("key id={kid} peer={}", parent.id);
+                crate::report::line(&format!("key id={kid} peer={}", parent.id));
                 return;
             }
             Err(e) => {
+                if let exchange::ExchangeError::Link(l) = &e
+                    && parent.stop_if_revoked(&trust.me, l)
+                {
+                    return;
+                }
                 attempt += 1;
                 let wait = backoff.delay(attempt);
                 if attempt == 1 || u32::is_power_of_two(attempt) {
@@ -199,6 +276,9 @@ impl StatusLoop {
                     }
                 }
                 Err(e) => {
+                    if parent.stop_if_revoked(&self.trust.me, &e) {
+                        break;
+                    }
                     if published {
                         // MQTT carried it; only the direct probe failed.
                         stats.acked.fetch_add(1, Ordering::Relaxed);
@@ -232,9 +312,14 @@ impl StatusLoop {
                                 stats.rekeys.fetch_add(1, Ordering::Relaxed);
                                 key_refusals = 0;
                                 tracing::warn!(parent = %parent.id, key_id = %kid, "the parent refused our pairwise key; agreed a new one");
-                                println!("key id={kid} peer={}", parent.id);
+                                crate::report::line(&format!("key id={kid} peer={}", parent.id));
                             }
                             Err(e) => {
+                                if let exchange::ExchangeError::Link(l) = &e
+                                    && parent.stop_if_revoked(&self.trust.me, l)
+                                {
+                                    break;
+                                }
                                 tracing::warn!(parent = %parent.id, error = %e, "re-key with the parent failed");
                             }
                         }
@@ -332,7 +417,7 @@ pub async fn rotations(
                 Ok(kid) => {
                     let _ = trust.nib.rotation_done(&peer);
                     failures.remove(&peer);
-                    println!("key id={kid} peer={peer}");
+                    crate::report::line(&format!("key id={kid} peer={peer}"));
                     done.notify_waiters();
                 }
                 Err(e) => {
@@ -348,5 +433,70 @@ pub async fn rotations(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pdsno_shared::keys::IdentityKey;
+    use pdsno_shared::signing;
+
+    fn notice(signer: &IdentityKey, from: &str, to: &str, status: &str) -> Vec<u8> {
+        let mut m = Map::new();
+        m.insert("status".into(), status.into());
+        m.insert("reason".into(), crate::inbound::REVOKED_REASON.into());
+        let mut env = Envelope::new(
+            MessageType::ValidationResult,
+            from,
+            to,
+            m,
+            chrono::Utc::now(),
+        );
+        signing::sign_ed25519(&mut env, signer, None, chrono::Utc::now());
+        env.to_json_bytes()
+    }
+
+    #[tokio::test]
+    async fn only_the_parents_signed_notice_for_this_controller_counts() {
+        let parent = IdentityKey::generate();
+        let other = IdentityKey::generate();
+        let pk = parent.public();
+        let (p, me) = ("regional_cntl_zone-A_1", "local_cntl_zone-A_1");
+        assert!(check_notice(&notice(&parent, p, me, "REVOKED"), p, &pk, me).is_ok());
+        // Signed by another key, from someone else, for someone else, or not a revocation.
+        assert!(check_notice(&notice(&other, p, me, "REVOKED"), p, &pk, me).is_err());
+        assert!(check_notice(&notice(&parent, "x", me, "REVOKED"), p, &pk, me).is_err());
+        assert!(
+            check_notice(
+                &notice(&parent, p, "local_cntl_zone-A_2", "REVOKED"),
+                p,
+                &pk,
+                me
+            )
+            .is_err()
+        );
+        assert!(check_notice(&notice(&parent, p, me, "APPROVED"), p, &pk, me).is_err());
+        assert!(check_notice(b"not json", p, &pk, me).is_err());
+        // A forged refusal does not stop the node.
+        let side = ParentSide {
+            id: p.into(),
+            key: pk,
+            link: ParentLink::new("http://127.0.0.1:1").expect("url"),
+            revoked: Arc::new(Revoked::new(CancellationToken::new())),
+        };
+        let forged = LinkError::Revoked {
+            message: "you are revoked".into(),
+            notice: notice(&other, p, me, "REVOKED"),
+        };
+        assert!(!side.stop_if_revoked(me, &forged));
+        assert!(side.revoked.message().is_none() && !side.revoked.stop.is_cancelled());
+        let real = LinkError::Revoked {
+            message: "revoked by the RC".into(),
+            notice: notice(&parent, p, me, "REVOKED"),
+        };
+        assert!(side.stop_if_revoked(me, &real));
+        assert_eq!(side.revoked.message(), Some("revoked by the RC"));
+        assert!(side.revoked.stop.is_cancelled());
     }
 }

@@ -66,6 +66,11 @@ pub fn status_of(e: InboundError) -> Status {
         InboundError::Unavailable(_) => Status::unavailable(msg),
         InboundError::NoHandler(_) => Status::unimplemented(msg),
         InboundError::Busy(_) => Status::resource_exhausted(msg),
+        InboundError::Revoked { notice, .. } => Status::with_details(
+            tonic::Code::PermissionDenied,
+            msg,
+            notice.to_json_bytes().into(),
+        ),
     }
 }
 

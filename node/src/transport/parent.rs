@@ -35,6 +35,15 @@ pub enum LinkError {
     /// The parent's answer is not a valid envelope.
     #[error("invalid answer from the parent: {0}")]
     BadReply(String),
+    /// The parent refused the call saying this controller is revoked, with a notice signed
+    /// by its identity key (the node checks it before believing it).
+    #[error("parent refused the call: {message}")]
+    Revoked {
+        /// The parent's message.
+        message: String,
+        /// The notice (a signed VALIDATION_RESULT, JSON).
+        notice: Vec<u8>,
+    },
     /// The URL is unusable.
     #[error("invalid parent URL {0:?}")]
     BadUrl(String),
@@ -66,6 +75,10 @@ fn from_status(s: tonic::Status) -> LinkError {
         }
     }
     match s.code() {
+        Code::PermissionDenied if !s.details().is_empty() => LinkError::Revoked {
+            message: s.message().to_owned(),
+            notice: s.details().to_vec(),
+        },
         Code::Unavailable => LinkError::Unavailable(s.message().to_owned()),
         // The connection broke under an open call (the parent died mid-request): tonic
         // says Unknown with a transport error. The call never completed; retry it.

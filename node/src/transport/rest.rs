@@ -97,7 +97,7 @@ fn error_response(e: InboundError) -> Response {
         InboundError::Unsigned
         | InboundError::BadSignature(_)
         | InboundError::PeerMismatch { .. } => StatusCode::UNAUTHORIZED,
-        InboundError::Forbidden(_) => StatusCode::FORBIDDEN,
+        InboundError::Forbidden(_) | InboundError::Revoked { .. } => StatusCode::FORBIDDEN,
         InboundError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         InboundError::NoHandler(_) => StatusCode::NOT_FOUND,
         InboundError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
