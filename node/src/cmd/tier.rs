@@ -108,7 +108,10 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
         match crate::node::run(cfg, cancel).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e}");
+                // A revocation was logged at ERROR when it was proved; say it once.
+                if !matches!(e, crate::node::NodeError::Revoked(_)) {
+                    eprintln!("error: {e}");
+                }
                 ExitCode::from(e.exit_code())
             }
         }
