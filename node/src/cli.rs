@@ -110,7 +110,7 @@ pub enum Command {
 
 /// Parses `args` and runs the command; returns the process exit code.
 pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> ExitCode {
-    let matches = match Cli::command().try_get_matches_from(args) {
+    let matches = match command().try_get_matches_from(args) {
         Ok(m) => m,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (2).
@@ -130,21 +130,29 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         sub.map(|m| cmd::secrets::command_line_warnings(m, flags))
             .unwrap_or_default()
     };
+    // A tier's warnings: secrets on the command line, and settings it does not read.
+    let tier_warnings = |role: pdsno_shared::ids::Role| {
+        let mut w = warnings(cmd::secrets::NODE_SECRETS);
+        if let (Some(m), Some(c)) = (sub, command().find_subcommand(role.as_str())) {
+            w.extend(crate::tier_settings::ignored_in_matches(role, m, c));
+        }
+        w
+    };
     match cli.command {
         Command::Global(a) => cmd::tier::run(
             pdsno_shared::ids::Role::Global,
             &a,
-            &warnings(cmd::secrets::NODE_SECRETS),
+            &tier_warnings(pdsno_shared::ids::Role::Global),
         ),
         Command::Regional(a) => cmd::tier::run(
             pdsno_shared::ids::Role::Regional,
             &a,
-            &warnings(cmd::secrets::NODE_SECRETS),
+            &tier_warnings(pdsno_shared::ids::Role::Regional),
         ),
         Command::Local(a) => cmd::tier::run(
             pdsno_shared::ids::Role::Local,
             &a,
-            &warnings(cmd::secrets::NODE_SECRETS),
+            &tier_warnings(pdsno_shared::ids::Role::Local),
         ),
         Command::Token(a) => cmd::token::run(&a),
         Command::Passwd(a) => cmd::passwd::run(&a),
@@ -169,6 +177,17 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         Command::Certs(c) => cmd::certs::run(&c),
         Command::Audit(c) => cmd::audit::run(&c),
     }
+}
+
+/// The command line definition, each tier's flags grouped (and the other tiers' hidden) as
+/// its `--help` shows them.
+pub fn command() -> clap::Command {
+    use pdsno_shared::ids::Role;
+    let mut cmd = Cli::command();
+    for role in [Role::Global, Role::Regional, Role::Local] {
+        cmd = cmd.mut_subcommand(role.as_str(), |c| crate::tier_settings::for_tier(c, role));
+    }
+    cmd
 }
 
 /// Every `PDSNO_*` variable a flag of `pdsno <tier>` reads, with its flag.

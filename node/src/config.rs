@@ -830,20 +830,19 @@ thread_local! {
 }
 
 fn read_secret(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
-    let checking = CHECK_NOTES.with(|n| n.borrow().is_some());
-    if checking && !path.exists() {
-        CHECK_NOTES.with(|n| {
-            if let Some(v) = n.borrow_mut().as_mut() {
-                v.push(format!(
-                    "{key}: {} does not exist yet (the node needs it to start)",
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            err(
+                key,
+                format!(
+                    "{} does not exist: create it (mode 0600) or correct the path",
                     path.display()
-                ));
-            }
-        });
-        return Ok(SecretString::new("placeholder-for-check-only"));
-    }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| err(key, format!("{}: {e}", path.display())))?;
+                ),
+            )
+        } else {
+            err(key, format!("{}: {e}", path.display()))
+        }
+    })?;
     // A secret other local users can read is a secret they have: refused, like identity.key.
     match crate::identity::loose_mode(path) {
         Ok(None) => {}
@@ -867,7 +866,7 @@ fn read_secret(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
 }
 
 /// Default ports per tier (gRPC, REST).
-fn default_ports(role: Role) -> (u16, u16) {
+pub fn default_ports(role: Role) -> (u16, u16) {
     match role {
         Role::Global => (50051, 8001),
         Role::Regional => (50052, 8002),
@@ -880,6 +879,35 @@ fn default_ports(role: Role) -> (u16, u16) {
 /// # Errors
 /// A [`ConfigError`] with the TOML key path and position.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let mut file = parse_file(path)?;
+    // A relative path in the file is relative to the file's directory, as in systemd and
+    // Mosquitto configurations, so the node reads the same files from any working directory.
+    if let Some(base) = path.parent() {
+        for p in [
+            &mut file.data_dir,
+            &mut file.bootstrap_token_file,
+            &mut file.bootstrap_secret_file,
+            &mut file.secret_file,
+            &mut file.parent_public_key_file,
+            &mut file.mqtt_password_file,
+            &mut file.mqtt_ca_file,
+            &mut file.scan_file,
+            &mut file.tls_cert,
+            &mut file.tls_key,
+            &mut file.tls_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+    Ok(file)
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err("config", format!("{}: {e}", path.display())))?;
     let de = toml::Deserializer::new(&text);
@@ -943,6 +971,20 @@ pub fn did_you_mean(word: &str, candidates: impl IntoIterator<Item = String>) ->
         .map(|(_, c)| c)
 }
 
+/// The id of the controller whose data directory `dir` is, if it was admitted (read without
+/// creating anything).
+fn admitted_id(dir: &Path) -> Option<String> {
+    let db = dir.join("nib.db");
+    if !db.exists() {
+        return None;
+    }
+    crate::nib::Nib::open(&db)
+        .ok()?
+        .state_str(crate::nib::StateKey::AssignedId)
+        .ok()
+        .flatten()
+}
+
 /// The parent URL a controller uses for its first admission when none is configured: the
 /// parent tier's default gRPC port on loopback.
 pub fn default_parent(role: Role) -> String {
@@ -961,10 +1003,60 @@ impl NodeConfig {
     pub fn check_only(role: Role, a: &NodeArgs) -> Result<Vec<String>, ConfigError> {
         CHECK_NOTES.with(|n| *n.borrow_mut() = Some(Vec::new()));
         let r = NodeConfig::resolve(role, a);
-        let notes = CHECK_NOTES
+        let mut notes = CHECK_NOTES
             .with(|n| n.borrow_mut().take())
             .unwrap_or_default();
-        r.map(|_| notes)
+        let cfg = r?;
+        // The TLS files as the node loads them: readable, the key matching the certificate,
+        // the certificate valid now and issued by the CA.
+        crate::tls::TlsMaterial::load(&cfg.tls).map_err(|e| err("tls", e.0))?;
+        if let Some(p) = &cfg.mqtt_ca_file {
+            std::fs::read(p)
+                .map_err(|e| err("mqtt_ca_file", format!("cannot read {}: {e}", p.display())))?;
+        }
+        if role != Role::Global {
+            match admitted_id(&cfg.data_dir) {
+                Some(id) => notes.push(format!(
+                    "{} holds controller {id}: it restarts without admission (the first-start settings are ignored)",
+                    cfg.data_dir.display()
+                )),
+                None => {
+                    let (temp_id, _, region) =
+                        cfg.first_start_inputs().map_err(|m| err("admission", m))?;
+                    notes.push(format!(
+                        "first start: {temp_id} asks {} for admission to region {region}",
+                        cfg.parent
+                            .clone()
+                            .unwrap_or_else(|| default_parent(role))
+                    ));
+                }
+            }
+        }
+        Ok(notes)
+    }
+
+    /// What a first start needs to be admitted: the temp id, the bootstrap token and the
+    /// region.
+    ///
+    /// # Errors
+    /// What is missing, and how to give it.
+    pub fn first_start_inputs(&self) -> Result<(String, SecretString, String), String> {
+        let temp_id = self.temp_id.clone().ok_or_else(|| {
+            "not admitted yet: --temp-id is required (the temporary id the token was minted for)"
+                .to_owned()
+        })?;
+        let token = self.bootstrap_token.clone().ok_or_else(|| match &self.bootstrap_token_file {
+            Some(p) => format!(
+                "not admitted yet: the bootstrap token file {} does not exist (mint one on the parent's host with pdsno token ... --out FILE; it is needed for the first start only)",
+                p.display()
+            ),
+            None => "not admitted yet: give the bootstrap token (--bootstrap-token-file FILE or PDSNO_BOOTSTRAP_TOKEN)".into(),
+        })?;
+        let region = self
+            .region
+            .clone()
+            .ok_or_else(|| "region: required to be admitted (--region)".to_owned())?;
+        Ok((temp_id, token, region))
     }
 
     /// Resolves flags (and their variables) over the file over defaults, and checks the

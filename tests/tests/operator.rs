@@ -413,6 +413,44 @@ fn each_tier_help_has_examples_and_defaults() {
             "{tier}: {out}"
         );
         assert!(out.contains(&format!("127.0.0.1:{port}")), "{tier}: {out}");
+        // Each flag with its default and variable, under a heading; only this tier's flags.
+        assert!(
+            out.contains(&format!(
+                "[default: 127.0.0.1:{port}] [env: PDSNO_LISTEN_GRPC=]"
+            )),
+            "{tier}: {out}"
+        );
+        assert!(out.contains("Keys and TLS:"), "{tier}: {out}");
+        // An option line of the help (not the examples).
+        let shown = |flag: &str| {
+            out.lines()
+                .take_while(|l| !l.starts_with("Examples:"))
+                .any(|l| {
+                    let l = l.trim_start();
+                    l.starts_with(&format!("--{flag} ")) || l == format!("--{flag}")
+                })
+        };
+        let only = [
+            ("regions", "global"),
+            ("listen-mqtt", "global"),
+            ("scanner", "local"),
+            ("scan-once", "local"),
+            ("summary-interval", "regional"),
+            ("root-public-key", "regional"),
+        ];
+        for (flag, owner) in only {
+            assert_eq!(
+                shown(flag),
+                owner == tier,
+                "{tier} --help and --{flag}: {out}"
+            );
+        }
+        assert_eq!(shown("temp-id"), tier != "global", "{tier}: {out}");
+        assert_eq!(
+            shown("bootstrap-secret-file"),
+            tier != "local",
+            "{tier}: {out}"
+        );
     }
 }
 
@@ -428,8 +466,13 @@ fn boolean_settings_work_from_the_environment() {
                 &data,
                 "--parent",
                 "http://127.0.0.1:1",
+                "--region",
+                "zone-A",
+                "--temp-id",
+                "t-1",
                 "--check-config",
             ])
+            .env("PDSNO_BOOTSTRAP_TOKEN", "a-token")
             .env(k, v)
             .output()
             .expect("run");
@@ -1031,4 +1074,156 @@ fn one_stream_when_stdout_and_stderr_are_the_same_file() {
             .any(|l| l.starts_with("ready ") || l.starts_with("mqtt v4 ")),
         "{text}"
     );
+}
+
+#[test]
+fn check_config_predicts_the_start() {
+    let lab = Lab::new();
+    let bin = pdsno_tests::pdsno_bin();
+    let run_in = |cwd: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("PDSNO_BOOTSTRAP_TOKEN")
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Relative paths in a file are relative to the file's directory, wherever the node runs.
+    let etc = lab.data("etc");
+    std::fs::create_dir_all(&etc).expect("etc");
+    pdsno_tests::write_private(
+        &etc.join("bootstrap.secret"),
+        "a-bootstrap-secret-0123456789\n",
+    );
+    let conf = etc.join("global.toml");
+    std::fs::write(
+        &conf,
+        "data_dir = \"gc-data\"\nbootstrap_secret_file = \"bootstrap.secret\"\nregions = [\"zone-A\"]\nscanner = \"probe\"\n",
+    )
+    .expect("write");
+    let c = conf.display().to_string();
+    let elsewhere = lab.data("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("dir");
+    let (code, out, err) = run_in(&elsewhere, &["global", "--config", &c, "--check-config"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    // A key the tier does not read is named.
+    assert!(
+        err.contains("`scanner` is read by the local controller only"),
+        "{err}"
+    );
+    let (code, out, err) = run_in(&elsewhere, &["global", "--config", &c, "--print-config"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&etc.join("gc-data").display().to_string()),
+        "the data directory is not under the file's directory: {out}"
+    );
+    // A flag for another tier draws a warning too.
+    let (code, _, err) = run_in(
+        &elsewhere,
+        &[
+            "global",
+            "--config",
+            &c,
+            "--subnet",
+            "10.0.0.0/24",
+            "--check-config",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--subnet is read by the local controller only"),
+        "{err}"
+    );
+
+    // A first start without its admission inputs.
+    let lc = lab.data("lc").display().to_string();
+    let (code, _, err) = run_in(
+        &elsewhere,
+        &[
+            "local",
+            "--data-dir",
+            &lc,
+            "--region",
+            "zone-A",
+            "--check-config",
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--temp-id is required"), "{err}");
+    let (code, _, err) = run_in(
+        &elsewhere,
+        &[
+            "local",
+            "--data-dir",
+            &lc,
+            "--region",
+            "zone-A",
+            "--temp-id",
+            "t-1",
+            "--bootstrap-token-file",
+            "/nonexistent/lc.token",
+            "--check-config",
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("/nonexistent/lc.token does not exist"),
+        "{err}"
+    );
+
+    // TLS files as the node loads them: a certificate from another CA, an expired one.
+    let pki = |name: &str| {
+        let d = lab.data(name).display().to_string();
+        let (code, out, err) = pdsno_tests::run(
+            bin.to_str().expect("utf-8"),
+            &["certs", "init", "--dir", &d],
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+        d
+    };
+    let (a, b) = (pki("ca-a"), pki("ca-b"));
+    let issue = |dir: &str, id: &str, extra: &[&str]| {
+        let mut args = vec!["certs", "issue", "--dir", dir, "--id", id];
+        args.extend_from_slice(extra);
+        let (code, out, err) =
+            pdsno_tests::run(bin.to_str().expect("utf-8"), &args, Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{out}{err}");
+        (format!("{dir}/{id}.pem"), format!("{dir}/{id}.key"))
+    };
+    let (cert, key) = issue(&a, "gc", &[]);
+    let (old_cert, old_key) = issue(&a, "old", &["--days", "1", "--backdate-days", "3"]);
+    let secret = etc.join("bootstrap.secret").display().to_string();
+    let tls_check = |cert: &str, key: &str, ca: &str| {
+        run_in(
+            &elsewhere,
+            &[
+                "global",
+                "--data-dir",
+                &lc,
+                "--bootstrap-secret-file",
+                &secret,
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+                "--tls-ca",
+                ca,
+                "--check-config",
+            ],
+        )
+    };
+    let (code, out, err) = tls_check(&cert, &key, &format!("{a}/ca.pem"));
+    assert_eq!(code, Some(0), "{out} {err}");
+    let (code, _, err) = tls_check(&cert, &key, &format!("{b}/ca.pem"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not valid under tls_ca"), "{err}");
+    let (code, _, err) = tls_check(&old_cert, &old_key, &format!("{a}/ca.pem"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.to_lowercase().contains("expired"), "{err}");
 }

@@ -25,6 +25,11 @@ pub struct TierArgs {
 /// command line) are printed and logged first.
 pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
     let args = &a.node;
+    let mut warnings = warnings.to_vec();
+    if let Some(p) = &args.config {
+        warnings.extend(crate::tier_settings::ignored_in_file(role, p));
+    }
+    let warnings = warnings.as_slice();
     let unknown = crate::cli::unknown_variables(std::env::vars().map(|(k, _)| k));
     if !unknown.is_empty() {
         for (v, hint) in unknown {

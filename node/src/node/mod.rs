@@ -199,23 +199,7 @@ async fn admit(
         .clone()
         .unwrap_or_else(|| crate::config::default_parent(cfg.role));
     let parent_url = parent_url.as_str();
-    let temp_id = cfg
-        .temp_id
-        .clone()
-        .ok_or_else(|| startup("not admitted yet: --temp-id is required"))?;
-    let token = cfg.bootstrap_token.clone().ok_or_else(|| {
-        startup(match &cfg.bootstrap_token_file {
-            Some(p) => format!(
-                "not admitted yet: the bootstrap token file {} does not exist (mint one on the parent's host with pdsno token ... --out FILE; it is needed for the first start only)",
-                p.display()
-            ),
-            None => "not admitted yet: give the bootstrap token (--bootstrap-token-file FILE or PDSNO_BOOTSTRAP_TOKEN)".into(),
-        })
-    })?;
-    let region = cfg
-        .region
-        .clone()
-        .ok_or_else(|| startup("region: required to be admitted (--region)"))?;
+    let (temp_id, token, region) = cfg.first_start_inputs().map_err(startup)?;
     // A regional controller holding the secret its own token was minted with holds the
     // global controller's secret: anyone on this host could mint regional tokens.
     if cfg.role == Role::Regional
