@@ -27,6 +27,9 @@ pub struct FileConfig {
     /// A separate listener for the admin service (operator commands), e.g. on loopback;
     /// the gRPC listener then no longer serves it.
     pub listen_admin: Option<SocketAddr>,
+    /// A separate plaintext HTTP listener serving only `/health`, `/ready` and `/metrics`
+    /// (for Prometheus when the REST listener requires TLS); off unless given.
+    pub listen_metrics: Option<SocketAddr>,
     /// Embedded broker listen address (global controller; MQTT 3.1.1 and 5).
     pub listen_mqtt: Option<SocketAddr>,
     /// An extra embedded broker listener (MQTT 3.1.1 and 5).
@@ -196,6 +199,10 @@ pub struct NodeArgs {
     /// on the gRPC listener.
     #[arg(long, env = "PDSNO_LISTEN_ADMIN", value_name = "ADDR")]
     pub listen_admin: Option<SocketAddr>,
+    /// Also serve GET /health, /ready and /metrics, and nothing else, over plaintext HTTP
+    /// here, e.g. 127.0.0.1:9464 (for Prometheus when REST requires TLS; off by default).
+    #[arg(long, env = "PDSNO_LISTEN_METRICS", value_name = "ADDR")]
+    pub listen_metrics: Option<SocketAddr>,
     /// Embedded broker listen address, MQTT 3.1.1 and 5 (global controller).
     #[arg(long, env = "PDSNO_LISTEN_MQTT", value_name = "ADDR")]
     pub listen_mqtt: Option<SocketAddr>,
@@ -460,6 +467,8 @@ pub struct NodeConfig {
     pub listen_rest: SocketAddr,
     /// Separate admin service listener.
     pub listen_admin: Option<SocketAddr>,
+    /// Plaintext health and metrics listener.
+    pub listen_metrics: Option<SocketAddr>,
     /// Embedded broker 3.1.1 address.
     pub listen_mqtt: SocketAddr,
     /// Embedded broker 5 address.
@@ -598,6 +607,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("listen_grpc", &self.listen_grpc)
             .field("listen_rest", &self.listen_rest)
             .field("listen_admin", &self.listen_admin)
+            .field("listen_metrics", &self.listen_metrics)
             .field("parent", &self.parent)
             .field("region", &self.region)
             .field("temp_id", &self.temp_id)
@@ -658,6 +668,10 @@ impl NodeConfig {
         m.insert(
             "listen_admin".into(),
             tidy(format!("{:?}", self.listen_admin)),
+        );
+        m.insert(
+            "listen_metrics".into(),
+            tidy(format!("{:?}", self.listen_metrics)),
         );
         m.insert(
             "listen_mqtt".into(),
@@ -1226,6 +1240,7 @@ impl NodeConfig {
                 .or(file.listen_rest)
                 .unwrap_or_else(|| loopback(rest_port)),
             listen_admin: a.listen_admin.or(file.listen_admin),
+            listen_metrics: a.listen_metrics.or(file.listen_metrics),
             listen_mqtt: a
                 .listen_mqtt
                 .or(file.listen_mqtt)

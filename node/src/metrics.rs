@@ -1,18 +1,34 @@
-//! Prometheus metrics of one node, served as `GET /metrics` on the REST listener in the
-//! standard text exposition format (OpenMetrics text, prometheus-client).
+//! Prometheus metrics of one process, served as `GET /metrics` (OpenMetrics text,
+//! prometheus-client) on a controller's REST listener and on the plaintext
+//! `--listen-metrics` listener of a controller or of `pdsno broker`.
 //!
+//! Every series below exists from the start (counters at 0, labelled families filled with
+//! their fixed label values), so `rate()` and alerts never see "no data"; the lists live in
+//! [`Scope::series`] and the tests check the exposition against them.
+//!
+//! Every process:
+//! - `pdsno_build_info{version,commit}`;
+//! - `process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_threads`,
+//!   `process_open_fds`, `process_cpu_seconds_total`, `process_start_time_seconds`.
+//!
+//! A controller:
 //! - `pdsno_messages_total{type,transport,outcome}`: every message the receive path handled
-//!   (`outcome` = `accepted` or the reject reason);
-//! - `pdsno_rejects_total{reason}`;
+//!   (`outcome` = `accepted` or the reject reason); from the start one series per message
+//!   type the controller handles and transport (`rest`, `grpc`, `mqtt`) with `accepted`;
+//! - `pdsno_rejects_total{reason}` (every reason of [`REJECT_REASONS`] from the start);
 //! - `pdsno_refused_total{transport,reason}`: refused before a handler (rate limit, lockout,
-//!   connection cap, TLS handshake);
+//!   connection cap, TLS handshake): [`REFUSAL_REASONS`] for `rest` and `grpc`, and the
+//!   connection caps ([`CONNECTION_REFUSALS`]) for `metrics` when `--listen-metrics` is on;
 //! - `pdsno_admission_seconds`: handling time of admission messages (histogram);
 //! - `pdsno_lockouts_total`;
-//! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}`,
-//!   `pdsno_broker_throttled_total`, `pdsno_broker_retained_messages`,
-//!   `pdsno_broker_retained_bytes` (embedded broker);
 //! - `pdsno_mqtt_dropped_total` (this node's MQTT client: QoS 0 while offline, outbox
 //!   overflow, subscriber queue full), `pdsno_mqtt_connection_errors_total`.
+//!
+//! A process that runs a broker (a global controller with its embedded broker, and
+//! `pdsno broker`), and no other:
+//! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}` (every reason of
+//!   [`BROKER_REFUSALS`] from the start), `pdsno_broker_throttled_total`,
+//!   `pdsno_broker_retained_messages`, `pdsno_broker_retained_bytes`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,9 +101,152 @@ pub const BROKER_REFUSALS: [&str; 11] = [
     "retained_quota",
 ];
 
+/// The `reason` labels of `pdsno_rejects_total` (and the non-`accepted` outcomes of
+/// `pdsno_messages_total`): the receive path's refusals
+/// ([`crate::inbound::InboundError::reason`]) and the MQTT link's own (`bad_topic`,
+/// `wrong_topic`, `policy_refused`, `stale_policy`).
+pub const REJECT_REASONS: [&str; 16] = [
+    "malformed",
+    "unsigned",
+    "replay",
+    "stale",
+    "bad_signature",
+    "forbidden",
+    "unavailable",
+    "wrong_recipient",
+    "type_mismatch",
+    "no_handler",
+    "busy",
+    "tls_identity_mismatch",
+    "bad_topic",
+    "wrong_topic",
+    "policy_refused",
+    "stale_policy",
+];
+
+/// The transports of `pdsno_messages_total`.
+pub const TRANSPORTS: [&str; 3] = ["rest", "grpc", "mqtt"];
+
+/// The `reason` labels of `pdsno_refused_total` for the `rest` and `grpc` listeners.
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "rate_limited",
+    "locked_out",
+    "connection_cap",
+    "per_address_limit",
+    "tls_handshake",
+];
+
+/// The `transport` label of the `--listen-metrics` listener's refusals, and the only
+/// reasons it has (it is plaintext and not rate limited).
+pub const METRICS_TRANSPORT: &str = "metrics";
+/// See [`METRICS_TRANSPORT`].
+pub const CONNECTION_REFUSALS: [&str; 2] = ["connection_cap", "per_address_limit"];
+
+/// Which series a process exposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// A controller without a broker (regional, local, a global controller with
+    /// `--no-embedded-broker`).
+    Node,
+    /// A global controller running its embedded broker.
+    NodeWithBroker,
+    /// `pdsno broker`: the broker alone.
+    Broker,
+}
+
+/// Series of every process.
+pub const COMMON_SERIES: [&str; 7] = [
+    "pdsno_build_info",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_threads",
+    "process_open_fds",
+    "process_cpu_seconds_total",
+    "process_start_time_seconds",
+];
+
+/// Series of a controller.
+pub const NODE_SERIES: [&str; 7] = [
+    "pdsno_messages_total",
+    "pdsno_rejects_total",
+    "pdsno_refused_total",
+    "pdsno_admission_seconds",
+    "pdsno_lockouts_total",
+    "pdsno_mqtt_dropped_total",
+    "pdsno_mqtt_connection_errors_total",
+];
+
+/// Series of a process running a broker.
+pub const BROKER_SERIES: [&str; 5] = [
+    "pdsno_broker_connections",
+    "pdsno_broker_refused_total",
+    "pdsno_broker_throttled_total",
+    "pdsno_broker_retained_messages",
+    "pdsno_broker_retained_bytes",
+];
+
+impl Scope {
+    /// True when the process runs a broker.
+    pub fn has_broker(self) -> bool {
+        matches!(self, Scope::NodeWithBroker | Scope::Broker)
+    }
+
+    /// True for a controller.
+    pub fn is_node(self) -> bool {
+        matches!(self, Scope::Node | Scope::NodeWithBroker)
+    }
+
+    /// The documented series names this process exposes from the start (a histogram by its
+    /// base name).
+    pub fn series(self) -> Vec<&'static str> {
+        let mut v = COMMON_SERIES.to_vec();
+        if self.is_node() {
+            v.extend(NODE_SERIES);
+        }
+        if self.has_broker() {
+            v.extend(BROKER_SERIES);
+        }
+        v
+    }
+}
+
+/// True when the exposition `text` has a sample of series `name` (for a histogram, of its
+/// `_count`, `_sum` or `_bucket`), not only its `# TYPE` line.
+pub fn has_sample(text: &str, name: &str) -> bool {
+    text.lines().filter(|l| !l.starts_with('#')).any(|l| {
+        let metric = l.split(['{', ' ']).next().unwrap_or_default();
+        metric == name
+            || metric
+                .strip_prefix(name)
+                .is_some_and(|rest| matches!(rest, "_count" | "_sum" | "_bucket"))
+    })
+}
+
+impl Sampled {
+    /// Takes the broker's values from its counters.
+    pub fn broker(&mut self, st: &pdsno_broker::StatsSnapshot) {
+        self.broker_connections = Some(st.active);
+        self.broker_throttled = Some(st.throttled);
+        self.broker_retained = Some((st.retained_messages, st.retained_bytes));
+        self.broker_refused = Some([
+            st.refused_auth,
+            st.refused_protocol,
+            st.refused_busy,
+            st.violations,
+            st.tls_failures,
+            st.denied,
+            st.banned,
+            st.refused_per_address,
+            st.refused_client_id,
+            st.retain_forbidden,
+            st.retained_quota,
+        ]);
+    }
+}
+
 type Sampler = Box<dyn Fn(&mut Sampled) + Send + Sync>;
 
-/// The metrics of one node.
+/// The metrics of one process.
 pub struct Metrics {
     registry: Registry,
     messages: Family<MessageLabels, Counter>,
@@ -119,8 +278,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// The metrics of a controller without a broker.
     pub fn new() -> Metrics {
+        Metrics::with_scope(Scope::Node)
+    }
+
+    /// Registers the series of `scope`, each with its fixed label values at 0.
+    pub fn with_scope(scope: Scope) -> Metrics {
         let mut registry = Registry::with_prefix("pdsno");
         // pdsno_build_info{version,commit} 1
         registry.register(
@@ -132,69 +296,91 @@ impl Metrics {
             ]),
         );
         let messages = Family::<MessageLabels, Counter>::default();
-        registry.register(
-            "messages",
-            "Messages handled by the receive path, by type, transport and outcome",
-            messages.clone(),
-        );
         let rejects = Family::<ReasonLabel, Counter>::default();
-        registry.register("rejects", "Messages refused, by reason", rejects.clone());
         let refused = Family::<RefusedLabels, Counter>::default();
-        registry.register(
-            "refused",
-            "Requests or connections refused before a handler (rate limit, lockout, connection cap, TLS)",
-            refused.clone(),
-        );
         let admission = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        registry.register(
-            "admission_seconds",
-            "Time to handle one admission message",
-            admission.clone(),
-        );
         let lockouts = Counter::default();
-        registry.register("lockouts", "Admission lockouts started", lockouts.clone());
-        let broker_connections = Gauge::default();
-        registry.register(
-            "broker_connections",
-            "Open connections of the embedded broker",
-            broker_connections.clone(),
-        );
-        let broker_refused = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "broker_refused",
-            "Connections the embedded broker refused or closed, by reason",
-            broker_refused.clone(),
-        );
-        let broker_throttled = Counter::default();
-        registry.register(
-            "broker_throttled",
-            "Times the embedded broker paused a controller publishing above its rate",
-            broker_throttled.clone(),
-        );
-        let broker_retained = Gauge::default();
-        registry.register(
-            "broker_retained_messages",
-            "Retained messages the embedded broker holds",
-            broker_retained.clone(),
-        );
-        let broker_retained_bytes = Gauge::default();
-        registry.register(
-            "broker_retained_bytes",
-            "Bytes (topics and payloads) of the retained messages the embedded broker holds",
-            broker_retained_bytes.clone(),
-        );
         let mqtt_dropped = Counter::default();
-        registry.register(
-            "mqtt_dropped",
-            "Messages this node's MQTT client dropped (QoS 0 offline, outbox full, subscriber queue full)",
-            mqtt_dropped.clone(),
-        );
         let mqtt_errors = Counter::default();
-        registry.register(
-            "mqtt_connection_errors",
-            "Failed connection attempts or lost connections of this node's MQTT client",
-            mqtt_errors.clone(),
-        );
+        if scope.is_node() {
+            registry.register(
+                "messages",
+                "Messages handled by the receive path, by type, transport and outcome",
+                messages.clone(),
+            );
+            registry.register("rejects", "Messages refused, by reason", rejects.clone());
+            for reason in REJECT_REASONS {
+                let _ = rejects.get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                });
+            }
+            registry.register(
+                "refused",
+                "Requests or connections refused before a handler (rate limit, lockout, connection cap, TLS)",
+                refused.clone(),
+            );
+            for transport in ["rest", "grpc"] {
+                for reason in REFUSAL_REASONS {
+                    let _ = refused.get_or_create(&RefusedLabels {
+                        transport: transport.to_owned(),
+                        reason: reason.to_owned(),
+                    });
+                }
+            }
+            registry.register(
+                "admission_seconds",
+                "Time to handle one admission message",
+                admission.clone(),
+            );
+            registry.register("lockouts", "Admission lockouts started", lockouts.clone());
+            registry.register(
+                "mqtt_dropped",
+                "Messages this node's MQTT client dropped (QoS 0 offline, outbox full, subscriber queue full)",
+                mqtt_dropped.clone(),
+            );
+            registry.register(
+                "mqtt_connection_errors",
+                "Failed connection attempts or lost connections of this node's MQTT client",
+                mqtt_errors.clone(),
+            );
+        }
+        let broker_connections = Gauge::default();
+        let broker_refused = Family::<ReasonLabel, Counter>::default();
+        let broker_throttled = Counter::default();
+        let broker_retained = Gauge::default();
+        let broker_retained_bytes = Gauge::default();
+        if scope.has_broker() {
+            registry.register(
+                "broker_connections",
+                "Open connections of the embedded broker",
+                broker_connections.clone(),
+            );
+            registry.register(
+                "broker_refused",
+                "Connections the embedded broker refused or closed, by reason",
+                broker_refused.clone(),
+            );
+            for reason in BROKER_REFUSALS {
+                let _ = broker_refused.get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                });
+            }
+            registry.register(
+                "broker_throttled",
+                "Times the embedded broker paused a controller publishing above its rate",
+                broker_throttled.clone(),
+            );
+            registry.register(
+                "broker_retained_messages",
+                "Retained messages the embedded broker holds",
+                broker_retained.clone(),
+            );
+            registry.register(
+                "broker_retained_bytes",
+                "Bytes (topics and payloads) of the retained messages the embedded broker holds",
+                broker_retained_bytes.clone(),
+            );
+        }
         Metrics {
             registry,
             messages,
@@ -210,6 +396,30 @@ impl Metrics {
             mqtt_dropped,
             mqtt_errors,
             samplers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Creates `pdsno_messages_total{type,transport,outcome="accepted"}` at 0 for each of
+    /// `types` (the message types this controller handles) on every transport.
+    pub fn expect_messages<T: AsRef<str>>(&self, types: impl IntoIterator<Item = T>) {
+        for kind in types {
+            for transport in TRANSPORTS {
+                let _ = self.messages.get_or_create(&MessageLabels {
+                    r#type: kind.as_ref().to_owned(),
+                    transport: transport.to_owned(),
+                    outcome: "accepted".to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Creates `pdsno_refused_total{transport,reason}` at 0 for each of `reasons`.
+    pub fn expect_refusals(&self, transport: &str, reasons: &[&str]) {
+        for reason in reasons {
+            let _ = self.refused.get_or_create(&RefusedLabels {
+                transport: transport.to_owned(),
+                reason: (*reason).to_owned(),
+            });
         }
     }
 
@@ -392,7 +602,7 @@ mod tests {
 
     #[test]
     fn exposition_has_the_counters_with_labels() {
-        let m = Metrics::new();
+        let m = Metrics::with_scope(Scope::NodeWithBroker);
         m.message("DISCOVERY_REPORT", "mqtt", "accepted");
         m.message("DISCOVERY_REPORT", "mqtt", "replay");
         m.message("DISCOVERY_REPORT", "mqtt", "replay");
@@ -437,5 +647,105 @@ mod tests {
             );
         }
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn every_documented_series_exists_from_the_start_and_broker_series_only_with_a_broker() {
+        for scope in [Scope::Node, Scope::NodeWithBroker, Scope::Broker] {
+            let m = Metrics::with_scope(scope);
+            m.expect_messages(["HEARTBEAT"]);
+            let text = m.render();
+            for name in scope.series() {
+                assert!(has_sample(&text, name), "{scope:?}: no {name}\n{text}");
+            }
+            assert_eq!(text.contains("pdsno_broker_"), scope.has_broker(), "{text}");
+            assert_eq!(text.contains("pdsno_messages_"), scope.is_node(), "{text}");
+            // Nothing undocumented.
+            for l in text.lines().filter(|l| !l.starts_with('#')) {
+                let metric = l.split(['{', ' ']).next().unwrap_or_default();
+                assert!(
+                    scope.series().iter().any(|n| has_sample(l, n)),
+                    "{scope:?}: undocumented {metric}"
+                );
+            }
+        }
+        let text = Metrics::new().render();
+        for reason in REJECT_REASONS {
+            assert!(
+                text.contains(&format!("pdsno_rejects_total{{reason=\"{reason}\"}} 0\n")),
+                "{reason}\n{text}"
+            );
+        }
+        assert!(
+            text.contains(r#"pdsno_refused_total{transport="grpc",reason="tls_handshake"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains("transport=\"metrics\""), "{text}");
+        assert!(!has_sample(
+            "# TYPE pdsno_lockouts counter\n",
+            "pdsno_lockouts_total"
+        ));
+        let m = Metrics::with_scope(Scope::NodeWithBroker);
+        m.expect_messages(["VALIDATION_REQUEST"]);
+        m.expect_refusals(METRICS_TRANSPORT, &CONNECTION_REFUSALS);
+        let text = m.render();
+        assert!(
+            text.contains(r#"pdsno_messages_total{type="VALIDATION_REQUEST",transport="mqtt",outcome="accepted"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pdsno_refused_total{transport="metrics",reason="per_address_limit"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pdsno_broker_refused_total{reason="retained_quota"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_module_doc_names_every_series_and_every_reject_reason_is_listed() {
+        let doc: String = include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for name in Scope::NodeWithBroker.series() {
+            assert!(doc.contains(&format!("`{name}")), "the doc lacks {name}");
+        }
+        use crate::inbound::InboundError;
+        use pdsno_shared::envelope::MessageType;
+        use pdsno_shared::signing::VerifyError;
+        let errors = [
+            InboundError::BadRequest(String::new()),
+            InboundError::Unsigned,
+            InboundError::BadSignature(VerifyError::Replay),
+            InboundError::BadSignature(VerifyError::Stale {
+                age_secs: 1,
+                max_secs: 0,
+            }),
+            InboundError::BadSignature(VerifyError::BadSignature),
+            InboundError::Forbidden(String::new()),
+            InboundError::Unavailable(String::new()),
+            InboundError::WrongRecipient {
+                recipient: String::new(),
+                me: String::new(),
+            },
+            InboundError::TypeMismatch {
+                body: MessageType::Heartbeat,
+                path: MessageType::Heartbeat,
+            },
+            InboundError::NoHandler(MessageType::Heartbeat),
+            InboundError::Busy(String::new()),
+            InboundError::PeerMismatch {
+                peer: String::new(),
+                sender: String::new(),
+            },
+        ];
+        for e in errors {
+            assert!(REJECT_REASONS.contains(&e.reason()), "{}", e.reason());
+        }
     }
 }

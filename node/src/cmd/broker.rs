@@ -1,8 +1,8 @@
 //! `pdsno broker`: the embedded broker alone (lab use, tests, and tools).
 //!
-//! Prints one line per bound listener (`listening v4 mqtt 127.0.0.1:1883`) and then
-//! `ready`, so scripts can wait for readiness and read ports chosen with `:0`. Stops on
-//! SIGINT/SIGTERM.
+//! Prints one line per bound listener (`listening v4 mqtt 127.0.0.1:1883`, and
+//! `listening metrics http ADDR` with `--listen-metrics`) and then `ready`, so scripts can
+//! wait for readiness and read ports chosen with `:0`. Stops on SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +76,10 @@ pub struct BrokerArgs {
         value_name = "SECS"
     )]
     pub connect_timeout_secs: u64,
+    /// Serve GET /health, /ready and /metrics (the pdsno_broker_* series), and nothing
+    /// else, over plaintext HTTP here, e.g. 127.0.0.1:9464 (off by default).
+    #[arg(long, env = "PDSNO_LISTEN_METRICS", value_name = "ADDR")]
+    pub listen_metrics: Option<SocketAddr>,
 }
 
 impl BrokerArgs {
@@ -139,7 +143,18 @@ pub fn run(args: &BrokerArgs, warnings: &[String]) -> ExitCode {
             "warning: no --user-file, no --user and no --allow-anonymous: every client will be refused"
         );
     }
+    let listen_metrics = args.listen_metrics;
     crate::runtime::block_on(async move {
+        let metrics_listener = match listen_metrics {
+            Some(a) => match crate::transport::metrics_http::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            None => None,
+        };
         let broker = match EmbeddedBroker::start(cfg, None).await {
             Ok(b) => b,
             Err(e) => {
@@ -155,9 +170,33 @@ pub fn run(args: &BrokerArgs, warnings: &[String]) -> ExitCode {
             };
             println!("listening {name} {scheme} {}", l.addr);
         }
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut metrics_task = None;
+        if let Some(l) = metrics_listener {
+            if let Ok(a) = l.local_addr() {
+                println!("listening metrics http {a}");
+            }
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::with_scope(
+                crate::metrics::Scope::Broker,
+            ));
+            let control = broker.control();
+            metrics.add_sampler(move |s| s.broker(&control.stats()));
+            let c = cancel.clone();
+            metrics_task = Some(tokio::spawn(async move {
+                if let Err(e) =
+                    crate::transport::metrics_http::serve(l, None, metrics, None, c).await
+                {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            }));
+        }
         println!("ready");
         crate::runtime::shutdown_signal().await;
         tracing::info!("stopping the broker");
+        cancel.cancel();
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
         broker.shutdown().await;
         ExitCode::SUCCESS
     })

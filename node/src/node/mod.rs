@@ -5,8 +5,10 @@
 //! - `admitted id=ID parent=PARENT temp_id=TEMP elapsed_ms=N` (first start of a child) or
 //!   `restored id=ID parent=PARENT` (a restarted child keeps its identity);
 //! - `mqtt v4|v5 ADDR` for each embedded broker listener;
-//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR public_key=BASE64` (the identity key a
-//!   child pins with `--parent-public-key`).
+//! - `ready id=ID role=ROLE grpc=ADDR rest=ADDR [admin=ADDR] [metrics=ADDR]
+//!   public_key=BASE64` (the identity key a child pins with `--parent-public-key`;
+//!   `admin` and `metrics` with `--listen-admin` and `--listen-metrics`). Readers take
+//!   the `key=value` fields they know and ignore the others.
 //!
 //! Logs go to stderr.
 
@@ -525,7 +527,14 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     if let Some(m) = &tls {
         crate::tls::install_client(m.clone());
     }
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    // Broker series only where a broker runs.
+    let metrics = Arc::new(crate::metrics::Metrics::with_scope(
+        if cfg.role == Role::Global && cfg.embedded_broker {
+            crate::metrics::Scope::NodeWithBroker
+        } else {
+            crate::metrics::Scope::Node
+        },
+    ));
 
     // Bind first: a busy port fails fast, and children learn our real address.
     let grpc_listener = grpc::bind(cfg.listen_grpc).await.map_err(startup)?;
@@ -547,6 +556,18 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             None => None,
         };
     let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(startup)?),
+        None => None,
+    };
+    let metrics_listener = match cfg.listen_metrics {
+        Some(a) => Some(
+            crate::transport::metrics_http::bind(a)
+                .await
+                .map_err(startup)?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(startup)?),
         None => None,
     };
@@ -642,25 +663,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     };
     if let Some(b) = &broker {
         let control = b.control();
-        metrics.add_sampler(move |s| {
-            let st = control.stats();
-            s.broker_connections = Some(st.active);
-            s.broker_throttled = Some(st.throttled);
-            s.broker_retained = Some((st.retained_messages, st.retained_bytes));
-            s.broker_refused = Some([
-                st.refused_auth,
-                st.refused_protocol,
-                st.refused_busy,
-                st.violations,
-                st.tls_failures,
-                st.denied,
-                st.banned,
-                st.refused_per_address,
-                st.refused_client_id,
-                st.retain_forbidden,
-                st.retained_quota,
-            ]);
-        });
+        metrics.add_sampler(move |s| s.broker(&control.stats()));
     }
     {
         let ob = outbound.clone();
@@ -947,6 +950,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         _ => None,
     };
     let inbound = Arc::new(inbound);
+    metrics.expect_messages(inbound.handled_types().iter().map(|t| t.as_str()));
 
     let rotate_wake = Arc::new(Notify::new());
     let rotate_done = Arc::new(Notify::new());
@@ -1015,6 +1019,22 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
             cfg.heartbeat_interval,
             cfg.mqtt_url.is_some(),
         );
+        // --listen-metrics: /health, /ready and /metrics over plaintext, nothing else.
+        if let Some(l) = metrics_listener {
+            let (c, m, ready, id) = (
+                cancel.clone(),
+                metrics.clone(),
+                ready.clone(),
+                me.id.clone(),
+            );
+            tasks.spawn(async move {
+                if let Err(e) =
+                    crate::transport::metrics_http::serve(l, Some(&id), m, Some(ready), c).await
+                {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        }
         tasks.spawn(async move {
             if let Err(e) = rest::serve(
                 rest_listener,
@@ -1185,8 +1205,11 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     let admin_field = admin_addr
         .map(|a| format!(" admin={a}"))
         .unwrap_or_default();
+    let metrics_field = metrics_addr
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
     say(&format!(
-        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}{admin_field} public_key={}",
+        "ready id={} role={} grpc={grpc_addr} rest={rest_addr}{admin_field}{metrics_field} public_key={}",
         me.id,
         cfg.role.as_str(),
         identity.public().to_base64()

@@ -1,9 +1,9 @@
-//! Accepting connections for the gRPC and REST listeners: a cap on open connections and
-//! one per source address, with the last quarter of the slots kept for addresses holding
-//! little ([`pdsno_shared::slots`]; a connection beyond a cap is closed at once, before
-//! TLS, and counted as `connection_cap` or `per_address_limit`), TCP_NODELAY, the TLS
-//! handshake under a deadline (failures counted), and for REST HTTP/1.1 or HTTP/2 with a
-//! header-read timeout.
+//! Accepting connections for the gRPC, REST and metrics listeners: a cap on open
+//! connections and one per source address, with the last quarter of the slots kept for
+//! addresses holding little ([`pdsno_shared::slots`]; a connection beyond a cap is closed
+//! at once, before TLS, and counted as `connection_cap` or `per_address_limit`),
+//! TCP_NODELAY, the TLS handshake under a deadline (failures counted), and for REST and
+//! metrics HTTP/1.1 or HTTP/2 with a header-read timeout.
 
 use std::future::Future as _;
 use std::io;
@@ -353,7 +353,7 @@ pub fn grpc_incoming(
 pub struct PeerControllers(pub Arc<Vec<String>>);
 
 /// Serves `router` on `listener` (TLS when `tls` is given) until `cancel` fires; open
-/// connections finish their requests.
+/// connections finish their requests. Refusals are counted under `transport`.
 ///
 /// # Errors
 /// When accepting fails for good.
@@ -363,6 +363,7 @@ pub async fn serve_http(
     tls: Option<TlsAcceptor>,
     limits: &ConnectionLimits,
     metrics: Arc<Metrics>,
+    transport: &'static str,
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let slots = limits.slots();
@@ -370,7 +371,7 @@ pub async fn serve_http(
     loop {
         let (conn, peer) = tokio::select! {
             () = cancel.cancelled() => break,
-            r = accept_capped(&listener, &slots, &metrics, "rest") => r.map_err(|e| e.to_string())?,
+            r = accept_capped(&listener, &slots, &metrics, transport) => r.map_err(|e| e.to_string())?,
         };
         let router = router.clone();
         let tls = tls.clone();
@@ -405,11 +406,11 @@ pub async fn serve_http(
                             serve_conn(&builder, TokioIo::new(s), svc(ids), &cancel).await;
                         }
                         Ok(Err(e)) => {
-                            metrics.refused("rest", "tls_handshake");
+                            metrics.refused(transport, "tls_handshake");
                             tracing::info!(%peer, error = %e, "REST TLS handshake failed");
                         }
                         Err(_) => {
-                            metrics.refused("rest", "tls_handshake");
+                            metrics.refused(transport, "tls_handshake");
                             tracing::info!(%peer, "REST TLS handshake timed out");
                         }
                     }

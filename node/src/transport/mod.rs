@@ -2,6 +2,7 @@
 
 pub mod grpc;
 pub mod listen;
+pub mod metrics_http;
 pub mod mqtt;
 pub mod parent;
 pub mod rest;

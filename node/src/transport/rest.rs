@@ -7,6 +7,9 @@
 //!   for a type this controller does not handle. The reply is an envelope or
 //!   `{"status":"accepted"}`. No error is ever a 500 with a stack trace.
 //! - `GET /health`: `{"status":"healthy","controller_id":...,"timestamp":...}`.
+//! - `GET /ready`: 200 `{"status":"ready",...}` or 503 with the failing checks.
+//! - `GET /metrics`: [`crate::metrics`] (also on the `--listen-metrics` listener,
+//!   [`super::metrics_http`]).
 //! - `GET /info`: `{"controller_id":...,"registered_handlers":[...],"host":...,"port":...}`.
 
 use std::net::SocketAddr;
@@ -190,17 +193,29 @@ async fn message(
 }
 
 async fn health(State(ctx): State<Ctx>) -> Response {
+    health_response(Some(ctx.inbound.id()))
+}
+
+/// Liveness: 200 `{"status":"healthy","controller_id":ID,"timestamp":...}` (without
+/// `controller_id` for a process that is no controller).
+pub(crate) fn health_response(id: Option<&str>) -> Response {
     let mut m = Map::new();
     m.insert("status".into(), "healthy".into());
-    m.insert("controller_id".into(), ctx.inbound.id().into());
+    if let Some(id) = id {
+        m.insert("controller_id".into(), id.into());
+    }
     m.insert("timestamp".into(), format_iso(chrono::Utc::now()).into());
     json_response(StatusCode::OK, &Value::Object(m))
 }
 
+async fn ready(State(ctx): State<Ctx>) -> Response {
+    ready_response(Some(ctx.inbound.id()), ctx.ready.clone()).await
+}
+
 /// Readiness: 200 `{"status":"ready","checks":{...}}` when every check passes, else 503
 /// `{"status":"not ready","checks":{name: reason}}`.
-async fn ready(State(ctx): State<Ctx>) -> Response {
-    let results = match ctx.ready.clone() {
+pub(crate) async fn ready_response(id: Option<&str>, check: Option<ReadyCheck>) -> Response {
+    let results = match check {
         Some(check) => tokio::task::spawn_blocking(move || check())
             .await
             .unwrap_or_else(|e| vec![("checks", Err(e.to_string()))]),
@@ -222,7 +237,9 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
         "status".into(),
         if ok { "ready" } else { "not ready" }.into(),
     );
-    m.insert("controller_id".into(), ctx.inbound.id().into());
+    if let Some(id) = id {
+        m.insert("controller_id".into(), id.into());
+    }
     m.insert("checks".into(), Value::Object(checks));
     let code = if ok {
         StatusCode::OK
@@ -256,19 +273,24 @@ async fn info(State(ctx): State<Ctx>) -> Response {
 }
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
+    metrics_response(ctx.inbound.metrics())
+}
+
+/// The exposition text of `metrics`.
+pub(crate) fn metrics_response(metrics: &crate::metrics::Metrics) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        ctx.inbound.metrics().render(),
+        metrics.render(),
     )
         .into_response()
 }
 
-async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     detail(StatusCode::NOT_FOUND, "Not Found")
 }
 
-async fn method_not_allowed() -> Response {
+pub(crate) async fn method_not_allowed() -> Response {
     detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
 
@@ -335,6 +357,7 @@ pub async fn serve(
         acceptor,
         limits,
         metrics,
+        "rest",
         cancel,
     )
     .await
