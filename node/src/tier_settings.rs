@@ -38,6 +38,7 @@ pub const SETTINGS: &[(&str, &str, u8)] = &[
     ("listen-grpc", LISTEN, ALL),
     ("listen-rest", LISTEN, ALL),
     ("listen-admin", LISTEN, ALL),
+    ("listen-metrics", LISTEN, ALL),
     ("advertise-grpc", LISTEN, ALL),
     ("rate-limit-rps", LISTEN, ALL),
     ("rate-limit-burst", LISTEN, ALL),
