@@ -78,14 +78,17 @@ pub struct FileConfig {
     /// Operator accounts of the embedded broker.
     pub mqtt_users: Option<Vec<UserEntry>>,
     /// Seconds an admission challenge stays valid (default 30).
+    #[serde(rename = "challenge_ttl", alias = "challenge_ttl_secs")]
     pub challenge_ttl_secs: Option<u64>,
     /// Seconds between heartbeats to the parent (default 10). Key `heartbeat_interval`
     /// (`heartbeat_interval_secs` still read).
     #[serde(rename = "heartbeat_interval", alias = "heartbeat_interval_secs")]
     pub heartbeat_interval_secs: Option<f64>,
     /// Seconds between scheduled pairwise key rotations (default 86400).
+    #[serde(rename = "key_rotation", alias = "key_rotation_secs")]
     pub key_rotation_secs: Option<u64>,
     /// Seconds a superseded key still verifies (default 600).
+    #[serde(rename = "key_grace", alias = "key_grace_secs")]
     pub key_grace_secs: Option<u64>,
     /// The gRPC URL others should use to reach this node (default: the bound address).
     pub advertise_grpc: Option<String>,

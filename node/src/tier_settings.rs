@@ -270,6 +270,37 @@ pub fn ignored_in_file(role: Role, path: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// File keys of an earlier release, still read for this one: `(old, new)`.
+pub const DEPRECATED_FILE_KEYS: &[(&str, &str)] = &[
+    ("heartbeat_interval_secs", "heartbeat_interval"),
+    ("discovery_interval_secs", "discovery_interval"),
+    ("summary_interval_secs", "summary_interval"),
+    ("challenge_ttl_secs", "challenge_ttl"),
+    ("key_rotation_secs", "key_rotation"),
+    ("key_grace_secs", "key_grace"),
+    ("embedded_broker", "no_embedded_broker (inverted)"),
+];
+
+/// Warnings for keys of the file at `path` spelt as in an earlier release.
+pub fn deprecated_in_file(path: &std::path::Path) -> Vec<String> {
+    let Ok(table) = std::fs::read_to_string(path).map(|t| t.parse::<toml::Table>()) else {
+        return Vec::new();
+    };
+    let Ok(table) = table else {
+        return Vec::new();
+    };
+    DEPRECATED_FILE_KEYS
+        .iter()
+        .filter(|(old, _)| table.contains_key(*old))
+        .map(|(old, new)| {
+            format!(
+                "{}: `{old}` is deprecated and will stop working in the next release; use `{new}`",
+                path.display()
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

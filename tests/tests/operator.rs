@@ -749,7 +749,7 @@ fn every_flag_has_its_variable_and_its_file_key() {
             std::fs::write(&file, format!("{snake} = {{ wrong = 1 }}\n")).expect("write");
             let f = file.display().to_string();
             let (code, _, err) = pdsno(&[tier, "--config", &f, "--check-config"]);
-            if code != Some(2) || err.contains("unknown key") || !err.contains(&snake) {
+            if code != Some(2) || err.contains("unknown") || !err.contains(&snake) {
                 problems.push(format!("{tier} --{long}: no file key {snake}: {err}"));
             }
         }
@@ -1226,4 +1226,38 @@ fn check_config_predicts_the_start() {
     let (code, _, err) = tls_check(&old_cert, &old_key, &format!("{a}/ca.pem"));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.to_lowercase().contains("expired"), "{err}");
+}
+
+#[test]
+fn older_file_keys_still_work_with_a_deprecation_warning() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("rc.toml");
+    std::fs::write(
+        &f,
+        "heartbeat_interval_secs = 3.0\nkey_rotation_secs = 100\nregion = \"zone-A\"\n",
+    )
+    .expect("write");
+    let data = dir.path().join("d").display().to_string();
+    let fp = f.display().to_string();
+    let (code, out, err) = pdsno(&[
+        "regional",
+        "--config",
+        &fp,
+        "--data-dir",
+        &data,
+        "--print-config",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"heartbeat_interval\": \"3s\""), "{out}");
+    assert!(out.contains("\"key_rotation\": \"100s\""), "{out}");
+    for (old, new) in [
+        ("heartbeat_interval_secs", "heartbeat_interval"),
+        ("key_rotation_secs", "key_rotation"),
+    ] {
+        assert!(
+            err.contains(&format!("`{old}` is deprecated"))
+                && err.contains(&format!("use `{new}`")),
+            "{err}"
+        );
+    }
 }

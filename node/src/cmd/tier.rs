@@ -28,6 +28,7 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
     let mut warnings = warnings.to_vec();
     if let Some(p) = &args.config {
         warnings.extend(crate::tier_settings::ignored_in_file(role, p));
+        warnings.extend(crate::tier_settings::deprecated_in_file(p));
     }
     let warnings = warnings.as_slice();
     let unknown = crate::cli::unknown_variables(std::env::vars().map(|(k, _)| k));
@@ -67,6 +68,9 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
         };
     }
     if args.print_config {
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
         return match NodeConfig::resolve(role, args) {
             Ok(mut c) => {
                 c.users.extend(accounts);
