@@ -121,6 +121,10 @@ pub struct FileConfig {
     pub scan_seed: Option<u64>,
     /// Device list for the `file` scanner (JSON array).
     pub scan_file: Option<PathBuf>,
+    /// TCP ports the `probe` scanner tries on each host (default 22, 80, 443, 8080).
+    pub probe_ports: Option<Vec<u16>>,
+    /// Seconds the `probe` scanner waits for each connection (default 0.5).
+    pub probe_timeout: Option<f64>,
     /// Cycles a device may be missed before it is reported inactive (default 3).
     pub missed_cycles: Option<u32>,
     /// Seconds between a regional controller's summaries to the GC (default 30). Key
@@ -347,6 +351,17 @@ pub struct NodeArgs {
     /// Device list (JSON array) for the file scanner.
     #[arg(long, env = "PDSNO_SCAN_FILE", value_name = "FILE")]
     pub scan_file: Option<PathBuf>,
+    /// TCP ports the probe scanner tries on each host, comma-separated.
+    #[arg(
+        long,
+        env = "PDSNO_PROBE_PORTS",
+        value_delimiter = ',',
+        value_name = "PORT,..."
+    )]
+    pub probe_ports: Option<Vec<u16>>,
+    /// Seconds the probe scanner waits for each connection.
+    #[arg(long, env = "PDSNO_PROBE_TIMEOUT", value_name = "SECS")]
+    pub probe_timeout: Option<f64>,
     /// Cycles a device may be missed before it is reported inactive.
     #[arg(long, env = "PDSNO_MISSED_CYCLES")]
     pub missed_cycles: Option<u32>,
@@ -546,6 +561,10 @@ pub struct NodeConfig {
     pub scan_seed: Option<u64>,
     /// File scanner input.
     pub scan_file: Option<PathBuf>,
+    /// Probe scanner ports.
+    pub probe_ports: Vec<u16>,
+    /// Probe scanner connect timeout.
+    pub probe_timeout: std::time::Duration,
     /// Misses before inactive.
     pub missed_cycles: u32,
     /// Summary interval.
@@ -757,6 +776,19 @@ impl NodeConfig {
         m.insert("subnet".into(), tidy(format!("{:?}", self.subnet)));
         m.insert("scan_seed".into(), tidy(format!("{:?}", self.scan_seed)));
         m.insert("scan_file".into(), tidy(format!("{:?}", self.scan_file)));
+        m.insert(
+            "probe_ports".into(),
+            Value::Array(
+                self.probe_ports
+                    .iter()
+                    .map(|p| u64::from(*p).into())
+                    .collect(),
+            ),
+        );
+        m.insert(
+            "probe_timeout".into(),
+            tidy(format!("{:?}", self.probe_timeout)),
+        );
         m.insert(
             "missed_cycles".into(),
             tidy(format!("{:?}", self.missed_cycles)),
@@ -1368,6 +1400,25 @@ impl NodeConfig {
             subnet: a.subnet.clone().or(file.subnet),
             scan_seed: a.scan_seed.or(file.scan_seed),
             scan_file: a.scan_file.clone().or(file.scan_file),
+            probe_ports: {
+                let ports = a
+                    .probe_ports
+                    .clone()
+                    .or(file.probe_ports)
+                    .unwrap_or_else(|| crate::discovery::scanner::DEFAULT_PROBE_PORTS.to_vec());
+                if ports.is_empty() || ports.contains(&0) {
+                    return Err(err(
+                        "probe_ports",
+                        "give one or more TCP ports between 1 and 65535",
+                    ));
+                }
+                ports
+            },
+            probe_timeout: seconds(
+                "probe_timeout",
+                a.probe_timeout.or(file.probe_timeout),
+                crate::discovery::scanner::DEFAULT_PROBE_TIMEOUT.as_secs_f64(),
+            )?,
             missed_cycles: a.missed_cycles.or(file.missed_cycles).unwrap_or(3),
             summary_interval: seconds(
                 "summary_interval_secs",

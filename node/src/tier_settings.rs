@@ -93,6 +93,8 @@ pub const SETTINGS: &[(&str, &str, u8)] = &[
     ("subnet", DISCOVERY, L),
     ("scan-seed", DISCOVERY, L),
     ("scan-file", DISCOVERY, L),
+    ("probe-ports", DISCOVERY, L),
+    ("probe-timeout", DISCOVERY, L),
     ("missed-cycles", DISCOVERY, L),
     ("scan-once", DISCOVERY, L),
     ("summary-interval", DISCOVERY, R),
@@ -163,6 +165,8 @@ pub fn default_for(role: Role, flag: &str) -> Option<String> {
         "discovery-interval" => "30".into(),
         "summary-interval" => "30".into(),
         "scanner" => "simulated".into(),
+        "probe-ports" => "22,80,443,8080".into(),
+        "probe-timeout" => "0.5".into(),
         "missed-cycles" => "3".into(),
         "spike-threshold" => "100".into(),
         "max-devices-per-lc" => "65536".into(),
@@ -387,6 +391,12 @@ mod tests {
                 Some(c.summary_interval.as_secs_f64())
             );
             assert_eq!(d("missed-cycles"), c.missed_cycles.to_string());
+            let ports: Vec<String> = c.probe_ports.iter().map(u16::to_string).collect();
+            assert_eq!(d("probe-ports"), ports.join(","));
+            assert_eq!(
+                d("probe-timeout").parse::<f64>().ok(),
+                Some(c.probe_timeout.as_secs_f64())
+            );
             assert_eq!(d("spike-threshold"), c.spike_threshold.to_string());
             assert_eq!(d("max-devices-per-lc"), c.max_devices_per_lc.to_string());
             assert_eq!(

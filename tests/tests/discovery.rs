@@ -224,6 +224,12 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
     let data = lab.data("temp-lc-once").display().to_string();
     let url = rc.grpc_url();
     let f = file.display().to_string();
+    // The configured addresses are taken (say, by the daemon of this controller on another
+    // data directory): a one-shot run binds none of them.
+    let held_grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held_rest = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let g = held_grpc.local_addr().expect("addr").to_string();
+    let r = held_rest.local_addr().expect("addr").to_string();
     let (code, out, err) = run(
         &pdsno_tests::pdsno_bin().display().to_string(),
         &[
@@ -231,9 +237,9 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
             "--data-dir",
             &data,
             "--listen-grpc",
-            "127.0.0.1:0",
+            &g,
             "--listen-rest",
-            "127.0.0.1:0",
+            &r,
             "--parent",
             &url,
             "--region",

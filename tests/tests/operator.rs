@@ -1261,3 +1261,43 @@ fn older_file_keys_still_work_with_a_deprecation_warning() {
         );
     }
 }
+
+#[test]
+fn the_probe_scanner_takes_its_ports_and_timeout() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("lc").display().to_string();
+    let (code, out, err) = pdsno(&[
+        "local",
+        "--data-dir",
+        &data,
+        "--scanner",
+        "probe",
+        "--subnet",
+        "10.9.0.0/28",
+        "--probe-ports",
+        "830,22",
+        "--probe-timeout",
+        "0.2",
+        "--print-config",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v = json_of(&out);
+    assert_eq!(
+        pdsno_shared::json::to_canonical_string(v.get("probe_ports").expect("probe_ports")),
+        "[830,22]"
+    );
+    assert_eq!(
+        v.get("probe_timeout").and_then(|t| t.as_str()),
+        Some("200ms")
+    );
+    let (code, _, err) = pdsno(&[
+        "local",
+        "--data-dir",
+        &data,
+        "--probe-ports",
+        "0",
+        "--print-config",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("probe_ports"), "{err}");
+}

@@ -60,7 +60,11 @@ pub fn scanner_for(cfg: &NodeConfig, me: &str) -> Result<(Box<dyn Scanner>, Subn
             });
             Box::new(SimulatedScanner::new(subnet, seed))
         }
-        ScannerKind::Probe => Box::new(ProbeScanner::new(subnet)),
+        ScannerKind::Probe => Box::new(
+            ProbeScanner::new(subnet)
+                .with_ports(cfg.probe_ports.clone())
+                .with_timeout(cfg.probe_timeout),
+        ),
         ScannerKind::File => {
             let path = cfg
                 .scan_file

@@ -505,6 +505,17 @@ fn readiness(
 /// [`NodeError`] when startup or admission fails.
 pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if cfg.scan_once {
+        // A one-shot run serves nobody: it takes none of the configured addresses (a
+        // daemon or another run may hold them), only ephemeral loopback ports for its own
+        // services.
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.listen_grpc = loopback;
+        cfg.listen_rest = loopback;
+        cfg.listen_admin = None;
+        cfg.listen_metrics = None;
+        tracing::info!("scan-once: no listener on the configured addresses");
+    }
     // Held until the node stops: one node per data directory.
     let _lock = crate::data_dir::lock(&cfg.data_dir).map_err(startup)?;
     let nib = Arc::new(Nib::open(cfg.data_dir.join("nib.db")).map_err(startup)?);
