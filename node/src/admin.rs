@@ -336,14 +336,14 @@ impl Admin {
                     .as_ref()
                     .ok_or_else(|| Status::unavailable("not running"))?;
                 let pol = rt.policy.clone();
-                let content = tokio::task::spawn_blocking(move || pol.content())
+                let env = tokio::task::spawn_blocking(move || pol.in_force())
                     .await
                     .map_err(|e| Status::internal(e.to_string()))?
                     .map_err(|e| Status::internal(e.to_string()))?;
-                let mut m = Map::new();
-                m.insert("policy_version".into(), rt.policy.version().into());
-                m.insert("content".into(), content.map(Value::Object).into());
-                Ok(Value::Object(m))
+                Ok(Value::Object(crate::policy::show(
+                    rt.policy.version(),
+                    env.as_ref(),
+                )))
             }
             "lockout.list" => {
                 let g = self

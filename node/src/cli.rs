@@ -106,12 +106,24 @@ pub enum Command {
     /// The signed event log: verify the chain, show the latest events.
     #[command(subcommand)]
     Audit(cmd::audit::AuditCommand),
+    /// Print a shell completion script (e.g. `pdsno completions bash > /etc/bash_completion.d/pdsno`).
+    Completions(cmd::cli_docs::CompletionsArgs),
+    /// Write the manual pages (pdsno.1 and one per subcommand) into --out-dir, or pdsno.1 to stdout.
+    Man(cmd::cli_docs::ManArgs),
 }
 
 /// Parses `args` and runs the command; returns the process exit code.
 pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> ExitCode {
-    let matches = match command().try_get_matches_from(args) {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let matches = match command().try_get_matches_from(&args) {
         Ok(m) => m,
+        // Under --json a usage error is JSON too (same exit code).
+        Err(e) if e.use_stderr() && cmd::output::wants_json(&args) => {
+            let text = e.render().to_string();
+            let text = text.trim().trim_start_matches("error: ");
+            println!("{}", cmd::output::error_json(text));
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (2).
             let _ = e.print();
@@ -176,6 +188,8 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         }
         Command::Certs(c) => cmd::certs::run(&c),
         Command::Audit(c) => cmd::audit::run(&c),
+        Command::Completions(a) => cmd::cli_docs::completions(&a),
+        Command::Man(a) => cmd::cli_docs::man(&a),
     }
 }
 

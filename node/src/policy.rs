@@ -450,14 +450,71 @@ impl Policy {
     /// # Errors
     /// On a NIB failure.
     pub fn content(&self) -> Result<Option<Map>, PolicyError> {
+        Ok(self
+            .in_force()?
+            .and_then(|e| e.payload.get("content").and_then(Value::as_object).cloned()))
+    }
+
+    /// The signed `POLICY_UPDATE` in force here, as stored (its signatures were checked
+    /// when it arrived).
+    ///
+    /// # Errors
+    /// On a NIB failure.
+    pub fn in_force(&self) -> Result<Option<Envelope>, PolicyError> {
         let id = Self::applied_id(self.trust.role);
         Ok(self
             .trust
             .nib
             .current_policy(id)?
-            .and_then(|(_, text)| Envelope::from_slice(text.as_bytes()).ok())
-            .and_then(|e| e.payload.get("content").and_then(Value::as_object).cloned()))
+            .and_then(|(_, text)| Envelope::from_slice(text.as_bytes()).ok()))
     }
+}
+
+/// Who signed an envelope, how and when (no key material).
+fn signature_of(env: &Envelope) -> Value {
+    let mut m = Map::new();
+    m.insert("signer".into(), env.sender_id.clone().into());
+    m.insert("algorithm".into(), env.signature_algorithm.clone().into());
+    m.insert("key_id".into(), env.key_id.clone().into());
+    m.insert("signed_at".into(), env.signed_at.clone().into());
+    m.insert("message_id".into(), env.message_id.clone().into());
+    m.insert("signature".into(), env.signature.clone().into());
+    Value::Object(m)
+}
+
+/// What `pdsno policy show` reports: the version in force, the policy document, and where
+/// the stored copy came from: `policy_id`, `scope`, `target_region`, `distributed_by`,
+/// `valid_from`, `signature` (signer, algorithm, key id, time), and on a regional copy the
+/// global controller's `origin` signature. Without a stored policy, only the version (0)
+/// and a null `content`.
+pub fn show(version: u64, env: Option<&Envelope>) -> Map {
+    let mut m = Map::new();
+    m.insert("policy_version".into(), version.into());
+    let Some(env) = env else {
+        m.insert("content".into(), Value::Null);
+        return m;
+    };
+    let p = &env.payload;
+    m.insert(
+        "content".into(),
+        p.get("content").cloned().unwrap_or(Value::Null),
+    );
+    for k in [
+        "policy_id",
+        "scope",
+        "target_region",
+        "distributed_by",
+        "valid_from",
+    ] {
+        m.insert(k.into(), p.get(k).cloned().unwrap_or(Value::Null));
+    }
+    m.insert("signature".into(), signature_of(env));
+    let origin = p
+        .get("origin")
+        .and_then(|o| Envelope::from_value(o.clone()).ok())
+        .map_or(Value::Null, |o| signature_of(&o));
+    m.insert("origin".into(), origin);
+    m
 }
 
 /// The version inside a stored envelope (for tools reading a NIB).

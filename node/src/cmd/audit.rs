@@ -5,7 +5,9 @@
 //!   `OK events=N signer=KEY` (exit 0) or the first broken link (exit 1). By default the
 //!   signer is the node's own identity key from `D`; `--public-key` checks against a key
 //!   pinned elsewhere (someone who can write `D` could otherwise re-sign a forged log).
-//! - `pdsno audit tail --data-dir D [-n N] [--follow] [--json]` prints the last events.
+//! - `pdsno audit tail --data-dir D [-n N] [--follow] [--json]` prints the last events
+//!   (with `--json` one object per line: `seq`, `event_id`, `event_type`, `actor`,
+//!   `subject`, `action`, `decision`, `timestamp`, `details`, `hash`).
 //!
 //! Both open the NIB read-only, so they can run beside the live node.
 
@@ -51,7 +53,7 @@ pub struct TailArgs {
     /// Keep printing new events.
     #[arg(short, long)]
     pub follow: bool,
-    /// One JSON object per line.
+    /// One JSON object per line (an error too: `{"error": "..."}`).
     #[arg(long)]
     pub json: bool,
 }
@@ -59,7 +61,10 @@ pub struct TailArgs {
 fn open(dir: &Path) -> Result<Connection, String> {
     let path = dir.join("nib.db");
     if !path.exists() {
-        return Err(format!("{}: no NIB here", path.display()));
+        return Err(format!(
+            "{}: no NIB here (give --data-dir the data directory of a node that has run)",
+            path.display()
+        ));
     }
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -177,6 +182,7 @@ pub fn run(c: &AuditCommand) -> ExitCode {
         },
         AuditCommand::Tail(a) => match tail(a) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if a.json => super::output::fail_with(true, 2, e),
             Err(e) => {
                 eprintln!("pdsno audit tail: {e}");
                 ExitCode::from(2)

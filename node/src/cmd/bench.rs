@@ -18,8 +18,9 @@ use crate::transport::mqtt::{BrokerUrl, MqttClient, MqttSettings};
 pub enum BenchCommand {
     /// MQTT throughput and latency through a broker.
     Mqtt(MqttBenchArgs),
-    /// Full admission handshakes per second against a parent's gRPC endpoint (start the parent
-    /// with `--rate-limit-rps 0`: the whole load comes from one address).
+    /// Full admission handshakes per second: against a throwaway parent of its own, or the
+    /// parent at --url (start it with `--rate-limit-rps 0`: the whole load comes from one
+    /// address).
     Admission(AdmissionBenchArgs),
     /// Discovery ingestion at a regional controller (device records per second).
     Discovery(super::bench_work::DiscoveryBenchArgs),
@@ -30,10 +31,12 @@ pub enum BenchCommand {
 /// `pdsno bench admission` arguments.
 #[derive(Debug, Args)]
 pub struct AdmissionBenchArgs {
-    /// The parent's gRPC URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub url: String,
-    /// File holding the parent's bootstrap secret (or PDSNO_BOOTSTRAP_SECRET).
+    /// The parent's gRPC URL. Without it the bench starts a throwaway parent of its own on
+    /// free loopback ports (a global controller, or for `--kind local` a global and a
+    /// regional controller), mints its tokens, and stops and deletes it at the end.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// File holding the bootstrap secret of the parent at --url (or PDSNO_BOOTSTRAP_SECRET).
     #[arg(long, env = "PDSNO_BOOTSTRAP_SECRET_FILE")]
     pub bootstrap_secret_file: Option<std::path::PathBuf>,
     /// Region to ask for. For regional controllers a prefix: a region has one regional
@@ -47,17 +50,17 @@ pub struct AdmissionBenchArgs {
     /// Concurrent clients, comma-separated runs.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     pub conns: Vec<usize>,
-    /// Seconds per run.
+    /// Seconds per run (runs over 3 s show their progress on stderr every second).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Stop after this many admissions in total (0: no limit).
+    /// End each run after this many admission attempts (0: only --duration ends it).
     #[arg(long, default_value_t = 0)]
     pub max: usize,
     /// CA certificates (PEM) for an https:// URL.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "url")]
     pub tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "url"])]
     pub tls_cert: Option<std::path::PathBuf>,
     /// Its private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
@@ -275,24 +278,43 @@ fn hex_tag() -> String {
 }
 
 async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
-    use crate::admission::child::{ChildConfig, admit};
-    use pdsno_shared::bootstrap::bootstrap_token;
     use pdsno_shared::ids::Role;
-    use pdsno_shared::keys::IdentityKey;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
+    let role = Role::parse(&a.kind)
+        .filter(|r| *r != Role::Global)
+        .ok_or("--kind is regional or local")?;
+    let Some(url) = &a.url else {
+        let tmp = tempfile::Builder::new()
+            .prefix("pdsno-bench-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let parent = match role {
+            Role::Local => "a global and a regional controller",
+            _ => "a global controller",
+        };
+        eprintln!(
+            "no --url: starting {parent} of our own (data in {}, deleted at the end)",
+            tmp.path().display()
+        );
+        if a.bootstrap_secret_file.is_some() {
+            eprintln!("(--bootstrap-secret-file is for a parent at --url; not used)");
+        }
+        let (mut nodes, url, secret) =
+            super::bench_work::throwaway_parent(tmp.path(), role, &a.region).await?;
+        eprintln!("benchmarking {url}");
+        let r = admission_runs(a, &url, &secret, None, role).await;
+        super::lab::stop_all(&mut nodes).await;
+        return r;
+    };
     let secret = match &a.bootstrap_secret_file {
         Some(p) => std::fs::read_to_string(p)
             .map_err(|e| format!("{}: {e}", p.display()))?
             .trim_end_matches(['\n', '\r'])
             .to_owned(),
-        None => std::env::var("PDSNO_BOOTSTRAP_SECRET")
-            .map_err(|_| "give --bootstrap-secret-file or set PDSNO_BOOTSTRAP_SECRET".to_owned())?,
+        None => std::env::var("PDSNO_BOOTSTRAP_SECRET").map_err(|_| {
+            "with --url, give that parent's --bootstrap-secret-file or set PDSNO_BOOTSTRAP_SECRET (without --url the bench starts its own parent)".to_owned()
+        })?,
     };
-    let role = Role::parse(&a.kind).ok_or("--kind is regional or local")?;
-    let clock: Arc<dyn pdsno_shared::time::Clock> = Arc::new(pdsno_shared::time::SystemClock);
-    let total = Arc::new(AtomicUsize::new(0));
     let tls = crate::tls::TlsMaterial::load(&crate::tls::TlsOptions {
         cert: a.tls_cert.clone(),
         key: a.tls_key.clone(),
@@ -300,28 +322,75 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;
+    admission_runs(a, url, &secret, tls.as_deref(), role)
+        .await
+        .map_err(|e| {
+            format!("{e}\nIs {url} the parent's gRPC URL, started with --rate-limit-rps 0, and the secret its bootstrap secret? Without --url the bench starts its own parent.")
+        })
+}
+
+/// Counts shared by a run's clients and its progress line.
+#[derive(Default)]
+struct RunCounts {
+    started: std::sync::atomic::AtomicUsize,
+    ok: std::sync::atomic::AtomicUsize,
+    errors: std::sync::atomic::AtomicUsize,
+}
+
+/// Errors with no admission at all after which a run gives up (a wrong URL or secret).
+const GIVE_UP_AFTER: usize = 10;
+
+/// Runs longer than this show a progress line on stderr every second.
+const PROGRESS_AFTER: Duration = Duration::from_secs(3);
+
+/// The runs of `pdsno bench admission` against `url`, minting tokens from `secret`.
+async fn admission_runs(
+    a: &AdmissionBenchArgs,
+    url: &str,
+    secret: &str,
+    tls: Option<&crate::tls::TlsMaterial>,
+    role: pdsno_shared::ids::Role,
+) -> Result<(), String> {
+    use crate::admission::child::{ChildConfig, admit};
+    use pdsno_shared::bootstrap::bootstrap_token;
+    use pdsno_shared::ids::Role;
+    use pdsno_shared::keys::IdentityKey;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let clock: Arc<dyn pdsno_shared::time::Clock> = Arc::new(pdsno_shared::time::SystemClock);
+    let duration = Duration::from_secs(a.duration.max(1));
     let mut best = (0.0f64, 0usize, Duration::ZERO, Duration::ZERO);
     let (mut all_ok, mut all_errors, mut an_error) = (0usize, 0usize, None);
     for &conns in &a.conns {
-        let stop_at = Instant::now() + Duration::from_secs(a.duration.max(1));
+        let conns = conns.max(1);
+        let started = Instant::now();
+        let stop_at = started + duration;
+        let counts = Arc::new(RunCounts::default());
         let mut tasks = Vec::new();
-        for w in 0..conns.max(1) {
-            let link = crate::transport::parent::ParentLink::with_tls(&a.url, tls.as_deref())
+        for w in 0..conns {
+            let link = crate::transport::parent::ParentLink::with_tls(url, tls)
                 .map_err(|e| e.to_string())?;
-            let (secret, region, clock, total, max) = (
-                secret.clone(),
+            let (secret, region, clock, counts, max) = (
+                secret.to_owned(),
                 a.region.clone(),
                 clock.clone(),
-                total.clone(),
+                counts.clone(),
                 a.max,
             );
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
-                let mut errors = 0usize;
                 let mut first_error = None;
                 let mut n = 0u64;
-                while Instant::now() < stop_at && (max == 0 || total.load(Ordering::Relaxed) < max)
-                {
+                while Instant::now() < stop_at {
+                    if max > 0 && counts.started.fetch_add(1, Ordering::Relaxed) >= max {
+                        break;
+                    }
+                    if counts.ok.load(Ordering::Relaxed) == 0
+                        && counts.errors.load(Ordering::Relaxed) >= GIVE_UP_AFTER
+                    {
+                        break;
+                    }
                     let temp = format!("temp-bench-{}-{w}-{n}", hex_tag());
                     n += 1;
                     let region = if role == Role::Regional {
@@ -348,35 +417,64 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
                     match admit(&link, &cfg, &identity, &clock).await {
                         Ok(_) => {
                             lat.push(t.elapsed());
-                            total.fetch_add(1, Ordering::Relaxed);
+                            counts.ok.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            errors += 1;
+                            counts.errors.fetch_add(1, Ordering::Relaxed);
                             first_error.get_or_insert_with(|| e.to_string());
                         }
                     }
                 }
-                (lat, errors, first_error)
+                (lat, first_error)
             }));
         }
+        let progress = (duration > PROGRESS_AFTER).then(|| {
+            let (counts, max) = (counts.clone(), a.max);
+            tokio::spawn(async move {
+                let second = Duration::from_secs(1);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+                loop {
+                    tick.tick().await;
+                    let el = started.elapsed();
+                    let ok = counts.ok.load(Ordering::Relaxed);
+                    let of = if max > 0 { format!("/{max}") } else { String::new() };
+                    eprintln!(
+                        "progress conns={conns} {:.0}/{} s: {ok}{of} admitted, {} errors, {:.0} ops/s",
+                        el.as_secs_f64(),
+                        duration.as_secs(),
+                        counts.errors.load(Ordering::Relaxed),
+                        ok as f64 / el.as_secs_f64()
+                    );
+                }
+            })
+        });
         let mut lat = Vec::new();
-        let mut errors = 0;
         let mut first_error = None;
+        let mut joined = Vec::with_capacity(tasks.len());
         for t in tasks {
-            let (l, e, f) = t.await.map_err(|e| e.to_string())?;
+            joined.push(t.await);
+        }
+        if let Some(p) = progress {
+            p.abort();
+        }
+        for r in joined {
+            let (l, f) = r.map_err(|e| e.to_string())?;
             lat.extend(l);
-            errors += e;
             if first_error.is_none() {
                 first_error = f;
             }
         }
+        // The run's real length: a --max run ends early, a timed one after its last
+        // handshake in flight.
+        let elapsed = started.elapsed();
+        let errors = counts.errors.load(Ordering::Relaxed);
         lat.sort();
         all_ok += lat.len();
         all_errors += errors;
         if an_error.is_none() {
             an_error.clone_from(&first_error);
         }
-        let rate = lat.len() as f64 / a.duration.max(1) as f64;
+        let rate = lat.len() as f64 / elapsed.as_secs_f64().max(1e-3);
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         println!(
             "grpc.handshake conns={conns} {rate:.0} ops/s p50 {:.2} ms p99 {:.2} ms ok={} errors={errors}{}",
@@ -389,6 +487,10 @@ async fn admission(a: &AdmissionBenchArgs) -> Result<(), String> {
         );
         if rate > best.0 {
             best = (rate, conns, p50, p99);
+        }
+        if lat.is_empty() && errors >= GIVE_UP_AFTER {
+            // Nothing gets through: the next runs would only repeat the refusals.
+            break;
         }
     }
     println!(

@@ -70,12 +70,14 @@ fn rss_kib(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
-/// A GC and an RC (zone-A) as processes; returns them and the RC's gRPC address.
+/// A GC and an RC (of `region`) as processes; returns them, the RC's gRPC address, its id
+/// and its own bootstrap secret.
 async fn topology(
     exe: &Path,
     dir: &Path,
     secret: &str,
     mqtt: bool,
+    region: &str,
 ) -> Result<(Vec<Node>, String, String, String), String> {
     let timeout = Duration::from_secs(60);
     // Every load comes from one address: the per-client rate limit and the per-address
@@ -88,7 +90,7 @@ async fn topology(
         "--listen-mqtt".to_owned(),
         "127.0.0.1:0".into(),
         "--regions".into(),
-        "zone-A".into(),
+        region.into(),
         "--heartbeat-interval".into(),
         "5".into(),
     ];
@@ -106,7 +108,7 @@ async fn topology(
     let gc_grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
     let temp = "temp-rc-bench";
     let token =
-        pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), temp, "zone-A", "regional");
+        pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), temp, region, "regional");
     let mut rc_extra = vec![
         "--rate-limit-rps".to_owned(),
         "0".into(),
@@ -115,7 +117,7 @@ async fn topology(
         "--parent".to_owned(),
         format!("http://{gc_grpc}"),
         "--region".into(),
-        "zone-A".into(),
+        region.into(),
         "--temp-id".into(),
         temp.into(),
         "--bootstrap-token".into(),
@@ -145,6 +147,52 @@ async fn topology(
     Ok((vec![gc, rc], rc_grpc, rc_id, rc_secret))
 }
 
+/// A throwaway parent for `pdsno bench admission` without `--url`: for regional children a
+/// global controller (no `--regions`: each admission asks for its own region), for local
+/// children a global and a regional controller of `region`. Their data lives under `dir`;
+/// every limit that one busy client address would hit is off. Returns the processes, the
+/// gRPC URL to bench and the bootstrap secret that mints its tokens.
+pub(crate) async fn throwaway_parent(
+    dir: &Path,
+    role: pdsno_shared::ids::Role,
+    region: &str,
+) -> Result<(Vec<Node>, String, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
+    if role == pdsno_shared::ids::Role::Local {
+        let (nodes, rc_grpc, _, rc_secret) = topology(&exe, dir, &secret, false, region).await?;
+        return Ok((nodes, format!("http://{rc_grpc}"), rc_secret));
+    }
+    let extra: Vec<String> = [
+        "--rate-limit-rps",
+        "0",
+        "--max-connections-per-address",
+        "0",
+        "--no-mqtt",
+        "--no-embedded-broker",
+        "--heartbeat-interval",
+        "5",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut gc = spawn(
+        &exe,
+        "global",
+        &node_args("global", &dir.join("global"), &extra),
+        dir,
+        &secret,
+    )?;
+    let ready = match gc.wait_for("ready ", Duration::from_secs(60)).await {
+        Ok(l) => l,
+        Err(e) => {
+            stop_all(std::slice::from_mut(&mut gc)).await;
+            return Err(e);
+        }
+    };
+    let grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
+    Ok((vec![gc], format!("http://{grpc}"), secret))
+}
+
 fn mac(lc: usize, d: usize) -> String {
     format!(
         "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
@@ -166,7 +214,8 @@ pub async fn discovery(a: &DiscoveryBenchArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
     let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
-    let (mut nodes, rc_grpc, rc_id, rc_secret) = topology(&exe, &dir, &secret, false).await?;
+    let (mut nodes, rc_grpc, rc_id, rc_secret) =
+        topology(&exe, &dir, &secret, false, "zone-A").await?;
     let result = async {
         let url = format!("http://{rc_grpc}");
         let link = crate::transport::parent::ParentLink::new(&url).map_err(|e| e.to_string())?;
@@ -310,7 +359,8 @@ pub async fn policy(a: &PolicyBenchArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
     let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
-    let (mut nodes, rc_grpc, _rc_id, rc_secret) = topology(&exe, &dir, &secret, true).await?;
+    let (mut nodes, rc_grpc, _rc_id, rc_secret) =
+        topology(&exe, &dir, &secret, true, "zone-A").await?;
     let timeout = Duration::from_secs(120);
     let result = async {
         let gc_grpc = nodes

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::json::{Map, Value};
 use pdsno_shared::payload::discovery::normalize_mac;
 
 use super::ops::AdminTarget;
+use super::output::{fail, print_json};
 
 /// A device's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -115,17 +116,6 @@ fn table(rows: &[Value]) -> String {
     out
 }
 
-fn fail(json_out: bool, msg: impl std::fmt::Display) -> ExitCode {
-    if json_out {
-        let mut m = Map::new();
-        m.insert("error".into(), msg.to_string().into());
-        println!("{}", json::to_canonical_string(&Value::Object(m)));
-    } else {
-        eprintln!("error: {msg}");
-    }
-    ExitCode::from(1)
-}
-
 /// Runs `pdsno devices ...`.
 pub fn run(c: &DevicesCommand) -> ExitCode {
     match c {
@@ -145,7 +135,7 @@ pub fn run(c: &DevicesCommand) -> ExitCode {
                 .filter(|d| status.is_none_or(|s| field(d, "status") == s))
                 .collect();
             if a.target.json {
-                println!("{}", json::to_pretty_string(&Value::Array(picked)));
+                print_json(&Value::Array(picked));
             } else {
                 print!("{}", table(&picked));
                 eprintln!("{} devices", picked.len());
@@ -164,7 +154,7 @@ pub fn run(c: &DevicesCommand) -> ExitCode {
                 return fail(target.json, format!("no device {mac} on this node"));
             }
             if target.json {
-                println!("{}", json::to_pretty_string(&Value::Array(found)));
+                print_json(&Value::Array(found));
             } else {
                 for d in &found {
                     for k in [

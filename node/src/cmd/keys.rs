@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
-use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::json::{Map, Value};
+
+use super::output::{fail, print_json};
 
 /// Where the node is and how to authenticate to it.
 pub use crate::cmd::ops::AdminTarget as Target;
@@ -49,18 +51,13 @@ pub enum ControllerCommand {
     },
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(1)
-}
-
 fn call(t: &Target, command: &str, args: Value, timeout: Duration) -> Result<Value, String> {
     t.call(command, args, timeout)
 }
 
 fn print_keys(v: &Value, as_json: bool) {
     if as_json {
-        println!("{}", json::to_pretty_string(v));
+        print_json(v);
         return;
     }
     let rows = v.as_array().unwrap_or_default();
@@ -98,11 +95,18 @@ pub fn keys(c: &KeysCommand) -> ExitCode {
         } => {
             let path = data_dir.join("nib.db");
             if !path.exists() {
-                return fail(format!("{} does not exist", path.display()));
+                return fail(
+                    *as_json,
+                    format!(
+                        "{} does not exist: is {} a node's data directory?",
+                        path.display(),
+                        data_dir.display()
+                    ),
+                );
             }
             let nib = match crate::nib::Nib::open(&path) {
                 Ok(n) => n,
-                Err(e) => return fail(e),
+                Err(e) => return fail(*as_json, e),
             };
             match crate::keys::describe(&nib) {
                 Ok(keys) => {
@@ -129,7 +133,7 @@ pub fn keys(c: &KeysCommand) -> ExitCode {
                     print_keys(&v, *as_json);
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(*as_json, e),
             }
         }
         KeysCommand::Rotate {
@@ -151,7 +155,7 @@ pub fn keys(c: &KeysCommand) -> ExitCode {
             ) {
                 Ok(v) => {
                     if target.json {
-                        println!("{}", json::to_pretty_string(&v));
+                        print_json(&v);
                     } else if *no_wait {
                         println!("rotation with {peer} requested");
                     } else {
@@ -160,7 +164,7 @@ pub fn keys(c: &KeysCommand) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(target.json, e),
             }
         }
     }
@@ -180,13 +184,13 @@ pub fn controller(c: &ControllerCommand) -> ExitCode {
             ) {
                 Ok(v) => {
                     if target.json {
-                        println!("{}", json::to_pretty_string(&v));
+                        print_json(&v);
                     } else {
                         println!("revoked {id}");
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(target.json, e),
             }
         }
     }

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
-use pdsno_shared::json::{self, Map, Value};
+use pdsno_shared::json::{Map, Value};
 
 use super::ops::AdminTarget;
+use super::output::{fail, print_json};
 
 /// `pdsno lockout` subcommands.
 #[derive(Debug, Subcommand)]
@@ -28,17 +29,6 @@ pub enum LockoutCommand {
     },
 }
 
-fn fail(json_out: bool, msg: impl std::fmt::Display) -> ExitCode {
-    if json_out {
-        let mut m = Map::new();
-        m.insert("error".into(), msg.to_string().into());
-        println!("{}", json::to_canonical_string(&Value::Object(m)));
-    } else {
-        eprintln!("error: {msg}");
-    }
-    ExitCode::from(1)
-}
-
 /// Runs `pdsno lockout ...`.
 pub fn run(c: &LockoutCommand) -> ExitCode {
     match c {
@@ -49,7 +39,7 @@ pub fn run(c: &LockoutCommand) -> ExitCode {
                 Duration::from_secs(10),
             ) {
                 Ok(v) if target.json => {
-                    println!("{}", json::to_pretty_string(&v));
+                    print_json(&v);
                     ExitCode::SUCCESS
                 }
                 Ok(v) => {
@@ -78,7 +68,7 @@ pub fn run(c: &LockoutCommand) -> ExitCode {
                 Duration::from_secs(10),
             ) {
                 Ok(v) if target.json => {
-                    println!("{}", json::to_pretty_string(&v));
+                    print_json(&v);
                     ExitCode::SUCCESS
                 }
                 Ok(v) => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use pdsno_shared::json::{self, Map, Value};
 
+use super::output::{fail, print_json};
 use crate::admin;
 
 /// How to reach a node's admin API.
@@ -45,7 +46,7 @@ pub struct AdminTarget {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (errors too: `{"error": "..."}` on stdout).
     #[arg(long)]
     pub json: bool,
 }
@@ -198,11 +199,6 @@ pub enum PolicyCommand {
     },
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(1)
-}
-
 fn s(v: &Value, k: &str) -> String {
     match v.get(k) {
         Some(Value::String(x)) => x.clone(),
@@ -319,7 +315,7 @@ pub fn status(a: &StatusArgs) -> ExitCode {
         Ok(v) => {
             let v = normalized(&v);
             if a.target.json {
-                println!("{}", json::to_pretty_string(&v));
+                print_json(&v);
             } else {
                 print!("{}", render_tree(&v));
             }
@@ -330,34 +326,82 @@ pub fn status(a: &StatusArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail(a.target.json, e),
     }
+}
+
+/// Renders `policy show` for people: where the policy came from, then the document.
+pub fn render_policy(v: &Value) -> String {
+    let version = s(v, "policy_version");
+    let content = match v.get("content") {
+        Some(c @ Value::Object(_)) => c,
+        _ => return format!("no policy in force yet (version {version})\n"),
+    };
+    let mut head = format!("policy version {version}");
+    if let Some(scope) = v.get("scope").and_then(Value::as_str) {
+        head.push_str(&format!(" ({scope}"));
+        if let Some(r) = v.get("target_region").and_then(Value::as_str) {
+            head.push_str(&format!(", region {r}"));
+        }
+        head.push(')');
+    }
+    if let Some(by) = v.get("distributed_by").and_then(Value::as_str) {
+        head.push_str(&format!(", distributed by {by}"));
+    }
+    if let Some(from) = v.get("valid_from").and_then(Value::as_str) {
+        head.push_str(&format!(", valid from {from}"));
+    }
+    let mut out = head;
+    out.push('\n');
+    let signed = |label: &str, sig: &Value| {
+        format!(
+            "{label} {} by {} at {}{}\n",
+            s(sig, "algorithm"),
+            s(sig, "signer"),
+            s(sig, "signed_at"),
+            match sig.get("key_id").and_then(Value::as_str) {
+                Some(k) => format!(" (key {k})"),
+                None => String::new(),
+            }
+        )
+    };
+    if let Some(sig @ Value::Object(_)) = v.get("signature") {
+        out.push_str(&signed("signed", sig));
+    }
+    if let Some(sig @ Value::Object(_)) = v.get("origin") {
+        out.push_str(&signed("origin signed", sig));
+    }
+    out.push_str("content:\n");
+    out.push_str(&json::to_pretty_string(content));
+    out.push('\n');
+    out
 }
 
 /// Runs `pdsno policy ...`.
 pub fn policy(c: &PolicyCommand) -> ExitCode {
     match c {
         PolicyCommand::Set { file, target } => {
+            let j = target.json;
             let bytes = match std::fs::read(file) {
                 Ok(b) => b,
-                Err(e) => return fail(format!("{}: {e}", file.display())),
+                Err(e) => return fail(j, format!("{}: {e}", file.display())),
             };
             let content = match json::parse(&bytes) {
                 Ok(Value::Object(m)) => m,
                 Ok(_) => {
-                    return fail(format!(
-                        "{}: the policy must be a JSON object",
-                        file.display()
-                    ));
+                    return fail(
+                        j,
+                        format!("{}: the policy must be a JSON object", file.display()),
+                    );
                 }
-                Err(e) => return fail(format!("{}: {e}", file.display())),
+                Err(e) => return fail(j, format!("{}: {e}", file.display())),
             };
             let mut args = Map::new();
             args.insert("content".into(), Value::Object(content));
             match target.call("policy.set", Value::Object(args), Duration::from_secs(30)) {
                 Ok(v) => {
-                    if target.json {
-                        println!("{}", json::to_pretty_string(&v));
+                    if j {
+                        print_json(&v);
                     } else {
                         println!(
                             "policy version {} {}",
@@ -371,7 +415,7 @@ pub fn policy(c: &PolicyCommand) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(j, e),
             }
         }
         PolicyCommand::Show { target } => {
@@ -381,11 +425,32 @@ pub fn policy(c: &PolicyCommand) -> ExitCode {
                 Duration::from_secs(10),
             ) {
                 Ok(v) => {
-                    println!("{}", json::to_pretty_string(&v));
+                    if target.json {
+                        print_json(&v);
+                    } else {
+                        print!("{}", render_policy(&v));
+                    }
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(target.json, e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_show_text_before_any_policy_and_from_an_older_node() {
+        let none = Value::Object(crate::policy::show(0, None));
+        assert_eq!(render_policy(&none), "no policy in force yet (version 0)\n");
+        // An older node answers only the version and the document: no signature lines.
+        let old = json::parse(br#"{"policy_version": 3, "content": {"a": 1}}"#).expect("json");
+        assert_eq!(
+            render_policy(&old),
+            "policy version 3\ncontent:\n{\n  \"a\": 1\n}\n"
+        );
     }
 }
