@@ -182,6 +182,64 @@ fn the_run_a_controller_walk_through_works_as_written() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("regional_cntl_zone-A_1"), "{out}");
+    // The "Operating" block, as written, on the same data directories; a device's MAC comes
+    // from the list, as the README says.
+    let ops = section
+        .split("Operating a running node")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the operating block");
+    let rc_data = dir.path().join("rc-a-data").display().to_string();
+    let mac = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, out, _) = run(
+                &bin,
+                &["devices", "list", "--data-dir", &rc_data, "--json"],
+                Duration::from_secs(30),
+            );
+            let first = pdsno_shared::json::parse(out.as_bytes())
+                .ok()
+                .and_then(|v| v.as_array().and_then(|a| a.first().cloned()))
+                .and_then(|d| d.get("mac").and_then(|m| m.as_str().map(str::to_owned)));
+            if let Some(m) = first {
+                break m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no device reached the RC: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut ran = 0;
+    for cmd in commands(ops) {
+        let line = cmd
+            .replacen("pdsno ", &format!("{bin} "), 1)
+            .replace(" MAC ", &format!(" {mac} "));
+        let script = format!("cd '{}' && {line}", dir.path().display());
+        let (code, out, err) = run("/bin/sh", &["-c", &script], Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{cmd}: {out}{err}");
+        ran += 1;
+    }
+    assert!(ran >= 12, "{ran} operating commands");
+    // The last one revoked the local controller: it was told, and stopped with code 5.
+    let lc = running.last_mut().expect("lc");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while lc.is_alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked LC runs on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lc.terminate(Duration::from_secs(1)),
+        Some(5),
+        "{}",
+        lc.stderr()
+    );
     for mode in [
         "bootstrap.secret",
         "rc-a.token",
