@@ -25,6 +25,7 @@ pub mod outbound;
 pub mod policy;
 pub mod report;
 pub mod runtime;
+pub mod tier;
 pub mod tier_settings;
 pub mod tls;
 pub mod transport;
