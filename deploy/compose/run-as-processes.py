@@ -45,8 +45,9 @@ failing after start_period + retries x interval. Then it proves, for each file:
   (d) every controller's own `pdsno status` says it is connected to its MQTT broker, and an
       external broker's log shows each logging in as its own user, in both runs.
 It prints a timeline and exits non-zero with the reason on any failure. Processes, mounts
-and files live in namespaces and a tmpfs that end with the run, however it ends (an
-interrupt stops the services first; even SIGKILL leaves nothing behind).
+and files live in namespaces and a tmpfs that end with the run, however it ends (SIGTERM,
+SIGINT, SIGHUP, or the end of the process that started it, stop the services first; even
+SIGKILL leaves nothing behind).
 
 Not proven here: building the image (the distroless base, the static musl binary), the
 container engine itself (its networking, DNS, published ports, cgroup limits, seccomp,
@@ -944,6 +945,11 @@ def main(argv):
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, stop_on)
+        # Stop (cleaning up) when whoever started the run goes away, e.g. a killed CI job.
+        parent = os.getppid()
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            raise Interrupted(signal.SIGTERM)
         t0 = time.monotonic()
         inner(args)
         print(f"all OK in {time.monotonic() - t0:.1f} s: {' '.join(f.name for f in args.files)}")
