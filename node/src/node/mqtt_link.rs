@@ -73,6 +73,17 @@ pub struct ConnectInfo {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// Where the GC's own client reaches its embedded broker: the address it listens on, or
+/// loopback when it listens on every address.
+fn embedded_url(a: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "mqtts" } else { "mqtt" };
+    if a.ip().is_unspecified() {
+        format!("{scheme}://127.0.0.1:{}", a.port())
+    } else {
+        format!("{scheme}://{a}")
+    }
+}
+
 /// The broker a node uses and its credential, if it can connect yet: configuration wins;
 /// a child otherwise uses what the GC issued (URL and credential, kept in the NIB); the GC
 /// uses its embedded broker with a credential it issues itself.
@@ -90,11 +101,7 @@ pub fn connect_info(
     }
     let url = match (&cfg.mqtt_url, embedded) {
         (Some(u), _) => Some(u.clone()),
-        (None, Some((a, tls))) => Some(format!(
-            "{}://127.0.0.1:{}",
-            if tls { "mqtts" } else { "mqtt" },
-            a.port()
-        )),
+        (None, Some((a, tls))) => Some(embedded_url(a, tls)),
         (None, None) => trust
             .nib
             .state_str(StateKey::MqttUrl)
@@ -430,5 +437,24 @@ impl MqttNode {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::embedded_url;
+    use crate::transport::mqtt::BrokerUrl;
+
+    #[test]
+    fn the_gc_reaches_its_embedded_broker_where_it_listens() {
+        let url = |a: &str, tls| embedded_url(a.parse().expect("address"), tls);
+        assert_eq!(url("0.0.0.0:1883", false), "mqtt://127.0.0.1:1883");
+        assert_eq!(url("[::]:8883", true), "mqtts://127.0.0.1:8883");
+        // A broker bound to one address is not on loopback.
+        assert_eq!(url("10.0.0.5:1883", false), "mqtt://10.0.0.5:1883");
+        assert_eq!(url("127.0.0.5:1883", false), "mqtt://127.0.0.5:1883");
+        assert_eq!(url("[fd00::5]:8883", true), "mqtts://[fd00::5]:8883");
+        let v6 = BrokerUrl::parse(&url("[fd00::5]:8883", true)).expect("parses");
+        assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("fd00::5", 8883, true));
     }
 }
