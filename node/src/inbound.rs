@@ -119,8 +119,17 @@ pub enum HandlerReply {
     Accepted,
 }
 
+/// A verified message as its handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Received<'a> {
+    /// The envelope (signature, freshness and recipient checked).
+    pub env: &'a Envelope,
+    /// The transport that carried it: `grpc`, `rest` or `mqtt`.
+    pub transport: &'static str,
+}
+
 /// A tier's handler for one message type.
-pub type Handler = Box<dyn Fn(&Envelope) -> Result<HandlerReply, InboundError> + Send + Sync>;
+pub type Handler = Box<dyn Fn(Received<'_>) -> Result<HandlerReply, InboundError> + Send + Sync>;
 
 /// The result of handling.
 #[derive(Debug)]
@@ -395,7 +404,7 @@ impl Inbound {
         let started = std::time::Instant::now();
         let r = match peer_mismatch(&env, peer) {
             Some(e) => Err(e),
-            None => self.handle_inner(env, path_type),
+            None => self.handle_inner(env, path_type, transport),
         };
         if matches!(
             kind,
@@ -477,6 +486,7 @@ impl Inbound {
         &self,
         env: Envelope,
         path_type: Option<MessageType>,
+        transport: &'static str,
     ) -> Result<Reply, InboundError> {
         if env.signature.is_none() {
             return Err(InboundError::Unsigned);
@@ -541,7 +551,10 @@ impl Inbound {
                 }
             }
             (t, _) => match self.handlers.get(&t) {
-                Some(h) => h(&env)?,
+                Some(h) => h(Received {
+                    env: &env,
+                    transport,
+                })?,
                 None => return Err(InboundError::NoHandler(t)),
             },
         };

@@ -188,7 +188,11 @@ impl Children {
     ///
     /// # Errors
     /// [`InboundError::Forbidden`] from anyone but an active child.
-    pub fn heartbeat(&self, env: &Envelope) -> Result<HandlerReply, InboundError> {
+    pub fn heartbeat(
+        &self,
+        env: &Envelope,
+        transport: &'static str,
+    ) -> Result<HandlerReply, InboundError> {
         if !self.trust.is_active_child(&env.sender_id) {
             return Err(InboundError::Forbidden(format!(
                 "{} is not an active child of this controller",
@@ -203,7 +207,7 @@ impl Children {
         if session.is_some() && session == l.session.as_deref() && seq <= l.seq && seq > 0 {
             return Ok(HandlerReply::Accepted);
         }
-        l.absorb(env, "grpc");
+        l.absorb(env, transport);
         Ok(HandlerReply::Accepted)
     }
 

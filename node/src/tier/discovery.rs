@@ -16,20 +16,21 @@ pub fn handlers(d: &Deps) -> Vec<(MessageType, Handler)> {
     if let Some(rd) = d.regional.clone() {
         out.push((
             MessageType::DiscoveryReport,
-            Box::new(move |e| rd.on_report(e)),
+            Box::new(move |m| rd.on_report(m.env)),
         ));
     }
     if d.role == Role::Global {
         let t = d.trust.clone();
         out.push((
             MessageType::DiscoverySummary,
-            Box::new(move |e| crate::discovery::gc::on_summary(&t, e)),
+            Box::new(move |m| crate::discovery::gc::on_summary(&t, m.env)),
         ));
     }
     if let (Some(delivery), Some(parent_id)) = (d.local_delivery.clone(), d.parent_id.clone()) {
         out.push((
             MessageType::DiscoveryReportAck,
-            Box::new(move |e| {
+            Box::new(move |m| {
+                let e = m.env;
                 if e.sender_id != parent_id {
                     return Err(InboundError::Forbidden(format!(
                         "{} is not our regional controller",

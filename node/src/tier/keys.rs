@@ -20,10 +20,10 @@ pub fn handlers(d: &Deps) -> Vec<(MessageType, Handler)> {
     });
     let r = respond.clone();
     vec![
-        (MessageType::KeyExchangeInit, Box::new(move |e| r(e))),
+        (MessageType::KeyExchangeInit, Box::new(move |m| r(m.env))),
         (
             MessageType::KeyRotationRequest,
-            Box::new(move |e| respond(e)),
+            Box::new(move |m| respond(m.env)),
         ),
     ]
 }

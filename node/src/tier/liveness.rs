@@ -11,13 +11,14 @@ pub fn heartbeat(d: &Deps) -> Handler {
     let stats = d.heartbeats.clone();
     let parent_id = d.parent_id.clone();
     let clock = d.trust.clock.clone();
-    Box::new(move |e| {
+    Box::new(move |m| {
+        let e = m.env;
         if parent_id.as_deref() == Some(e.sender_id.as_str()) {
             stats.parent_heard(clock.now());
             return Ok(HandlerReply::Accepted);
         }
         match &children {
-            Some(c) => c.heartbeat(e),
+            Some(c) => c.heartbeat(e, m.transport),
             None => Err(InboundError::Forbidden(format!(
                 "{} is not the parent of this controller",
                 e.sender_id

@@ -15,7 +15,7 @@ pub fn handler(d: &Deps) -> Option<Handler> {
     }
     let (pol, t, ob) = (d.policy.clone(), d.trust.clone(), d.outbound.clone());
     let rt = tokio::runtime::Handle::try_current().ok()?;
-    Some(Box::new(move |e| match pol.receive(e) {
+    Some(Box::new(move |m| match pol.receive(m.env) {
         Ok(PolicyOutcome::Applied { version, republish }) => {
             let (t, ob, pol) = (t.clone(), ob.clone(), pol.clone());
             rt.spawn(async move {

@@ -14,7 +14,8 @@ pub fn handler(d: &Deps) -> Option<Handler> {
     let policy = d.policy.clone();
     let trust = d.trust.clone();
     let global = d.role == Role::Global;
-    Some(Box::new(move |e| {
+    Some(Box::new(move |m| {
+        let e = m.env;
         if e.payload.get("kind").and_then(Value::as_str) == Some("policy") {
             if !trust.is_active_child(&e.sender_id) {
                 return Err(InboundError::Forbidden(format!(

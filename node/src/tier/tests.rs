@@ -12,7 +12,7 @@ use pdsno_shared::time::{Clock, ManualClock};
 
 use super::{Deps, table};
 use crate::discovery::delivery::Delivery;
-use crate::inbound::{HandlerReply, InboundError};
+use crate::inbound::{Handler, HandlerReply, InboundError, Received};
 use crate::keys::PairKeys;
 use crate::nib::{ControllerRow, Nib};
 use crate::node::children::Children;
@@ -153,7 +153,15 @@ async fn each_tier_has_one_handler_per_message_type_it_receives() {
     }
 }
 
-fn handler(n: &Node, t: MessageType) -> crate::inbound::Handler {
+/// Calls `h` as the receive path does for a message that came over gRPC.
+fn call(h: &Handler, env: &Envelope) -> Result<HandlerReply, InboundError> {
+    h(Received {
+        env,
+        transport: "grpc",
+    })
+}
+
+fn handler(n: &Node, t: MessageType) -> Handler {
     table(&n.deps)
         .into_iter()
         .find(|(ty, _)| *ty == t)
@@ -171,13 +179,16 @@ async fn heartbeats_from_the_parent_are_counted_and_children_must_be_ours() {
     let h = handler(&n, MessageType::Heartbeat);
     let c = &n.clock;
     // From the parent: counted as heard.
-    let r = h(&env(
-        MessageType::Heartbeat,
-        "global_cntl_1",
-        "regional_cntl_zone-A_1",
-        Map::new(),
-        c,
-    ));
+    let r = call(
+        &h,
+        &env(
+            MessageType::Heartbeat,
+            "global_cntl_1",
+            "regional_cntl_zone-A_1",
+            Map::new(),
+            c,
+        ),
+    );
     assert!(matches!(r, Ok(HandlerReply::Accepted)));
     assert_eq!(
         n.deps
@@ -194,7 +205,10 @@ async fn heartbeats_from_the_parent_are_counted_and_children_must_be_ours() {
         Map::new(),
         c,
     );
-    assert!(matches!(h(&stranger), Err(InboundError::Forbidden(_))));
+    assert!(matches!(
+        call(&h, &stranger),
+        Err(InboundError::Forbidden(_))
+    ));
     // From a child this node admitted: its liveness is recorded.
     let nib = &n.deps.trust.nib;
     nib.register_descendant(
@@ -213,7 +227,16 @@ async fn heartbeats_from_the_parent_are_counted_and_children_must_be_ours() {
         p,
         c,
     );
-    assert!(matches!(h(&from_child), Ok(HandlerReply::Accepted)));
+    // Carried over REST: the liveness says so (not "grpc" for every direct heartbeat).
+    let over_rest = h(Received {
+        env: &from_child,
+        transport: "rest",
+    });
+    assert!(matches!(over_rest, Ok(HandlerReply::Accepted)));
+    let status = pdsno_shared::json::to_canonical_string(
+        &n.deps.children.as_ref().expect("children").status(),
+    );
+    assert!(status.contains(r#""via":"rest""#), "{status}");
     let children = n.deps.children.as_ref().expect("children");
     let summary =
         pdsno_shared::json::to_canonical_string(&children.summary_for_parent(&Default::default()));
@@ -225,13 +248,16 @@ async fn heartbeats_from_the_parent_are_counted_and_children_must_be_ours() {
         Some("regional_cntl_zone-A_1"),
     );
     let h = handler(&lc, MessageType::Heartbeat);
-    let r = h(&env(
-        MessageType::Heartbeat,
-        "local_cntl_zone-A_2",
-        "local_cntl_zone-A_1",
-        Map::new(),
-        &lc.clock,
-    ));
+    let r = call(
+        &h,
+        &env(
+            MessageType::Heartbeat,
+            "local_cntl_zone-A_2",
+            "local_cntl_zone-A_1",
+            Map::new(),
+            &lc.clock,
+        ),
+    );
     assert!(matches!(r, Err(InboundError::Forbidden(_))));
 }
 
@@ -243,13 +269,16 @@ async fn a_policy_is_answered_to_active_children_only() {
     let mut p = Map::new();
     p.insert("kind".into(), "policy".into());
     let ask = |from: &str| {
-        h(&env(
-            MessageType::SyncRequest,
-            from,
-            "global_cntl_1",
-            p.clone(),
-            &n.clock,
-        ))
+        call(
+            &h,
+            &env(
+                MessageType::SyncRequest,
+                from,
+                "global_cntl_1",
+                p.clone(),
+                &n.clock,
+            ),
+        )
     };
     assert!(matches!(
         ask("regional_cntl_zone-A_1"),
@@ -278,13 +307,16 @@ async fn a_policy_is_answered_to_active_children_only() {
     // An unknown kind is a bad request, not a crash.
     let mut odd = Map::new();
     odd.insert("kind".into(), "something".into());
-    let r = h(&env(
-        MessageType::SyncRequest,
-        "regional_cntl_zone-A_1",
-        "global_cntl_1",
-        odd,
-        &n.clock,
-    ));
+    let r = call(
+        &h,
+        &env(
+            MessageType::SyncRequest,
+            "regional_cntl_zone-A_1",
+            "global_cntl_1",
+            odd,
+            &n.clock,
+        ),
+    );
     assert!(matches!(r, Err(InboundError::BadRequest(_))), "{r:?}");
 }
 
@@ -305,7 +337,7 @@ async fn report_acks_come_from_the_parent_only_and_name_a_report() {
         p.clone(),
         &n.clock,
     );
-    assert!(matches!(h(&forged), Err(InboundError::Forbidden(_))));
+    assert!(matches!(call(&h, &forged), Err(InboundError::Forbidden(_))));
     let empty = env(
         MessageType::DiscoveryReportAck,
         "regional_cntl_zone-A_1",
@@ -313,7 +345,7 @@ async fn report_acks_come_from_the_parent_only_and_name_a_report() {
         Map::new(),
         &n.clock,
     );
-    assert!(matches!(h(&empty), Err(InboundError::BadRequest(_))));
+    assert!(matches!(call(&h, &empty), Err(InboundError::BadRequest(_))));
     let ok = env(
         MessageType::DiscoveryReportAck,
         "regional_cntl_zone-A_1",
@@ -321,7 +353,7 @@ async fn report_acks_come_from_the_parent_only_and_name_a_report() {
         p,
         &n.clock,
     );
-    assert!(matches!(h(&ok), Ok(HandlerReply::Accepted)));
+    assert!(matches!(call(&h, &ok), Ok(HandlerReply::Accepted)));
 }
 
 #[tokio::test]
@@ -344,6 +376,6 @@ async fn a_policy_not_signed_by_the_parent_is_refused() {
         &n.clock,
     );
     pdsno_shared::signing::sign_ed25519(&mut e, &IdentityKey::generate(), None, n.clock.now());
-    assert!(matches!(h(&e), Err(InboundError::Forbidden(_))));
+    assert!(matches!(call(&h, &e), Err(InboundError::Forbidden(_))));
     assert_eq!(n.deps.policy.version(), before);
 }
