@@ -376,3 +376,41 @@ fn the_readme_names_every_series() {
         }
     }
 }
+
+/// The transport a message came over is the one its series names: a policy a regional
+/// controller without MQTT fetches from its parent at start came over gRPC.
+#[test]
+fn a_policy_fetched_over_grpc_is_counted_as_grpc() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let rc = lab.child(
+        "regional",
+        "temp-rc-p",
+        &gc,
+        "zone-A",
+        &["--no-mqtt", "--listen-metrics", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&rc);
+    let sample = |text: &str, transport: &str| -> f64 {
+        let key = format!(
+            "pdsno_messages_total{{type=\"POLICY_UPDATE\",transport=\"{transport}\",outcome=\"accepted\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + LONG;
+    let text = loop {
+        let text = scrape(addr);
+        if sample(&text, "grpc") >= 1.0 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no policy counted over gRPC:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sample(&text, "mqtt"), 0.0, "{text}");
+}

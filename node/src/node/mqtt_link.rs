@@ -309,7 +309,8 @@ impl MqttNode {
                     return;
                 }
                 match Envelope::from_value(v) {
-                    Ok(pol) => self.apply_policy(pol).await,
+                    // Fetched over gRPC: counted as such.
+                    Ok(pol) => self.apply_policy(pol, "grpc").await,
                     Err(e) => tracing::warn!(error = %e, "policy sync answer is malformed"),
                 }
             }
@@ -318,14 +319,14 @@ impl MqttNode {
         }
     }
 
-    async fn apply_policy(&self, env: Envelope) {
+    async fn apply_policy(&self, env: Envelope, transport: &'static str) {
         let policy = self.policy.clone();
         let sender = env.sender_id.clone();
         let r = tokio::task::spawn_blocking(move || policy.receive(&env)).await;
         let metrics = self.inbound.metrics();
         match r {
             Ok(Ok(PolicyOutcome::Applied { version, republish })) => {
-                metrics.message("POLICY_UPDATE", "mqtt", "accepted");
+                metrics.message("POLICY_UPDATE", transport, "accepted");
                 crate::policy::after_applied(
                     &self.trust,
                     &self.outbound,
@@ -336,11 +337,11 @@ impl MqttNode {
                 .await;
             }
             Ok(Ok(PolicyOutcome::Stale { .. })) => {
-                metrics.message("POLICY_UPDATE", "mqtt", "stale_policy")
+                metrics.message("POLICY_UPDATE", transport, "stale_policy")
             }
             Ok(Err(e)) => self.inbound.refused(
                 "policy_refused",
-                "mqtt",
+                transport,
                 "POLICY_UPDATE",
                 &sender,
                 &e.to_string(),
@@ -406,7 +407,7 @@ impl MqttNode {
                 if self.trust.role == Role::Global {
                     return; // our own retained copy
                 }
-                self.apply_policy(env).await;
+                self.apply_policy(env, "mqtt").await;
             }
             Topic::Status(id) => {
                 if *id == self.trust.me {
