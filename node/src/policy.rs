@@ -595,7 +595,7 @@ pub async fn distribute(
             .controllers()
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| r.status == "active" && r.validated_by.as_deref() == Some(t.me.as_str()))
+            .filter(|r| Trust::child_row(&t.me, r))
             .filter_map(|r| {
                 let url = t
                     .nib

@@ -97,25 +97,26 @@ impl Trust {
             .and_then(|k| PublicKey::from_base64(k).ok())
     }
 
-    /// True when `peer` is our parent or an active controller we admitted ourselves (not
-    /// one our children registered with us): the peers we share pairwise keys with.
+    /// True when `peer` is our parent or one of our children (see [`Trust::is_child`]):
+    /// the peers we share pairwise keys with.
     pub fn is_neighbour(&self, peer: &str) -> bool {
-        if self.parent.as_ref().is_some_and(|(pid, _)| pid == peer) {
-            return true;
-        }
-        self.nib.controller(peer).ok().flatten().is_some_and(|r| {
-            r.status == "active" && r.validated_by.as_deref() == Some(self.me.as_str())
-        })
+        self.parent.as_ref().is_some_and(|(pid, _)| pid == peer) || self.is_child(peer)
     }
 
-    /// True when `sender` is an active controller we admitted (or that our children
-    /// registered with us).
-    pub fn is_active_child(&self, sender: &str) -> bool {
+    /// The one rule for "is this my child", from the admission records: an active
+    /// controller this node admitted itself. A grandchild its child registered here (the
+    /// global controller knows every local controller) is not: it talks to its own parent.
+    pub fn is_child(&self, id: &str) -> bool {
         self.nib
-            .controller(sender)
+            .controller(id)
             .ok()
             .flatten()
-            .is_some_and(|r| r.status == "active")
+            .is_some_and(|r| Self::child_row(&self.me, &r))
+    }
+
+    /// [`Trust::is_child`] on a row already read.
+    pub fn child_row(me: &str, r: &crate::nib::ControllerRow) -> bool {
+        r.status == "active" && r.validated_by.as_deref() == Some(me)
     }
 
     /// The network key, when it may verify `env`: the deployment has one, the sender shares

@@ -193,7 +193,7 @@ impl Children {
         env: &Envelope,
         transport: &'static str,
     ) -> Result<HandlerReply, InboundError> {
-        if !self.trust.is_active_child(&env.sender_id) {
+        if !self.trust.is_child(&env.sender_id) {
             return Err(InboundError::Forbidden(format!(
                 "{} is not an active child of this controller",
                 env.sender_id
@@ -222,16 +222,7 @@ impl Children {
     pub fn on_status(&self, env: &Envelope) -> Result<StatusOutcome, VerifyError> {
         // Direct children only: a grandchild's status is its own parent's business (and
         // signed with keys we do not share).
-        let direct = self
-            .trust
-            .nib
-            .controller(&env.sender_id)
-            .ok()
-            .flatten()
-            .is_some_and(|r| {
-                r.status == "active" && r.validated_by.as_deref() == Some(self.trust.me.as_str())
-            });
-        if !direct {
+        if !self.trust.is_child(&env.sender_id) {
             return Ok(StatusOutcome::NotMine);
         }
         if env.message_type != MessageType::Heartbeat {

@@ -17,7 +17,7 @@ pub fn handler(d: &Deps) -> Option<Handler> {
     Some(Box::new(move |m| {
         let e = m.env;
         if e.payload.get("kind").and_then(Value::as_str) == Some("policy") {
-            if !trust.is_active_child(&e.sender_id) {
+            if !trust.is_child(&e.sender_id) {
                 return Err(InboundError::Forbidden(format!(
                     "{} is not an active child of this controller",
                     e.sender_id

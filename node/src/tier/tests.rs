@@ -379,3 +379,48 @@ async fn a_policy_not_signed_by_the_parent_is_refused() {
     assert!(matches!(call(&h, &e), Err(InboundError::Forbidden(_))));
     assert_eq!(n.deps.policy.version(), before);
 }
+
+#[tokio::test]
+async fn a_grandchild_is_not_a_child() {
+    // The global controller knows the local controllers its regional controllers admitted,
+    // but they talk to their own parent: their heartbeats and policy requests are refused
+    // here.
+    let n = node(Role::Global, "global_cntl_1", None);
+    let nib = &n.deps.trust.nib;
+    for (id, role, by) in [
+        ("regional_cntl_zone-A_1", Role::Regional, "global_cntl_1"),
+        ("local_cntl_zone-A_1", Role::Local, "regional_cntl_zone-A_1"),
+    ] {
+        nib.register_descendant(&child_row(id, role, by), n.clock.now())
+            .expect("db")
+            .expect("registered");
+    }
+    assert!(n.deps.trust.is_child("regional_cntl_zone-A_1"));
+    assert!(!n.deps.trust.is_child("local_cntl_zone-A_1"));
+    let hb = handler(&n, MessageType::Heartbeat);
+    let from = |id: &str, t: MessageType, p: Map| env(t, id, "global_cntl_1", p, &n.clock);
+    assert!(matches!(
+        call(
+            &hb,
+            &from("local_cntl_zone-A_1", MessageType::Heartbeat, Map::new())
+        ),
+        Err(InboundError::Forbidden(_))
+    ));
+    assert!(matches!(
+        call(
+            &hb,
+            &from("regional_cntl_zone-A_1", MessageType::Heartbeat, Map::new())
+        ),
+        Ok(HandlerReply::Accepted)
+    ));
+    let sync = handler(&n, MessageType::SyncRequest);
+    let mut p = Map::new();
+    p.insert("kind".into(), "policy".into());
+    assert!(matches!(
+        call(
+            &sync,
+            &from("local_cntl_zone-A_1", MessageType::SyncRequest, p)
+        ),
+        Err(InboundError::Forbidden(_))
+    ));
+}
