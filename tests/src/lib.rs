@@ -695,3 +695,69 @@ pub fn python_json_lines(
         })
         .collect()
 }
+
+/// A lab CA made with `pdsno certs init`, issuing certificates with `pdsno certs issue`.
+pub struct Pki {
+    /// Where the CA and the certificates it issued are.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A new CA in the lab directory `name`.
+    ///
+    /// # Panics
+    /// When `pdsno certs init` fails.
+    pub fn new(lab: &Lab, name: &str) -> Pki {
+        let dir = lab.dir.path().join(name);
+        let d = dir.display().to_string();
+        let bin = pdsno_bin().display().to_string();
+        let (code, out, err) = run(
+            &bin,
+            &["certs", "init", "--dir", &d],
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(0), "certs init: {out}{err}");
+        assert!(dir.join("ca.pem").exists() && dir.join("ca.key").exists());
+        Pki { dir }
+    }
+
+    /// `pdsno certs issue --id id extra...`: the certificate's and key's paths.
+    ///
+    /// # Panics
+    /// When `pdsno certs issue` fails.
+    pub fn issue(&self, id: &str, extra: &[&str]) -> (String, String) {
+        let d = self.dir.display().to_string();
+        let mut args = vec!["certs", "issue", "--dir", &d, "--id", id];
+        args.extend_from_slice(extra);
+        let bin = pdsno_bin().display().to_string();
+        let (code, out, err) = run(&bin, &args, Duration::from_secs(60));
+        assert_eq!(code, Some(0), "certs issue {id}: {out}{err}");
+        let file = |ext: &str| self.dir.join(format!("{id}.{ext}")).display().to_string();
+        (file("pem"), file("key"))
+    }
+
+    /// The CA certificate's path.
+    pub fn ca(&self) -> String {
+        self.ca_path().display().to_string()
+    }
+
+    /// The CA certificate's path.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The node flags for a new certificate of `id` under this CA, then `extra`.
+    pub fn flags(&self, id: &str, extra: &[&str]) -> Vec<String> {
+        let (cert, key) = self.issue(id, &[]);
+        let mut v = vec![
+            "--tls-cert".to_owned(),
+            cert,
+            "--tls-key".into(),
+            key,
+            "--tls-ca".into(),
+            self.ca(),
+        ];
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    }
+}

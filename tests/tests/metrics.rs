@@ -11,11 +11,10 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pdsno_node::metrics::{Scope, has_sample};
-use pdsno_tests::{Lab, NodeProc, Proc, field, listening_addr, pdsno_bin, run, workspace_root};
+use pdsno_tests::{Lab, NodeProc, Pki, Proc, field, listening_addr, workspace_root};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -101,53 +100,14 @@ fn wait_code(addr: SocketAddr, path: &str, code: u16) -> String {
     }
 }
 
-/// A CA made with `pdsno certs init`, issuing certificates with `pdsno certs issue`.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(lab: &Lab) -> Pki {
-        let dir = lab.dir.path().join("pki");
-        let d = dir.display().to_string();
-        let (code, out, err) = run(
-            pdsno_bin().to_str().expect("utf-8 path"),
-            &["certs", "init", "--dir", &d],
-            LONG,
-        );
-        assert_eq!(code, Some(0), "certs init: {out}{err}");
-        Pki { dir }
-    }
-
-    /// The node flags for `id`'s certificate under this CA.
-    fn flags(&self, id: &str) -> Vec<String> {
-        let d = self.dir.display().to_string();
-        let (code, out, err) = run(
-            pdsno_bin().to_str().expect("utf-8 path"),
-            &["certs", "issue", "--dir", &d, "--id", id],
-            LONG,
-        );
-        assert_eq!(code, Some(0), "certs issue {id}: {out}{err}");
-        let file = |ext: &str| self.dir.join(format!("{id}.{ext}")).display().to_string();
-        vec![
-            "--tls-cert".into(),
-            file("pem"),
-            "--tls-key".into(),
-            file("key"),
-            "--tls-ca".into(),
-            self.dir.join("ca.pem").display().to_string(),
-        ]
-    }
-}
-
 /// A global controller whose REST and gRPC listeners require mutual TLS is scraped over
 /// plain HTTP without a client certificate on `--listen-metrics`, which serves `/health`,
 /// `/ready` and `/metrics` and nothing else; its REST listener still refuses plaintext.
 #[test]
 fn metrics_listener_is_plaintext_beside_mutual_tls() {
     let lab = Lab::new();
-    let pki = Pki::new(&lab);
-    let mut args = pki.flags("global");
+    let pki = Pki::new(&lab, "pki");
+    let mut args = pki.flags("global", &[]);
     args.extend(
         [
             "--require-tls",

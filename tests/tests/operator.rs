@@ -1122,82 +1122,51 @@ fn check_config_predicts_the_start() {
         out.contains(&etc.join("gc-data").display().to_string()),
         "the data directory is not under the file's directory: {out}"
     );
-    // A flag for another tier draws a warning too.
-    let (code, _, err) = run_in(
-        &elsewhere,
-        &[
-            "global",
-            "--config",
-            &c,
-            "--subnet",
-            "10.0.0.0/24",
-            "--check-config",
-        ],
-    );
-    assert_eq!(code, Some(0), "{err}");
-    assert!(
-        err.contains("--subnet is read by the local controller only"),
-        "{err}"
-    );
-
-    // A first start without its admission inputs.
+    // A flag for another tier draws a warning; a first start without its admission inputs
+    // is refused before it starts.
     let lc = lab.data("lc").display().to_string();
-    let (code, _, err) = run_in(
-        &elsewhere,
-        &[
-            "local",
-            "--data-dir",
-            &lc,
-            "--region",
-            "zone-A",
-            "--check-config",
-        ],
-    );
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--temp-id is required"), "{err}");
-    let (code, _, err) = run_in(
-        &elsewhere,
-        &[
-            "local",
-            "--data-dir",
-            &lc,
-            "--region",
-            "zone-A",
-            "--temp-id",
-            "t-1",
-            "--bootstrap-token-file",
-            "/nonexistent/lc.token",
-            "--check-config",
-        ],
-    );
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains("/nonexistent/lc.token does not exist"),
-        "{err}"
-    );
+    let cases: [(&[&str], i32, &str); 3] = [
+        (
+            &["global", "--config", &c, "--subnet", "10.0.0.0/24"],
+            0,
+            "--subnet is read by the local controller only",
+        ),
+        (
+            &["local", "--data-dir", &lc, "--region", "zone-A"],
+            2,
+            "--temp-id is required",
+        ),
+        (
+            &[
+                "local",
+                "--data-dir",
+                &lc,
+                "--region",
+                "zone-A",
+                "--temp-id",
+                "t-1",
+                "--bootstrap-token-file",
+                "/nonexistent/lc.token",
+            ],
+            2,
+            "/nonexistent/lc.token does not exist",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let mut args = args.to_vec();
+        args.push("--check-config");
+        let (code, _, err) = run_in(&elsewhere, &args);
+        assert_eq!(code, Some(want), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 
     // TLS files as the node loads them: a certificate from another CA, an expired one.
-    let pki = |name: &str| {
-        let d = lab.data(name).display().to_string();
-        let (code, out, err) = pdsno_tests::run(
-            bin.to_str().expect("utf-8"),
-            &["certs", "init", "--dir", &d],
-            Duration::from_secs(60),
-        );
-        assert_eq!(code, Some(0), "{out}{err}");
-        d
-    };
-    let (a, b) = (pki("ca-a"), pki("ca-b"));
-    let issue = |dir: &str, id: &str, extra: &[&str]| {
-        let mut args = vec!["certs", "issue", "--dir", dir, "--id", id];
-        args.extend_from_slice(extra);
-        let (code, out, err) =
-            pdsno_tests::run(bin.to_str().expect("utf-8"), &args, Duration::from_secs(60));
-        assert_eq!(code, Some(0), "{out}{err}");
-        (format!("{dir}/{id}.pem"), format!("{dir}/{id}.key"))
-    };
-    let (cert, key) = issue(&a, "gc", &[]);
-    let (old_cert, old_key) = issue(&a, "old", &["--days", "1", "--backdate-days", "3"]);
+    let (a, b) = (
+        pdsno_tests::Pki::new(&lab, "ca-a"),
+        pdsno_tests::Pki::new(&lab, "ca-b"),
+    );
+    let (cert, key) = a.issue("gc", &[]);
+    let (old_cert, old_key) = a.issue("old", &["--days", "1", "--backdate-days", "3"]);
     let secret = etc.join("bootstrap.secret").display().to_string();
     let tls_check = |cert: &str, key: &str, ca: &str| {
         run_in(
@@ -1218,12 +1187,12 @@ fn check_config_predicts_the_start() {
             ],
         )
     };
-    let (code, out, err) = tls_check(&cert, &key, &format!("{a}/ca.pem"));
+    let (code, out, err) = tls_check(&cert, &key, &a.ca());
     assert_eq!(code, Some(0), "{out} {err}");
-    let (code, _, err) = tls_check(&cert, &key, &format!("{b}/ca.pem"));
+    let (code, _, err) = tls_check(&cert, &key, &b.ca());
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not valid under tls_ca"), "{err}");
-    let (code, _, err) = tls_check(&old_cert, &old_key, &format!("{a}/ca.pem"));
+    let (code, _, err) = tls_check(&old_cert, &old_key, &a.ca());
     assert_eq!(code, Some(2), "{err}");
     assert!(err.to_lowercase().contains("expired"), "{err}");
 }

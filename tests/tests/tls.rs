@@ -9,65 +9,11 @@ use std::time::Duration;
 
 use pdsno_node::tls::{TlsMaterial, TlsOptions, client_config_for};
 use pdsno_node::transport::parent::{LinkError, ParentLink};
-use pdsno_tests::{Lab, NodeProc, field, listening_addr, pdsno_bin, run};
+use pdsno_tests::{Lab, NodeProc, Pki, field, listening_addr, pdsno_bin, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const LONG: Duration = Duration::from_secs(60);
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(lab: &Lab, name: &str) -> Pki {
-        let dir = lab.dir.path().join(name);
-        let d = dir.display().to_string();
-        let (code, out, err) = run(
-            pdsno_bin().to_str().expect("utf-8 path"),
-            &["certs", "init", "--dir", &d],
-            LONG,
-        );
-        assert_eq!(code, Some(0), "certs init: {out}{err}");
-        assert!(dir.join("ca.pem").exists() && dir.join("ca.key").exists());
-        Pki { dir }
-    }
-
-    fn issue(&self, id: &str, extra: &[&str]) -> (String, String) {
-        let d = self.dir.display().to_string();
-        let mut args = vec!["certs", "issue", "--dir", &d, "--id", id];
-        args.extend_from_slice(extra);
-        let (code, out, err) = run(pdsno_bin().to_str().expect("utf-8 path"), &args, LONG);
-        assert_eq!(code, Some(0), "certs issue {id}: {out}{err}");
-        (
-            self.dir.join(format!("{id}.pem")).display().to_string(),
-            self.dir.join(format!("{id}.key")).display().to_string(),
-        )
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// The node flags for `id`'s certificate under this CA.
-    fn flags(&self, id: &str, extra: &[&str]) -> Vec<String> {
-        let (cert, key) = self.issue(id, &[]);
-        let mut v = vec![
-            "--tls-cert".to_owned(),
-            cert,
-            "--tls-key".into(),
-            key,
-            "--tls-ca".into(),
-            self.ca(),
-        ];
-        v.extend(extra.iter().map(|s| (*s).to_owned()));
-        v
-    }
-}
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()

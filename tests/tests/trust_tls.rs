@@ -19,48 +19,13 @@ use pdsno_shared::grpc::pb;
 use pdsno_shared::json::Map;
 use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::{sign_ed25519, sign_hmac};
-use pdsno_tests::{Lab, NodeProc, Proc, field, pdsno_bin, run};
+use pdsno_tests::{Lab, NodeProc, Pki, Proc, field, pdsno_bin, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const LONG: Duration = Duration::from_secs(60);
 const GC_ID: &str = "global_cntl_1";
 const NETWORK_SECRET: &str = "trust-tls-network-secret-0123456789";
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(lab: &Lab) -> Pki {
-        let dir = lab.dir.path().join("pki");
-        let d = dir.display().to_string();
-        let (code, out, err) = run(bin(), &["certs", "init", "--dir", &d], LONG);
-        assert_eq!(code, Some(0), "certs init: {out}{err}");
-        Pki { dir }
-    }
-
-    /// `pdsno certs issue --id name extra...`; the certificate and key paths.
-    fn issue(&self, name: &str, extra: &[&str]) -> (String, String) {
-        let d = self.dir.display().to_string();
-        let mut args = vec!["certs", "issue", "--dir", &d, "--id", name];
-        args.extend_from_slice(extra);
-        let (code, out, err) = run(bin(), &args, LONG);
-        assert_eq!(code, Some(0), "certs issue {name}: {out}{err}");
-        (
-            self.dir.join(format!("{name}.pem")).display().to_string(),
-            self.dir.join(format!("{name}.key")).display().to_string(),
-        )
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-}
 
 fn bin() -> &'static str {
     let p: &'static PathBuf = Box::leak(Box::new(pdsno_bin()));
@@ -270,7 +235,7 @@ fn tokens_received(node: &NodeProc, pki: &Pki) -> f64 {
 #[test]
 fn a_fake_parent_with_a_local_certificate_gets_no_token_from_a_pinned_child() {
     let lab = Lab::new();
-    let pki = Pki::new(&lab);
+    let pki = Pki::new(&lab, "pki");
     let (mut gc, gc_key) = real_gc(&lab, &pki);
     // A local controller that serves TLS has a server certificate too, valid for
     // localhost and 127.0.0.1 like every lab certificate.
@@ -431,7 +396,7 @@ fn raw_tls_server(
 #[test]
 fn a_client_only_certificate_cannot_serve_as_a_parent() {
     let lab = Lab::new();
-    let pki = Pki::new(&lab);
+    let pki = Pki::new(&lab, "pki");
     let (lc_cert, lc_key) = pki.issue(
         "lc-client",
         &["--role", "client", "--controller-id", "local_cntl_zone-A_1"],
@@ -504,7 +469,7 @@ fn identity_heartbeat(node: &NodeProc) -> Envelope {
 #[test]
 fn a_controller_certificate_cannot_carry_another_controllers_messages() {
     let lab = Lab::new();
-    let pki = Pki::new(&lab);
+    let pki = Pki::new(&lab, "pki");
     let (gc, gc_key) = real_gc(&lab, &pki);
     let env = [("PDSNO_MESSAGE_SIGNING_SECRET", NETWORK_SECRET)];
     let mut rcs = Vec::new();
@@ -656,7 +621,7 @@ impl pb::admission_server::Admission for RelayParent {
 #[test]
 fn a_relayed_identity_proof_does_not_verify() {
     let lab = Lab::new();
-    let pki = Pki::new(&lab);
+    let pki = Pki::new(&lab, "pki");
     let (gc, gc_key) = real_gc(&lab, &pki);
     let (lc_cert, lc_key) = pki.issue(
         "lc-1",
