@@ -315,7 +315,11 @@ impl Admin {
                     .map_err(|e| Status::internal(e.to_string()))?
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 let version = rt.policy.version();
-                crate::report::line(&format!("policy version={version} published"));
+                crate::report::emit(&crate::report::Report::Policy {
+                    version,
+                    event: crate::report::PolicyEvent::Published,
+                    region: None,
+                });
                 tracing::info!(version, "policy published");
                 let d = match rt.policy.topic() {
                     Some(topic) => {

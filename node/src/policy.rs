@@ -545,10 +545,11 @@ pub async fn after_applied(
 ) {
     match (republish, policy.topic()) {
         (Some(copy), Some(topic)) => {
-            crate::report::line(&format!(
-                "policy version={version} republished region={}",
-                trust.region.as_deref().unwrap_or("-")
-            ));
+            crate::report::emit(&crate::report::Report::Policy {
+                version,
+                event: crate::report::PolicyEvent::Republished,
+                region: Some(trust.region.clone().unwrap_or_else(|| "-".into())),
+            });
             tracing::info!(version, region = %trust.region.as_deref().unwrap_or("-"), "policy applied and handed on to the region");
             let d = distribute(trust, outbound, &copy, &topic).await;
             if !d.published && d.unreachable > 0 {
@@ -560,7 +561,11 @@ pub async fn after_applied(
             }
         }
         _ => {
-            crate::report::line(&format!("policy version={version} applied"));
+            crate::report::emit(&crate::report::Report::Policy {
+                version,
+                event: crate::report::PolicyEvent::Applied,
+                region: None,
+            });
             tracing::info!(version, "policy applied");
         }
     }

@@ -402,11 +402,7 @@ impl NodeProc {
 
 /// `key=value` from a report line.
 pub fn field(line: &str, key: &str) -> Option<String> {
-    line.split(' ').find_map(|kv| {
-        kv.strip_prefix(key)
-            .and_then(|v| v.strip_prefix('='))
-            .map(str::to_owned)
-    })
+    pdsno_node::report::field(line, key).map(str::to_owned)
 }
 
 /// A lab: a temporary directory holding data directories and the global controller's
@@ -531,7 +527,10 @@ impl Lab {
 
     /// Waits for `ready` and returns the node.
     pub fn ready(&self, mut proc: Proc, name: &str) -> NodeProc {
-        let line = proc.wait_line(Duration::from_secs(60), |l| l.starts_with("ready "));
+        use pdsno_node::report::Report;
+        let line = proc.wait_line(Duration::from_secs(60), |l| {
+            matches!(Report::parse(l), Some(Report::Ready { .. }))
+        });
         let mqtt = proc
             .lines()
             .iter()

@@ -18,7 +18,7 @@ use pdsno_shared::keys::{IdentityKey, SecretString};
 use pdsno_shared::payload::discovery::{Device, DiscoveryMethod, DiscoveryReport};
 use pdsno_shared::time::format_iso;
 
-use super::lab::{Node, field, node_args, own_secret, spawn, stop_all};
+use super::lab::{Node, node_args, own_secret, spawn, stop_all};
 
 /// `pdsno bench discovery` arguments.
 #[derive(Debug, Args)]
@@ -104,8 +104,7 @@ async fn topology(
         dir,
         secret,
     )?;
-    let ready = gc.wait_for("ready ", timeout).await?;
-    let gc_grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
+    let gc_grpc = gc.ready(timeout).await?.grpc;
     let temp = "temp-rc-bench";
     let token =
         pdsno_shared::bootstrap::bootstrap_token(secret.as_bytes(), temp, region, "regional");
@@ -139,10 +138,9 @@ async fn topology(
         dir,
         secret,
     )?;
-    let ready = rc.wait_for("ready ", timeout).await?;
+    let ready = rc.ready(timeout).await?;
     rc.wait_for("key ", timeout).await?;
-    let rc_grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
-    let rc_id = field(&ready, "id").unwrap_or_default().to_owned();
+    let (rc_grpc, rc_id) = (ready.grpc, ready.id);
     let rc_secret = own_secret(&dir.join(temp))?;
     Ok((vec![gc, rc], rc_grpc, rc_id, rc_secret))
 }
@@ -182,14 +180,13 @@ pub(crate) async fn throwaway_parent(
         dir,
         &secret,
     )?;
-    let ready = match gc.wait_for("ready ", Duration::from_secs(60)).await {
-        Ok(l) => l,
+    let grpc = match gc.ready(Duration::from_secs(60)).await {
+        Ok(r) => r.grpc,
         Err(e) => {
             stop_all(std::slice::from_mut(&mut gc)).await;
             return Err(e);
         }
     };
-    let grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
     Ok((vec![gc], format!("http://{grpc}"), secret))
 }
 
@@ -365,8 +362,8 @@ pub async fn policy(a: &PolicyBenchArgs) -> Result<(), String> {
     let result = async {
         let gc_grpc = nodes
             .first()
-            .and_then(|n| n.seen.iter().find(|l| l.starts_with("ready ")).cloned())
-            .and_then(|l| field(&l, "grpc").map(str::to_owned))
+            .and_then(Node::seen_ready)
+            .map(|r| r.grpc)
             .ok_or("no GC")?;
         let started = Instant::now();
         for i in 0..a.lcs.max(1) {

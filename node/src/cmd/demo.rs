@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::lab::{Node, admin_call, field, node_args, own_secret, spawn, stop_all};
+use super::lab::{Node, admin_call, node_args, own_secret, spawn, stop_all};
+use crate::report::Report;
 use clap::Args;
 use pdsno_shared::bootstrap::bootstrap_token;
 use pdsno_shared::grpc::pb;
@@ -110,11 +111,18 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             ],
         );
         let mut gc = spawn(&exe, "global", &gc_args, &dir, &secret)?;
-        let ready = gc.wait_for("ready ", timeout).await?;
-        let mqtt = gc.wait_for("mqtt v4 ", timeout).await?;
-        let gc_grpc = field(&ready, "grpc").unwrap_or_default().to_owned();
-        let gc_rest = field(&ready, "rest").unwrap_or_default().to_owned();
-        let mqtt_addr = mqtt.rsplit(' ').next().unwrap_or_default().to_owned();
+        let ready = gc.ready(timeout).await?;
+        let mqtt_addr = gc
+            .wait_report("an MQTT listener", timeout, |r| match r {
+                Report::MqttListener {
+                    tls: false,
+                    version,
+                    addr,
+                } if version == "v4" => Some(addr),
+                _ => None,
+            })
+            .await?;
+        let (gc_grpc, gc_rest) = (ready.grpc, ready.rest);
         nodes.push(gc);
 
         // Regional controllers, all at once.
@@ -145,15 +153,15 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
         let mut tree = Vec::new();
         let mut rc_secrets = Vec::new();
         for (temp, mut n) in rcs {
-            let adm = n.wait_for("admitted ", timeout).await?;
-            let ready = n.wait_for("ready ", timeout).await?;
+            let (id, ms) = n.admitted(timeout).await?;
+            let ready = n.ready(timeout).await?;
             rc_secrets.push(own_secret(&dir.join(&temp))?);
             tree.push(Admitted {
-                id: field(&adm, "id").unwrap_or_default().to_owned(),
+                id,
                 temp_id: temp,
-                ms: field(&adm, "elapsed_ms").unwrap_or_default().to_owned(),
-                grpc: field(&ready, "grpc").unwrap_or_default().to_owned(),
-                rest: field(&ready, "rest").unwrap_or_default().to_owned(),
+                ms: ms.to_string(),
+                grpc: ready.grpc,
+                rest: ready.rest,
                 children: Vec::new(),
             });
             nodes.push(n);
@@ -189,14 +197,14 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
             }
         }
         for (ri, temp, mut n) in lcs {
-            let adm = n.wait_for("admitted ", timeout).await?;
-            let ready = n.wait_for("ready ", timeout).await?;
+            let (id, ms) = n.admitted(timeout).await?;
+            let ready = n.ready(timeout).await?;
             tree[ri].children.push(Admitted {
-                id: field(&adm, "id").unwrap_or_default().to_owned(),
+                id,
                 temp_id: temp,
-                ms: field(&adm, "elapsed_ms").unwrap_or_default().to_owned(),
-                grpc: field(&ready, "grpc").unwrap_or_default().to_owned(),
-                rest: field(&ready, "rest").unwrap_or_default().to_owned(),
+                ms: ms.to_string(),
+                grpc: ready.grpc,
+                rest: ready.rest,
                 children: Vec::new(),
             });
             nodes.push(n);
@@ -275,8 +283,8 @@ async fn work(
     let find = |nodes: &[Node], name: &str| nodes.iter().position(|n| n.name == name);
     let gc_grpc = nodes
         .first()
-        .and_then(|n| n.seen.iter().find(|l| l.starts_with("ready ")).cloned())
-        .and_then(|l| field(&l, "grpc").map(str::to_owned))
+        .and_then(Node::seen_ready)
+        .map(|r| r.grpc)
         .ok_or("the global controller is not ready")?;
 
     // 1. Discovery.
@@ -288,19 +296,15 @@ async fn work(
     for rc in tree {
         for lc in &rc.children {
             let i = find(nodes, &lc.temp_id).ok_or("lost a node")?;
-            let line = nodes[i]
-                .wait_match(
-                    "a discovery cycle",
-                    |l| l.starts_with("discovery cycle="),
-                    timeout,
-                )
+            let (cycle, active) = nodes[i]
+                .wait_report("a discovery cycle", timeout, |r| match r {
+                    Report::DiscoveryCycle { cycle, active, .. } => Some((cycle, active)),
+                    _ => None,
+                })
                 .await?;
             println!(
-                "  {}  cycle {}: {} devices, reported to {}",
-                lc.id,
-                field(&line, "cycle").unwrap_or("?"),
-                field(&line, "active").unwrap_or("?"),
-                rc.id
+                "  {}  cycle {cycle}: {active} devices, reported to {}",
+                lc.id, rc.id
             );
         }
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::report::Report;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -64,6 +65,51 @@ impl Node {
 }
 
 impl Node {
+    /// Waits for a report `pick` takes (seen before or arriving), and returns what it took.
+    pub(crate) async fn wait_report<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pick: impl Fn(Report) -> Option<T>,
+    ) -> Result<T, String> {
+        let line = self
+            .wait_match(
+                what,
+                |l| Report::parse(l).and_then(&pick).is_some(),
+                timeout,
+            )
+            .await?;
+        Report::parse(&line)
+            .and_then(pick)
+            .ok_or_else(|| format!("{}: unreadable {what}: {line}", self.name))
+    }
+
+    /// Waits for the node's `ready` report.
+    pub(crate) async fn ready(&mut self, timeout: Duration) -> Result<Ready, String> {
+        self.wait_report("ready", timeout, |r| match r {
+            Report::Ready { id, grpc, rest, .. } => Some(Ready { id, grpc, rest }),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The `ready` report already seen, if any.
+    pub(crate) fn seen_ready(&self) -> Option<Ready> {
+        self.seen.iter().find_map(|l| match Report::parse(l)? {
+            Report::Ready { id, grpc, rest, .. } => Some(Ready { id, grpc, rest }),
+            _ => None,
+        })
+    }
+
+    /// Waits for the `admitted` report: the assigned id and how long admission took.
+    pub(crate) async fn admitted(&mut self, timeout: Duration) -> Result<(String, u64), String> {
+        self.wait_report("admission", timeout, |r| match r {
+            Report::Admitted { id, elapsed_ms, .. } => Some((id, elapsed_ms)),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for a stdout line that satisfies `pred` (seen before or arriving).
     pub(crate) async fn wait_match(
         &mut self,
@@ -116,10 +162,12 @@ fn tail(log: &Path) -> String {
     s
 }
 
-/// `key=value` from a report line.
-pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split(' ')
-        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+/// What a node's `ready` report says of it.
+#[derive(Clone, Debug)]
+pub(crate) struct Ready {
+    pub(crate) id: String,
+    pub(crate) grpc: String,
+    pub(crate) rest: String,
 }
 
 pub(crate) fn spawn(

@@ -65,16 +65,20 @@ pub fn on_summary(trust: &Arc<Trust>, env: &Envelope) -> Result<HandlerReply, In
         )
         .map_err(|e| InboundError::Unavailable(e.to_string()))?;
     if fresh {
-        crate::report::line(&format!(
-            "summary from={sender} region={} new={} updated={} inactive={} region_total={}",
-            s.region, s.total_new, s.total_updated, s.total_inactive, s.total_devices_in_region
-        ));
+        crate::report::emit(&crate::report::Report::Summary {
+            from: sender.to_string(),
+            region: s.region.clone(),
+            new: s.total_new,
+            updated: s.total_updated,
+            inactive: s.total_inactive,
+            region_total: s.total_devices_in_region,
+        });
         tracing::info!(rc = %sender, region = %s.region, new = s.total_new, updated = s.total_updated, inactive = s.total_inactive, region_total = s.total_devices_in_region, "regional summary");
         for (mac, other) in &cross {
-            crate::report::line(&format!(
-                "anomaly kind=cross_region mac={mac} regions={other},{}",
-                s.region
-            ));
+            crate::report::emit(&crate::report::Report::CrossRegion {
+                mac: mac.to_string(),
+                regions: format!("{other},{}", s.region),
+            });
             tracing::warn!(%mac, regions = %format!("{other},{}", s.region), "a device is reported in two regions");
         }
     }

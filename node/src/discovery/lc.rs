@@ -263,16 +263,15 @@ impl LocalDiscovery {
                 "undelivered reports replaced by a full report"
             );
         }
-        crate::report::line(&format!(
-            "discovery cycle={} seen={} new={} updated={} inactive={} active={} report={}",
-            delta.cycle,
-            delta.seen,
-            delta.new.len(),
-            delta.updated.len(),
-            delta.inactive.len(),
-            delta.active,
-            report_id.as_deref().unwrap_or("-")
-        ));
+        crate::report::emit(&crate::report::Report::DiscoveryCycle {
+            cycle: delta.cycle,
+            seen: delta.seen as u64,
+            new: delta.new.len() as u64,
+            updated: delta.updated.len() as u64,
+            inactive: delta.inactive.len() as u64,
+            active: delta.active,
+            report: report_id.clone().unwrap_or_else(|| "-".into()),
+        });
         tracing::info!(
             cycle = delta.cycle,
             scanner = self.scanner.name(),

@@ -160,13 +160,14 @@ impl RegionalDiscovery {
             )
             .map_err(|e| InboundError::Unavailable(e.to_string()))?;
         if !out.duplicate {
-            crate::report::line(&format!(
-                "report from={sender} new={} updated={} inactive={} collisions={} id={report_id}",
-                report.new_devices.len(),
-                report.updated_devices.len(),
-                out.marked_inactive,
-                out.collisions
-            ));
+            crate::report::emit(&crate::report::Report::ReportIngested {
+                from: sender.to_string(),
+                new: report.new_devices.len() as u64,
+                updated: report.updated_devices.len() as u64,
+                inactive: out.marked_inactive as u64,
+                collisions: out.collisions as u64,
+                id: report_id.to_string(),
+            });
             tracing::info!(lc = %sender, new = report.new_devices.len(), updated = report.updated_devices.len(), inactive = out.marked_inactive, collisions = out.collisions, report = %report_id, "discovery report ingested");
             if out.spike {
                 tracing::warn!(lc = %sender, new = report.new_devices.len(), "discovery spike");

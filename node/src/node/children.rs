@@ -273,7 +273,10 @@ impl Children {
         }
         changed.sort();
         for (id, state) in &changed {
-            crate::report::line(&format!("liveness id={id} state={state}"));
+            crate::report::emit(&crate::report::Report::Liveness {
+                id: id.clone(),
+                state: state.to_string(),
+            });
             tracing::info!(child = %id, state, "child liveness changed");
         }
         changed

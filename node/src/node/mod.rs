@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::child::ChildError;
 use crate::config::NodeConfig;
 use crate::nib::StateKey;
+use crate::report::Report;
 
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +70,8 @@ fn startup(e: impl std::fmt::Display) -> NodeError {
 }
 
 /// Writes a report line on stdout (see [`crate::report`]).
-fn say(line: &str) {
-    crate::report::line(line);
+fn say(r: &Report) {
+    crate::report::emit(r);
 }
 
 /// Runs the node until `cancel` fires.
@@ -138,7 +139,10 @@ async fn identify(
         Role::Regional | Role::Local => match restore(nib, cfg.role)? {
             Some(me) => {
                 let parent = me.parent.as_ref().map_or("-", |p| p.0.as_str());
-                say(&format!("restored id={} parent={parent}", me.id));
+                say(&Report::Restored {
+                    id: me.id.clone(),
+                    parent: parent.to_owned(),
+                });
                 tracing::info!(id = %me.id, %parent, "restored this controller's identity; no admission needed");
                 if cfg.bootstrap_token.is_some() || cfg.temp_id.is_some() {
                     tracing::warn!(id = %me.id, "already admitted: --temp-id and the bootstrap token are for the first start only and are ignored (remove them; to admit this host anew, revoke {} on its parent and start from a fresh data directory)", me.id);
@@ -183,19 +187,16 @@ fn announce(
     ) {
         tracing::warn!(error = %e, "cannot write node.json");
     }
-    let field = |k: &str, a: Option<std::net::SocketAddr>| {
-        a.map(|a| format!(" {k}={a}")).unwrap_or_default()
-    };
     let public_key = base.identity.public().to_base64();
-    say(&format!(
-        "ready id={} role={} grpc={} rest={}{}{} public_key={public_key}",
-        me.id,
-        cfg.role.as_str(),
-        addrs.grpc,
-        addrs.rest,
-        field("admin", addrs.admin),
-        field("metrics", addrs.metrics),
-    ));
+    say(&Report::Ready {
+        id: me.id.clone(),
+        role: cfg.role.as_str().to_owned(),
+        grpc: addrs.grpc.to_string(),
+        rest: addrs.rest.to_string(),
+        admin: addrs.admin.map(|a| a.to_string()),
+        metrics: addrs.metrics.map(|a| a.to_string()),
+        public_key: public_key.clone(),
+    });
     tracing::info!(id = %me.id, role = %cfg.role, grpc = %addrs.grpc, rest = %addrs.rest, admin = %addrs.admin.map_or("-".into(), |a| a.to_string()), %public_key, "controller ready");
 }
 
@@ -207,7 +208,7 @@ async fn scan_once(parts: &parts::Parts) -> Result<(), NodeError> {
     match ld.cycle().await {
         Ok(_) => {
             let delivered = parts.delivery.wait_drained(Duration::from_secs(30)).await;
-            say(&format!("scan-once delivered={delivered}"));
+            say(&Report::ScanOnce { delivered });
             tracing::info!(delivered, "scan-once: one discovery cycle done");
             if delivered {
                 Ok(())

@@ -262,7 +262,9 @@ impl MqttNode {
             let connected = *state.borrow_and_update() == LinkState::Connected;
             if connected {
                 let b = client.broker();
-                crate::report::line(&format!("mqtt connected broker={}:{}", b.host, b.port));
+                crate::report::emit(&crate::report::Report::MqttConnected {
+                    broker: format!("{}:{}", b.host, b.port),
+                });
                 self.on_connected().await;
             }
             tokio::select! {

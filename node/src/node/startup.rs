@@ -226,13 +226,12 @@ pub(super) async fn admit(
         }
     };
     persist(nib, cfg, parent_url, &admission)?;
-    say(&format!(
-        "admitted id={} parent={} temp_id={} elapsed_ms={}",
-        admission.assigned_id,
-        admission.parent_id,
-        temp_id,
-        started.elapsed().as_millis()
-    ));
+    say(&crate::report::Report::Admitted {
+        id: admission.assigned_id.clone(),
+        parent: admission.parent_id.clone(),
+        temp_id: temp_id.clone(),
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
     tracing::info!(id = %admission.assigned_id, parent = %admission.parent_id, "admitted");
     Ok(Identity {
         id: admission.assigned_id.clone(),
@@ -341,11 +340,11 @@ pub(super) async fn start_broker(
             Version::V311 => "v4",
             Version::V5 => "v5",
         };
-        if l.tls {
-            say(&format!("mqtts {v} {}", l.addr));
-        } else {
-            say(&format!("mqtt {v} {}", l.addr));
-        }
+        say(&crate::report::Report::MqttListener {
+            tls: l.tls,
+            version: v.to_owned(),
+            addr: l.addr.to_string(),
+        });
     }
     Ok(broker)
 }

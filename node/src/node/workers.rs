@@ -148,7 +148,10 @@ pub async fn first_exchange(trust: Arc<Trust>, parent: ParentSide, cancel: Cance
     loop {
         match exchange::initiate(&trust, &parent.link, &parent.id, &parent.key, false).await {
             Ok(kid) => {
-                crate::report::line(&format!("key id={kid} peer={}", parent.id));
+                crate::report::emit(&crate::report::Report::Key {
+                    id: kid,
+                    peer: parent.id.clone(),
+                });
                 return;
             }
             Err(e) => {
@@ -312,7 +315,10 @@ impl StatusLoop {
                                 stats.rekeys.fetch_add(1, Ordering::Relaxed);
                                 key_refusals = 0;
                                 tracing::warn!(parent = %parent.id, key_id = %kid, "the parent refused our pairwise key; agreed a new one");
-                                crate::report::line(&format!("key id={kid} peer={}", parent.id));
+                                crate::report::emit(&crate::report::Report::Key {
+                                    id: kid,
+                                    peer: parent.id.clone(),
+                                });
                             }
                             Err(e) => {
                                 if let exchange::ExchangeError::Link(l) = &e
@@ -417,7 +423,10 @@ pub async fn rotations(
                 Ok(kid) => {
                     let _ = trust.nib.rotation_done(&peer);
                     failures.remove(&peer);
-                    crate::report::line(&format!("key id={kid} peer={peer}"));
+                    crate::report::emit(&crate::report::Report::Key {
+                        id: kid,
+                        peer: peer.clone(),
+                    });
                     done.notify_waiters();
                 }
                 Err(e) => {
