@@ -74,11 +74,37 @@ fn say(r: &Report) {
     crate::report::emit(r);
 }
 
+/// Where a started node serves, told to whoever runs it in process ([`run_with`]).
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// The controller id.
+    pub id: String,
+    /// The gRPC listener.
+    pub grpc: std::net::SocketAddr,
+    /// The REST listener.
+    pub rest: std::net::SocketAddr,
+    /// The embedded broker's MQTT 3.1.1/5 listener (a GC with its broker).
+    pub mqtt: Option<std::net::SocketAddr>,
+}
+
 /// Runs the node until `cancel` fires.
 ///
 /// # Errors
 /// [`NodeError`] when startup or admission fails.
-pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> Result<(), NodeError> {
+    run_with(cfg, cancel, None).await
+}
+
+/// As [`run`], telling `started` where the node serves once it is ready (several nodes can
+/// run in one process this way: `pdsno edge`).
+///
+/// # Errors
+/// [`NodeError`] when startup or admission fails.
+pub async fn run_with(
+    mut cfg: NodeConfig,
+    cancel: CancellationToken,
+    started: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> Result<(), NodeError> {
     if cfg.scan_once {
         listeners::one_shot(&mut cfg);
     }
@@ -99,6 +125,17 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
     tasks::spawn_workers(&cfg, &base, &parts, &tasks, &cancel);
     tasks.close();
     announce(&cfg, &base, &me, &addrs, &grpc_url);
+    if let Some(tx) = started {
+        let _ = tx.send(Started {
+            id: me.id.clone(),
+            grpc: addrs.grpc,
+            rest: addrs.rest,
+            mqtt: parts
+                .broker
+                .as_ref()
+                .and_then(|b| b.plain_addr(pdsno_broker::Version::V311)),
+        });
+    }
 
     let mut outcome = Ok(());
     if cfg.scan_once {
