@@ -450,6 +450,9 @@ mod fake_parent {
         pub(super) me: Arc<IdentityKey>,
         pub(super) id: String,
         pub(super) chain_region: String,
+        /// The child's token and public key, remembered from its request (the response
+        /// carries neither). Each rogue has its own: tests run in parallel.
+        pub(super) seen: Arc<std::sync::Mutex<(String, String)>>,
     }
 
     fn signed_reply(req: &Envelope, t: MessageType, p: Map, me: &str) -> Envelope {
@@ -505,11 +508,6 @@ mod fake_parent {
         }
     }
 
-    // The child's token and public key, remembered from its request (the response carries
-    // neither).
-    static SEEN: std::sync::Mutex<(String, String)> =
-        std::sync::Mutex::new((String::new(), String::new()));
-
     #[tonic::async_trait]
     impl pb::admission_server::Admission for Rogue {
         async fn request_validation(
@@ -520,7 +518,8 @@ mod fake_parent {
                 .into_inner()
                 .into_envelope()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            *SEEN
+            *self
+                .seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = (
                 req.payload["bootstrap_token"]
@@ -555,7 +554,8 @@ mod fake_parent {
                 .into_inner()
                 .into_envelope()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let (token, child_key) = SEEN
+            let (token, child_key) = self
+                .seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
@@ -645,6 +645,7 @@ async fn rogue_admission(trick: fake_parent::Trick, chain_region: &str) -> Proc 
         me: Arc::new(IdentityKey::generate()),
         id: "regional_cntl_zone-A_1".into(),
         chain_region: chain_region.into(),
+        seen: Arc::default(),
     };
     let addr = fake_parent::serve(rogue).await;
     let token = lab.token("temp-lc-victim", "zone-A", "local");
