@@ -74,6 +74,37 @@ pub fn free_port_for_late_server() -> u16 {
     panic!("no free port below the ephemeral range");
 }
 
+/// The end of a wait loop's patience: `cargo test` has no per-test timeout, so a loop that
+/// waits for something must give up, naming what it waited for, instead of hanging.
+pub struct Deadline {
+    at: Instant,
+    what: String,
+}
+
+impl Deadline {
+    /// `timeout` from now, for a wait described by `what`.
+    pub fn after(timeout: Duration, what: impl Into<String>) -> Deadline {
+        Deadline {
+            at: Instant::now() + timeout,
+            what: what.into(),
+        }
+    }
+
+    /// True once the deadline has passed.
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// Call once per round of a wait loop.
+    ///
+    /// # Panics
+    /// Once the deadline has passed, naming what was awaited.
+    #[track_caller]
+    pub fn check(&self) {
+        assert!(!self.passed(), "timed out waiting for: {}", self.what);
+    }
+}
+
 /// Lines a child printed, shared with the reader thread.
 #[derive(Default)]
 struct Lines {

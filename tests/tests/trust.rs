@@ -14,7 +14,7 @@ use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::{Map, Value};
 use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::sign_hmac;
-use pdsno_tests::{Lab, NodeProc, Proc, field, run};
+use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, run};
 
 mod common;
 use common::{nib, status};
@@ -985,7 +985,9 @@ async fn controllers_stay_inside_their_topic_rights() {
     s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
+    let deadline = Deadline::after(WAIT, "the retained policy, whole");
     let retained = loop {
+        deadline.check();
         let n = s.read(&mut buf).expect("read");
         assert!(n > 0, "closed");
         got.extend_from_slice(&buf[..n]);
@@ -1106,10 +1108,12 @@ async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
         &["--heartbeat-interval", "0.1"],
     );
     rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let deadline = Deadline::after(WAIT, "the RC's MQTT credential");
     let cred = loop {
         if let Some(c) = nib(&rc).state_str(StateKey::MqttCredential).expect("state") {
             break c;
         }
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let (code, mut session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
