@@ -14,7 +14,7 @@ use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::{Map, Value};
 use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::sign_hmac;
-use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, run};
+use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, mqtt_connect, run};
 
 mod common;
 use common::{nib, status};
@@ -83,49 +83,6 @@ fn heartbeat(from: &str, to: &str, key: &HmacKey, key_id: &str) -> Envelope {
     let mut e = Envelope::new(MessageType::Heartbeat, from, to, p, now);
     sign_hmac(&mut e, key, Some(key_id), now);
     e
-}
-
-/// MQTT 3.1.1 CONNECT by hand; returns the CONNACK code and the open stream.
-fn mqtt_connect(
-    addr: SocketAddr,
-    client_id: &str,
-    user: Option<&str>,
-    password: Option<&[u8]>,
-) -> (u8, TcpStream) {
-    fn put(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&u16::try_from(b.len()).expect("short").to_be_bytes());
-        out.extend_from_slice(b);
-    }
-    let mut body = Vec::new();
-    put(&mut body, b"MQTT");
-    body.push(4);
-    let mut flags = 0x02;
-    if user.is_some() {
-        flags |= 0x80;
-    }
-    if password.is_some() {
-        flags |= 0x40;
-    }
-    body.push(flags);
-    body.extend_from_slice(&30u16.to_be_bytes());
-    put(&mut body, client_id.as_bytes());
-    if let Some(u) = user {
-        put(&mut body, u.as_bytes());
-    }
-    if let Some(p) = password {
-        put(&mut body, p);
-    }
-    assert!(body.len() < 128);
-    let mut pkt = vec![0x10, u8::try_from(body.len()).expect("short")];
-    pkt.extend_from_slice(&body);
-    let mut s = TcpStream::connect(addr).expect("connect to the broker");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(&pkt).expect("send CONNECT");
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).expect("CONNACK");
-    assert_eq!(ack[..2], [0x20, 0x02], "not a CONNACK: {ack:?}");
-    (ack[3], s)
 }
 
 /// True once the broker has closed `s` (EOF or reset).
