@@ -17,7 +17,7 @@ use pdsno_shared::signing::sign_hmac;
 use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, mqtt_connect, run};
 
 mod common;
-use common::{nib, status};
+use common::{nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -41,6 +41,15 @@ fn heartbeats(st: &Value) -> (u64, u64, u64) {
     let h = st.get("heartbeats").expect("heartbeats");
     let n = |k: &str| h.get(k).and_then(Value::as_u64).expect("counter");
     (n("sent"), n("acked"), n("failed"))
+}
+
+/// What a node refused so far, by reason (`received.rejected` of its status).
+fn gc_refusals(st: &Value) -> Map {
+    st.get("received")
+        .and_then(|r| r.get("rejected"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_else(|| panic!("no received.rejected in {st:?}"))
 }
 
 /// The parent's view of `child` in its status.
@@ -513,6 +522,12 @@ async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
     let rc_dir = rc.data_dir.display().to_string();
     let gc_dir = gc.data_dir.display().to_string();
 
+    // The parent's own view: what it refused so far, and how many heartbeats of the RC it
+    // recorded (the RC's counters only count what it wrote to its socket).
+    let gc_before = status(&gc).await;
+    let refused_before = gc_refusals(&gc_before);
+    let recorded_before = num(&child_row(&gc_before, &rc.id), &["heartbeats"]).unwrap_or(0);
+
     let mut seen = vec![first.key_id.clone()];
     let mut previous = first.clone();
     for round in 0..6 {
@@ -535,13 +550,47 @@ async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
         previous = now;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Heartbeats flowed the whole time, none refused.
+    // Heartbeats flowed the whole time, and the parent refused none of them: its refusal
+    // counters did not move, it recorded the RC's heartbeats all along, and the last one it
+    // recorded is signed with the newest key.
     let (sent, acked, failed) = heartbeats(&status(&rc).await);
     assert_eq!(
         failed, 0,
         "heartbeats lost during rotation ({acked}/{sent} acked)"
     );
-    assert!(acked >= 20, "too little traffic to mean anything: {acked}");
+    let newest = previous.key_id.clone();
+    let rc_id = rc.id.clone();
+    eventually(
+        "the GC records heartbeats under the newest key",
+        WAIT,
+        || {
+            let (gc, rc_id, newest) = (&gc, &rc_id, &newest);
+            async move {
+                child_row(&status(gc).await, rc_id)
+                    .get("last_key_id")
+                    .and_then(Value::as_str)
+                    == Some(newest.as_str())
+            }
+        },
+    )
+    .await;
+    let gc_after = status(&gc).await;
+    assert_eq!(
+        gc_refusals(&gc_after),
+        refused_before,
+        "the GC refused messages during the rotation"
+    );
+    let recorded =
+        num(&child_row(&gc_after, &rc.id), &["heartbeats"]).unwrap_or(0) - recorded_before;
+    assert!(
+        recorded >= 20,
+        "the GC recorded only {recorded} heartbeats of the RC during the rotation"
+    );
+    assert_eq!(
+        num(&status(&rc).await, &["heartbeats", "rekeys"]),
+        Some(0),
+        "the RC had to re-key: its parent refused its key"
+    );
 
     // After the grace period the first key (and the other superseded ones) stop verifying.
     tokio::time::sleep(Duration::from_secs(grace + 2)).await;
@@ -593,9 +642,39 @@ async fn scheduled_rotation_happens_by_itself() {
         assert!(Instant::now() < deadline, "{:?}", rc.proc.lines());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, acked, failed) = heartbeats(&status(&rc).await);
-    assert_eq!(failed, 0);
-    assert!(acked > 0);
+    // Those keys come from the schedule, not from re-keying after refusals (which prints
+    // the same line), and the GC takes them: it refused nothing and records heartbeats
+    // under the RC's current key.
+    let ids: std::collections::BTreeSet<String> = key_lines(&rc.proc)
+        .iter()
+        .filter_map(|l| field(l, "id"))
+        .collect();
+    assert!(ids.len() >= 3, "{:?}", rc.proc.lines());
+    let st = status(&rc).await;
+    assert_eq!(num(&st, &["heartbeats", "rekeys"]), Some(0), "{st:?}");
+    assert_eq!(num(&st, &["heartbeats", "failed"]), Some(0), "{st:?}");
+    let rc_id = rc.id.clone();
+    eventually(
+        "the GC records heartbeats under the RC's current key",
+        WAIT,
+        || {
+            let (gc, rc, rc_id) = (&gc, &rc, &rc_id);
+            async move {
+                let theirs = child_row(&status(gc).await, rc_id)
+                    .get("last_key_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                theirs.is_some() && theirs == current_key(rc, &gc.id).map(|k| k.key_id)
+            }
+        },
+    )
+    .await;
+    let gc_st = status(&gc).await;
+    assert!(gc_refusals(&gc_st).is_empty(), "{gc_st:?}");
+    assert!(
+        num(&child_row(&gc_st, &rc.id), &["heartbeats"]).unwrap_or(0) > 0,
+        "{gc_st:?}"
+    );
 }
 
 /// A GC on a fixed gRPC address (so it can come back on the same one) and an RC of zone-A,
