@@ -432,6 +432,10 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
             .expect("v1");
         text
     };
+    // The counters already moved at start (a node gets its policy through more than one
+    // path): only growth from here is evidence.
+    let stale_at = |st: &Value| num(st, &["policy", "ignored_stale"]).unwrap_or(0);
+    let (rc_stale, lc_stale) = (stale_at(&status(&rc).await), stale_at(&status(&lc1).await));
     ops.publish_confirmed("pdsno/policy/global", old_global.clone(), 1, false)
         .await
         .expect("publish");
@@ -441,11 +445,15 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
     eventually("the stale copies are seen and ignored", WAIT, || {
         let (rc, lc1) = (&rc, &lc1);
         async move {
-            num(&status(rc).await, &["policy", "ignored_stale"]).unwrap_or(0) >= 1
-                && num(&status(lc1).await, &["policy", "ignored_stale"]).unwrap_or(0) >= 1
+            stale_at(&status(rc).await) > rc_stale && stale_at(&status(lc1).await) > lc_stale
         }
     })
     .await;
+    let refused_at = |st: &Value| num(st, &["policy", "refused"]).unwrap_or(0);
+    let refused_before = [
+        refused_at(&status(&lc1).await),
+        refused_at(&status(&lc2).await),
+    ];
 
     // A tampered copy (content changed after signing) is refused.
     let mut forged = stored.clone();
@@ -479,11 +487,29 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
     ops.publish_confirmed("pdsno/policy/zone-A", copy.to_json_bytes(), 1, false)
         .await
         .expect("publish");
-    eventually("both forgeries refused at each LC", WAIT, || {
+    // A compromised RC wraps the GC's genuine v2 original but signs a copy that says
+    // something else: other content at a higher version, or the same content at a higher
+    // version. Both signatures verify; the copy differs from the original, so it is refused.
+    for (label, version) in [("v5-rc-content", 5u64), ("v2", 6)] {
+        let mut lie = stored.clone();
+        let mut content = lie.payload["content"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        content.insert("label".into(), label.into());
+        lie.payload.insert("content".into(), Value::Object(content));
+        lie.payload.insert("policy_version".into(), version.into());
+        assert_eq!(lie.payload["origin"], stored.payload["origin"]);
+        pdsno_shared::signing::sign_ed25519(&mut lie, &rc_key, None, chrono::Utc::now());
+        ops.publish_confirmed("pdsno/policy/zone-A", lie.to_json_bytes(), 1, false)
+            .await
+            .expect("publish");
+    }
+    eventually("all four forgeries refused at each LC", WAIT, || {
         let (lc1, lc2) = (&lc1, &lc2);
         async move {
-            num(&status(lc1).await, &["policy", "refused"]).unwrap_or(0) >= 2
-                && num(&status(lc2).await, &["policy", "refused"]).unwrap_or(0) >= 2
+            refused_at(&status(lc1).await) >= refused_before[0] + 4
+                && refused_at(&status(lc2).await) >= refused_before[1] + 4
         }
     })
     .await;
