@@ -826,15 +826,24 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
     }
     let (code, _rc_session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
     assert_eq!(code, 0, "the RC's issued credential");
+
+    // Someone holds the LC's credentials (MQTT password, pairwise key) and the LC is
+    // stopped: no real LC reconnects under its client id and takes the session over, so
+    // only the revocation can close it.
+    let lc_key = current_key(&lc, &rc.id).expect("LC key");
+    lc.proc.kill();
     let (code, mut lc_session) =
         mqtt_connect(broker, &lc.id, Some(&lc.id), Some(lc_cred.as_bytes()));
     assert_eq!(
         code, 0,
         "the LC's credential (issued by the GC at the RC's request)"
     );
+    assert!(
+        !closed_by_peer(&mut lc_session, Duration::from_millis(500)),
+        "the session was closed before any revocation"
+    );
 
     // Revoke the LC at the RC that admitted it.
-    let lc_key = current_key(&lc, &rc.id).expect("LC key");
     let rc_dir = rc.data_dir.display().to_string();
     let (code, out, err) = pdsno(&["controller", "revoke", &lc.id, "--data-dir", &rc_dir]);
     assert_eq!(code, Some(0), "{out} {err}");
@@ -871,17 +880,18 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
         }
         other => panic!("a revoked controller's message was accepted: {other:?}"),
     }
-    // The revoked controller is told, with a notice the RC signs, and stops: exit code 5,
-    // the reason and what to do in its log.
-    let deadline = Instant::now() + WAIT;
+    // The revoked controller, started again, is told with a notice the RC signs, and
+    // stops: exit code 5, the reason and what to do in its log.
+    let mut again = lab.spawn("local", "temp-lc-c1", &["--heartbeat-interval", "0.1"]);
+    let deadline = Deadline::after(WAIT, "the revoked LC to stop");
     let code = loop {
-        if !lc.proc.is_alive() {
-            break lc.proc.terminate(Duration::from_secs(1));
+        if !again.is_alive() {
+            break again.terminate(Duration::from_secs(1));
         }
-        assert!(Instant::now() < deadline, "the revoked LC keeps running");
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let err = lc.proc.stderr();
+    let err = again.stderr();
     assert_eq!(code, Some(5), "{err}");
     assert!(
         err.contains(&format!("controller {} was revoked by {}", lc.id, rc.id))
@@ -1152,29 +1162,56 @@ async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
         deadline.check();
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The RC is stopped and someone holds its credentials: no real RC can take its
+    // session over, so only the revocation can close it.
+    let rc_key = current_key(&rc, &gc.id).expect("RC key");
+    rc.proc.kill();
     let (code, mut session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
     assert_eq!(code, 0);
+    assert!(
+        !closed_by_peer(&mut session, Duration::from_millis(500)),
+        "the session was closed before any revocation"
+    );
     let gc_dir = gc.data_dir.display().to_string();
     let (code, out, err) = pdsno(&["controller", "revoke", &rc.id, "--data-dir", &gc_dir]);
     assert_eq!(code, Some(0), "{out} {err}");
-    assert!(closed_by_peer(&mut session, Duration::from_secs(10)));
+    assert!(
+        closed_by_peer(&mut session, Duration::from_secs(10)),
+        "the revoked controller's session stays open"
+    );
     let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
     assert!(
         matches!(code, 4 | 5),
         "a revoked credential connected: {code}"
     );
     assert!(keys_with(&gc, &rc.id).is_empty());
-    // Its heartbeats are refused, and the notice that follows stops it (exit code 5).
-    let deadline = Instant::now() + WAIT;
-    while rc.proc.is_alive() {
-        assert!(Instant::now() < deadline, "the revoked RC keeps running");
+    // A heartbeat signed with its pairwise key is refused.
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    match link
+        .exchange(&heartbeat(&rc.id, &gc.id, &rc_key.key, &rc_key.key_id))
+        .await
+    {
+        Err(LinkError::Status { code, .. }) => assert!(
+            matches!(
+                code,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{code:?}"
+        ),
+        other => panic!("a revoked controller's message was accepted: {other:?}"),
+    }
+    // Started again, it is refused, and the notice stops it (exit code 5).
+    let mut again = lab.spawn("regional", "temp-rc-v", &["--heartbeat-interval", "0.1"]);
+    let deadline = Deadline::after(WAIT, "the revoked RC to stop");
+    while again.is_alive() {
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        rc.proc.terminate(Duration::from_secs(1)),
-        Some(5),
-        "{}",
-        rc.proc.stderr()
+    let err = again.stderr();
+    assert_eq!(again.terminate(Duration::from_secs(1)), Some(5), "{err}");
+    assert!(
+        err.contains(&format!("controller {} was revoked by {}", rc.id, gc.id)),
+        "{err}"
     );
 }
 
