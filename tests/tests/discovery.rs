@@ -18,7 +18,7 @@ use pdsno_shared::time::format_iso;
 use pdsno_tests::{Lab, Mosquitto, NodeProc, run};
 
 mod common;
-use common::{eventually, metrics, nib, num, status};
+use common::{events, eventually, metrics, nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -517,6 +517,54 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
         assert_eq!(num(&status(lc).await, &["policy_version"]), Some(2));
         assert!(!applied_versions(&lc.proc).iter().any(|v| *v > 2));
     }
+    // Audited: the GC published v2, the RC received it, each LC applied it once (and none
+    // of the forgeries).
+    let versions = |n: &NodeProc, t: &str| -> Vec<String> {
+        events(n, t)
+            .into_iter()
+            .filter_map(|(e, _)| e.decision)
+            .collect()
+    };
+    assert!(versions(&gc, "POLICY_PUBLISHED").contains(&"2".to_owned()));
+    assert_eq!(
+        versions(&rc, "POLICY_RECEIVED")
+            .iter()
+            .filter(|v| *v == "2")
+            .count(),
+        1
+    );
+    for lc in [&lc1, &lc2] {
+        let applied = versions(lc, "POLICY_APPLIED");
+        assert_eq!(
+            applied.iter().filter(|v| *v == "2").count(),
+            1,
+            "{applied:?}"
+        );
+        assert!(applied.iter().all(|v| v == "1" || v == "2"), "{applied:?}");
+    }
+    // The four refusals are audited, throttled per sender: one event now, and the next
+    // refusal after the throttle window reports the three it left out.
+    let refusals = |n: &NodeProc| -> Vec<Value> {
+        events(n, "MESSAGE_REJECTED")
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| d.get("reason").and_then(Value::as_str) == Some("policy_refused"))
+            .collect()
+    };
+    let first = refusals(&lc1);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(num(&first[0], &["suppressed"]), Some(0), "{first:?}");
+    tokio::time::sleep(pdsno_node::audit::THROTTLE + Duration::from_millis(500)).await;
+    ops.publish_confirmed("pdsno/policy/zone-A", forged.to_json_bytes(), 1, false)
+        .await
+        .expect("publish");
+    eventually("the next policy refusal is audited", WAIT, || {
+        let n = refusals(&lc1).len();
+        async move { n == 2 }
+    })
+    .await;
+    let next = refusals(&lc1);
+    assert_eq!(num(&next[1], &["suppressed"]), Some(3), "{next:?}");
     ops.shutdown().await;
 
     // A controller that was away gets the current policy when it comes back.

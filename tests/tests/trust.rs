@@ -17,7 +17,7 @@ use pdsno_shared::signing::sign_hmac;
 use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, mqtt_connect, run};
 
 mod common;
-use common::{nib, num, status};
+use common::{events, nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -591,6 +591,22 @@ async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
         Some(0),
         "the RC had to re-key: its parent refused its key"
     );
+    // Both ends audited the first agreement and each of the six rotations, under the key
+    // ids they agreed.
+    for (node, peer) in [(&gc, &rc.id), (&rc, &gc.id)] {
+        let established: Vec<_> = events(node, "KEY_ESTABLISHED")
+            .into_iter()
+            .filter(|(e, _)| e.subject.as_deref() == Some(peer.as_str()))
+            .map(|(e, _)| e.decision.unwrap_or_default())
+            .collect();
+        assert_eq!(established, vec![first.key_id.clone()], "{}", node.id);
+        let rotated: Vec<_> = events(node, "KEY_ROTATED")
+            .into_iter()
+            .filter(|(e, _)| e.subject.as_deref() == Some(peer.as_str()))
+            .map(|(e, _)| e.decision.unwrap_or_default())
+            .collect();
+        assert_eq!(rotated, seen[1..].to_vec(), "{}", node.id);
+    }
 
     // After the grace period the first key (and the other superseded ones) stop verifying.
     tokio::time::sleep(Duration::from_secs(grace + 2)).await;
@@ -900,6 +916,10 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
     );
     let row = child_row(&status(&rc).await, &lc.id);
     assert_eq!(row.get("status").and_then(Value::as_str), Some("revoked"));
+    let revoked = events(&rc, "CONTROLLER_REVOKED");
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].0.subject.as_deref(), Some(lc.id.as_str()));
+    assert_eq!(revoked[0].0.actor, rc.id);
 
     // The RC itself is unaffected.
     let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
@@ -1185,6 +1205,15 @@ async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
         "a revoked credential connected: {code}"
     );
     assert!(keys_with(&gc, &rc.id).is_empty());
+    // The GC audited the revocation, and the one session it closed (the attacker's).
+    let revoked = events(&gc, "CONTROLLER_REVOKED");
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].0.subject.as_deref(), Some(rc.id.as_str()));
+    assert_eq!(
+        num(&revoked[0].1, &["mqtt_sessions_closed"]),
+        Some(1),
+        "{revoked:?}"
+    );
     // A heartbeat signed with its pairwise key is refused.
     let link = ParentLink::new(&gc.grpc_url()).expect("url");
     match link
