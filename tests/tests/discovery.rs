@@ -221,8 +221,16 @@ async fn devices_reach_the_rc_and_the_global_inventory() {
 /// Runs `pdsno local ... --scan-once`; returns its stdout.
 fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
     let token = lab.token_for(rc, "temp-lc-once", "zone-A", "local");
+    let (code, out, err) = scan_once_run(lab, &rc.grpc_url(), &token, file);
+    assert_eq!(code, Some(0), "scan-once failed:\n{out}\n{err}");
+    assert!(out.contains("scan-once delivered=true"), "{out}");
+    out
+}
+
+/// Runs `pdsno local ... --scan-once` under the parent at `url`; returns (exit code, stdout,
+/// stderr).
+fn scan_once_run(lab: &Lab, url: &str, token: &str, file: &Path) -> (Option<i32>, String, String) {
     let data = lab.data("temp-lc-once").display().to_string();
-    let url = rc.grpc_url();
     let f = file.display().to_string();
     // The configured addresses are taken (say, by the daemon of this controller on another
     // data directory): a one-shot run binds none of them.
@@ -230,7 +238,7 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
     let held_rest = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let g = held_grpc.local_addr().expect("addr").to_string();
     let r = held_rest.local_addr().expect("addr").to_string();
-    let (code, out, err) = run(
+    run(
         &pdsno_tests::pdsno_bin().display().to_string(),
         &[
             "local",
@@ -241,24 +249,21 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
             "--listen-rest",
             &r,
             "--parent",
-            &url,
+            url,
             "--region",
             "zone-A",
             "--temp-id",
             "temp-lc-once",
             "--bootstrap-token",
-            &token,
+            token,
             "--scanner",
             "file",
             "--scan-file",
             &f,
             "--scan-once",
         ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(code, Some(0), "scan-once failed:\n{out}\n{err}");
-    assert!(out.contains("scan-once delivered=true"), "{out}");
-    out
+        Duration::from_secs(90),
+    )
 }
 
 fn cycle_line(out: &str) -> String {
@@ -319,6 +324,60 @@ async fn a_device_goes_inactive_after_exactly_three_missed_cycles() {
     let out = scan_once(&lab, &rc, &file);
     assert!(cycle_line(&out).contains("updated=1"), "{out}");
     assert_eq!(active(&rc, Some(&lc_id)), set(&[a, b]));
+}
+
+/// `--scan-once` whose report nobody acknowledges (the RC is down) exits with code 4,
+/// says so, and keeps the report queued; the next run, with the RC back, delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_once_exits_4_and_keeps_an_undelivered_report_queued() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let listen = format!("127.0.0.1:{}", pdsno_tests::free_port_for_late_server());
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-a",
+        &gc,
+        "zone-A",
+        &["--listen-grpc", &listen],
+    );
+    let url = rc.grpc_url();
+    let token = lab.token_for(&rc, "temp-lc-once", "zone-A", "local");
+    let file = lab.dir.path().join("once.json");
+    let (a, b) = ("02:00:00:00:31:0a", "02:00:00:00:31:0b");
+    write_devices(&file, &[(a, "10.3.1.10")]);
+    let out = scan_once(&lab, &rc, &file);
+    assert!(cycle_line(&out).contains("cycle=1 seen=1 new=1"), "{out}");
+
+    // The RC goes away; the next cycle sees b, and nobody acknowledges its report.
+    rc.proc.kill();
+    write_devices(&file, &[(a, "10.3.1.10"), (b, "10.3.1.11")]);
+    let (code, out, err) = scan_once_run(&lab, &url, &token, &file);
+    assert_eq!(code, Some(4), "{out}\n{err}");
+    assert!(out.contains("scan-once delivered=false"), "{out}");
+    assert!(cycle_line(&out).contains("cycle=2 seen=2 new=1"), "{out}");
+    assert!(
+        err.contains("the discovery report was not acknowledged; it stays queued for the next run"),
+        "{err}"
+    );
+    let lc_nib = pdsno_node::nib::Nib::open(lab.data("temp-lc-once").join("nib.db")).expect("nib");
+    assert!(
+        lc_nib.outbox_len().expect("outbox") >= 1,
+        "the report is queued"
+    );
+    drop(lc_nib);
+
+    // The RC is back: the next run delivers what was queued.
+    let p = lab.spawn("regional", "temp-rc-a", &["--listen-grpc", &listen]);
+    let rc = lab.ready(p, "temp-rc-a");
+    let out = scan_once(&lab, &rc, &file);
+    assert!(cycle_line(&out).contains("cycle=3 "), "{out}");
+    let lc_nib = pdsno_node::nib::Nib::open(lab.data("temp-lc-once").join("nib.db")).expect("nib");
+    assert_eq!(
+        lc_nib.outbox_len().expect("outbox"),
+        0,
+        "nothing left queued"
+    );
+    assert!(active(&rc, None).contains(b), "b reached the RC");
 }
 
 /// An MQTT client logged in as the lab operator.
