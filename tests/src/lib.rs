@@ -3,7 +3,7 @@
 //!
 //! Tests never sleep for readiness and never use fixed ports.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,6 +72,37 @@ pub fn free_port_for_late_server() -> u16 {
         }
     }
     panic!("no free port below the ephemeral range");
+}
+
+/// The end of a wait loop's patience: `cargo test` has no per-test timeout, so a loop that
+/// waits for something must give up, naming what it waited for, instead of hanging.
+pub struct Deadline {
+    at: Instant,
+    what: String,
+}
+
+impl Deadline {
+    /// `timeout` from now, for a wait described by `what`.
+    pub fn after(timeout: Duration, what: impl Into<String>) -> Deadline {
+        Deadline {
+            at: Instant::now() + timeout,
+            what: what.into(),
+        }
+    }
+
+    /// True once the deadline has passed.
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// Call once per round of a wait loop.
+    ///
+    /// # Panics
+    /// Once the deadline has passed, naming what was awaited.
+    #[track_caller]
+    pub fn check(&self) {
+        assert!(!self.passed(), "timed out waiting for: {}", self.what);
+    }
 }
 
 /// Lines a child printed, shared with the reader thread.
@@ -344,6 +375,53 @@ pub fn wait_tcp(addr: SocketAddr, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{addr} did not accept connections within {timeout:?}");
+}
+
+/// MQTT 3.1.1 CONNECT by hand (clean session, keepalive 30 s); returns the CONNACK return
+/// code and the open stream (10 s read timeout).
+///
+/// # Panics
+/// When the broker does not answer with a CONNACK.
+pub fn mqtt_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    user: Option<&str>,
+    password: Option<&[u8]>,
+) -> (u8, TcpStream) {
+    fn put(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&u16::try_from(b.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut body = Vec::new();
+    put(&mut body, b"MQTT");
+    body.push(4);
+    let mut flags = 0x02;
+    if user.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&30u16.to_be_bytes());
+    put(&mut body, client_id.as_bytes());
+    if let Some(u) = user {
+        put(&mut body, u.as_bytes());
+    }
+    if let Some(p) = password {
+        put(&mut body, p);
+    }
+    assert!(body.len() < 128);
+    let mut pkt = vec![0x10, u8::try_from(body.len()).expect("short")];
+    pkt.extend_from_slice(&body);
+    let mut s = TcpStream::connect(addr).expect("connect to the broker");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&pkt).expect("send CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!(ack[..2], [0x20, 0x02], "not a CONNACK: {ack:?}");
+    (ack[3], s)
 }
 
 /// Runs a command to completion, returning (exit code, stdout, stderr).

@@ -873,7 +873,8 @@ async fn rest_bad_input_is_refused_cleanly() {
     let me = admit_insider(&lab, &gc, "temp-rest-insider").await;
     still_serving(&mut gc, &me, "before any case").await;
     let cases = rest_cases(&gc, &me);
-    assert!(cases.len() >= 30, "{} REST cases", cases.len());
+    // Pinned: a case removed (or added) must change this number on purpose.
+    assert_eq!(cases.len(), 68, "REST cases");
     for (i, case) in cases.into_iter().enumerate() {
         let name = format!("REST case {i} ({})", case.guards);
         let before = match case.counted {
@@ -1236,7 +1237,8 @@ async fn grpc_bad_input_is_refused_with_clear_statuses() {
         .expect("url")
         .connect_lazy();
     let cases = grpc_cases(&gc, &me);
-    assert!(cases.len() >= 20, "{} gRPC cases", cases.len());
+    // Pinned: a case removed (or added) must change this number on purpose.
+    assert_eq!(cases.len(), 25, "gRPC cases");
     for (i, case) in cases.into_iter().enumerate() {
         let name = format!("gRPC case {i} ({})", case.guards);
         let mut messaging = pb::messaging_client::MessagingClient::new(channel.clone());
@@ -1808,7 +1810,8 @@ async fn mqtt_bad_envelopes_are_refused_counted_and_survived() {
     .await;
 
     let cases = mqtt_cases(&gc, &rc, &lc);
-    assert!(cases.len() >= 20, "{} MQTT cases", cases.len());
+    // Pinned: a case removed (or added) must change this number on purpose.
+    assert_eq!(cases.len(), 32, "MQTT cases");
     for (i, case) in cases.into_iter().enumerate() {
         let name = format!("MQTT case {i} ({} on {})", case.guards, case.topic);
         let before = [

@@ -18,7 +18,7 @@ use pdsno_shared::time::format_iso;
 use pdsno_tests::{Lab, Mosquitto, NodeProc, run};
 
 mod common;
-use common::{eventually, metrics, nib, num, status};
+use common::{events, eventually, metrics, nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -221,8 +221,16 @@ async fn devices_reach_the_rc_and_the_global_inventory() {
 /// Runs `pdsno local ... --scan-once`; returns its stdout.
 fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
     let token = lab.token_for(rc, "temp-lc-once", "zone-A", "local");
+    let (code, out, err) = scan_once_run(lab, &rc.grpc_url(), &token, file);
+    assert_eq!(code, Some(0), "scan-once failed:\n{out}\n{err}");
+    assert!(out.contains("scan-once delivered=true"), "{out}");
+    out
+}
+
+/// Runs `pdsno local ... --scan-once` under the parent at `url`; returns (exit code, stdout,
+/// stderr).
+fn scan_once_run(lab: &Lab, url: &str, token: &str, file: &Path) -> (Option<i32>, String, String) {
     let data = lab.data("temp-lc-once").display().to_string();
-    let url = rc.grpc_url();
     let f = file.display().to_string();
     // The configured addresses are taken (say, by the daemon of this controller on another
     // data directory): a one-shot run binds none of them.
@@ -230,7 +238,7 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
     let held_rest = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let g = held_grpc.local_addr().expect("addr").to_string();
     let r = held_rest.local_addr().expect("addr").to_string();
-    let (code, out, err) = run(
+    run(
         &pdsno_tests::pdsno_bin().display().to_string(),
         &[
             "local",
@@ -241,24 +249,21 @@ fn scan_once(lab: &Lab, rc: &NodeProc, file: &Path) -> String {
             "--listen-rest",
             &r,
             "--parent",
-            &url,
+            url,
             "--region",
             "zone-A",
             "--temp-id",
             "temp-lc-once",
             "--bootstrap-token",
-            &token,
+            token,
             "--scanner",
             "file",
             "--scan-file",
             &f,
             "--scan-once",
         ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(code, Some(0), "scan-once failed:\n{out}\n{err}");
-    assert!(out.contains("scan-once delivered=true"), "{out}");
-    out
+        Duration::from_secs(90),
+    )
 }
 
 fn cycle_line(out: &str) -> String {
@@ -319,6 +324,60 @@ async fn a_device_goes_inactive_after_exactly_three_missed_cycles() {
     let out = scan_once(&lab, &rc, &file);
     assert!(cycle_line(&out).contains("updated=1"), "{out}");
     assert_eq!(active(&rc, Some(&lc_id)), set(&[a, b]));
+}
+
+/// `--scan-once` whose report nobody acknowledges (the RC is down) exits with code 4,
+/// says so, and keeps the report queued; the next run, with the RC back, delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_once_exits_4_and_keeps_an_undelivered_report_queued() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let listen = format!("127.0.0.1:{}", pdsno_tests::free_port_for_late_server());
+    let mut rc = lab.child(
+        "regional",
+        "temp-rc-a",
+        &gc,
+        "zone-A",
+        &["--listen-grpc", &listen],
+    );
+    let url = rc.grpc_url();
+    let token = lab.token_for(&rc, "temp-lc-once", "zone-A", "local");
+    let file = lab.dir.path().join("once.json");
+    let (a, b) = ("02:00:00:00:31:0a", "02:00:00:00:31:0b");
+    write_devices(&file, &[(a, "10.3.1.10")]);
+    let out = scan_once(&lab, &rc, &file);
+    assert!(cycle_line(&out).contains("cycle=1 seen=1 new=1"), "{out}");
+
+    // The RC goes away; the next cycle sees b, and nobody acknowledges its report.
+    rc.proc.kill();
+    write_devices(&file, &[(a, "10.3.1.10"), (b, "10.3.1.11")]);
+    let (code, out, err) = scan_once_run(&lab, &url, &token, &file);
+    assert_eq!(code, Some(4), "{out}\n{err}");
+    assert!(out.contains("scan-once delivered=false"), "{out}");
+    assert!(cycle_line(&out).contains("cycle=2 seen=2 new=1"), "{out}");
+    assert!(
+        err.contains("the discovery report was not acknowledged; it stays queued for the next run"),
+        "{err}"
+    );
+    let lc_nib = pdsno_node::nib::Nib::open(lab.data("temp-lc-once").join("nib.db")).expect("nib");
+    assert!(
+        lc_nib.outbox_len().expect("outbox") >= 1,
+        "the report is queued"
+    );
+    drop(lc_nib);
+
+    // The RC is back: the next run delivers what was queued.
+    let p = lab.spawn("regional", "temp-rc-a", &["--listen-grpc", &listen]);
+    let rc = lab.ready(p, "temp-rc-a");
+    let out = scan_once(&lab, &rc, &file);
+    assert!(cycle_line(&out).contains("cycle=3 "), "{out}");
+    let lc_nib = pdsno_node::nib::Nib::open(lab.data("temp-lc-once").join("nib.db")).expect("nib");
+    assert_eq!(
+        lc_nib.outbox_len().expect("outbox"),
+        0,
+        "nothing left queued"
+    );
+    assert!(active(&rc, None).contains(b), "b reached the RC");
 }
 
 /// An MQTT client logged in as the lab operator.
@@ -432,6 +491,10 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
             .expect("v1");
         text
     };
+    // The counters already moved at start (a node gets its policy through more than one
+    // path): only growth from here is evidence.
+    let stale_at = |st: &Value| num(st, &["policy", "ignored_stale"]).unwrap_or(0);
+    let (rc_stale, lc_stale) = (stale_at(&status(&rc).await), stale_at(&status(&lc1).await));
     ops.publish_confirmed("pdsno/policy/global", old_global.clone(), 1, false)
         .await
         .expect("publish");
@@ -441,11 +504,15 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
     eventually("the stale copies are seen and ignored", WAIT, || {
         let (rc, lc1) = (&rc, &lc1);
         async move {
-            num(&status(rc).await, &["policy", "ignored_stale"]).unwrap_or(0) >= 1
-                && num(&status(lc1).await, &["policy", "ignored_stale"]).unwrap_or(0) >= 1
+            stale_at(&status(rc).await) > rc_stale && stale_at(&status(lc1).await) > lc_stale
         }
     })
     .await;
+    let refused_at = |st: &Value| num(st, &["policy", "refused"]).unwrap_or(0);
+    let refused_before = [
+        refused_at(&status(&lc1).await),
+        refused_at(&status(&lc2).await),
+    ];
 
     // A tampered copy (content changed after signing) is refused.
     let mut forged = stored.clone();
@@ -479,11 +546,29 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
     ops.publish_confirmed("pdsno/policy/zone-A", copy.to_json_bytes(), 1, false)
         .await
         .expect("publish");
-    eventually("both forgeries refused at each LC", WAIT, || {
+    // A compromised RC wraps the GC's genuine v2 original but signs a copy that says
+    // something else: other content at a higher version, or the same content at a higher
+    // version. Both signatures verify; the copy differs from the original, so it is refused.
+    for (label, version) in [("v5-rc-content", 5u64), ("v2", 6)] {
+        let mut lie = stored.clone();
+        let mut content = lie.payload["content"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        content.insert("label".into(), label.into());
+        lie.payload.insert("content".into(), Value::Object(content));
+        lie.payload.insert("policy_version".into(), version.into());
+        assert_eq!(lie.payload["origin"], stored.payload["origin"]);
+        pdsno_shared::signing::sign_ed25519(&mut lie, &rc_key, None, chrono::Utc::now());
+        ops.publish_confirmed("pdsno/policy/zone-A", lie.to_json_bytes(), 1, false)
+            .await
+            .expect("publish");
+    }
+    eventually("all four forgeries refused at each LC", WAIT, || {
         let (lc1, lc2) = (&lc1, &lc2);
         async move {
-            num(&status(lc1).await, &["policy", "refused"]).unwrap_or(0) >= 2
-                && num(&status(lc2).await, &["policy", "refused"]).unwrap_or(0) >= 2
+            refused_at(&status(lc1).await) >= refused_before[0] + 4
+                && refused_at(&status(lc2).await) >= refused_before[1] + 4
         }
     })
     .await;
@@ -491,6 +576,54 @@ async fn policy_reaches_every_lc_and_stale_or_forged_copies_are_refused() {
         assert_eq!(num(&status(lc).await, &["policy_version"]), Some(2));
         assert!(!applied_versions(&lc.proc).iter().any(|v| *v > 2));
     }
+    // Audited: the GC published v2, the RC received it, each LC applied it once (and none
+    // of the forgeries).
+    let versions = |n: &NodeProc, t: &str| -> Vec<String> {
+        events(n, t)
+            .into_iter()
+            .filter_map(|(e, _)| e.decision)
+            .collect()
+    };
+    assert!(versions(&gc, "POLICY_PUBLISHED").contains(&"2".to_owned()));
+    assert_eq!(
+        versions(&rc, "POLICY_RECEIVED")
+            .iter()
+            .filter(|v| *v == "2")
+            .count(),
+        1
+    );
+    for lc in [&lc1, &lc2] {
+        let applied = versions(lc, "POLICY_APPLIED");
+        assert_eq!(
+            applied.iter().filter(|v| *v == "2").count(),
+            1,
+            "{applied:?}"
+        );
+        assert!(applied.iter().all(|v| v == "1" || v == "2"), "{applied:?}");
+    }
+    // The four refusals are audited, throttled per sender: one event now, and the next
+    // refusal after the throttle window reports the three it left out.
+    let refusals = |n: &NodeProc| -> Vec<Value> {
+        events(n, "MESSAGE_REJECTED")
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| d.get("reason").and_then(Value::as_str) == Some("policy_refused"))
+            .collect()
+    };
+    let first = refusals(&lc1);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(num(&first[0], &["suppressed"]), Some(0), "{first:?}");
+    tokio::time::sleep(pdsno_node::audit::THROTTLE + Duration::from_millis(500)).await;
+    ops.publish_confirmed("pdsno/policy/zone-A", forged.to_json_bytes(), 1, false)
+        .await
+        .expect("publish");
+    eventually("the next policy refusal is audited", WAIT, || {
+        let n = refusals(&lc1).len();
+        async move { n == 2 }
+    })
+    .await;
+    let next = refusals(&lc1);
+    assert_eq!(num(&next[1], &["suppressed"]), Some(3), "{next:?}");
     ops.shutdown().await;
 
     // A controller that was away gets the current policy when it comes back.

@@ -14,7 +14,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use pdsno_node::metrics::{Scope, has_sample};
-use pdsno_tests::{Lab, NodeProc, Pki, Proc, field, listening_addr, workspace_root};
+use pdsno_tests::{
+    Deadline, Lab, NodeProc, OPS_PASSWORD, OPS_USER, Pki, Proc, field, listening_addr, mqtt_connect,
+    pdsno_bin, run, workspace_root,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -285,6 +288,74 @@ fn the_standalone_broker_exposes_broker_series() {
         assert!(Instant::now() < deadline, "{text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The value of one sample (`series` with its labels) in `text`; 0 when absent.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An operator account locked after repeated wrong passwords (default: 5 in a minute) is
+/// refused as `banned`, and the real broker process exports it as
+/// `pdsno_broker_refused_total{reason="banned"}` (the wrong passwords as `auth`).
+#[test]
+fn an_operator_lockout_is_exported_as_banned() {
+    let user = format!("{OPS_USER}:{OPS_PASSWORD}");
+    let mut broker = Proc::pdsno(
+        "pdsno broker",
+        &[
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--user",
+            &user,
+            "--listen-metrics",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    broker.wait_line(LONG, |l| l == "ready");
+    let line = broker.wait_line(LONG, |l| l.starts_with("listening metrics http "));
+    let addr = listening_addr(&line);
+    let v4 = broker
+        .lines()
+        .iter()
+        .find(|l| l.starts_with("listening v4 mqtt "))
+        .map(|l| listening_addr(l))
+        .expect("v4 listener");
+    let banned = r#"pdsno_broker_refused_total{reason="banned"}"#;
+    let auth = r#"pdsno_broker_refused_total{reason="auth"}"#;
+    let before = scrape(addr);
+    assert_eq!(sample(&before, banned), 0, "{before}");
+    assert!(before.contains(&format!("{banned} 0\n")), "{before}");
+    for i in 0..5 {
+        let (code, _s) = mqtt_connect(v4, &format!("ops-{i}"), Some(OPS_USER), Some(b"wrong"));
+        assert_eq!(code, 4, "attempt {i}: bad user name or password");
+    }
+    // Locked: even the right password is refused, without a check.
+    for i in 0..2 {
+        let (code, _s) = mqtt_connect(
+            v4,
+            &format!("ops-ok-{i}"),
+            Some(OPS_USER),
+            Some(OPS_PASSWORD.as_bytes()),
+        );
+        assert_eq!(code, 5, "locked out: not authorized");
+    }
+    let deadline = Deadline::after(LONG, "the lockout refusals in /metrics");
+    let text = loop {
+        let text = scrape(addr);
+        if sample(&text, banned) >= 2 {
+            break text;
+        }
+        deadline.check();
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sample(&text, banned), 2, "{text}");
+    assert_eq!(sample(&text, auth), 5, "{text}");
 }
 
 /// A `--listen-metrics` address that cannot be bound stops the start, naming the flag.

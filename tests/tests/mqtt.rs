@@ -12,7 +12,7 @@ use pdsno_node::transport::mqtt::{
     BrokerUrl, LinkState, Message, MqttClient, MqttSettings, PublishError,
 };
 use pdsno_shared::keys::SecretString;
-use pdsno_tests::{BrokerProc, Mosquitto, OPS_PASSWORD, OPS_USER, run};
+use pdsno_tests::{BrokerProc, Deadline, Mosquitto, OPS_PASSWORD, OPS_USER, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -82,7 +82,9 @@ async fn subscribed(
     probe_topic: &str,
 ) -> mpsc::Receiver<Message> {
     let mut rx = sub.subscribe(filter, qos).await.expect("subscribe");
+    let deadline = Deadline::after(T, format!("a probe through the subscription {filter}"));
     loop {
+        deadline.check();
         pubc.publish_confirmed(probe_topic, "probe", 1, false)
             .await
             .expect("probe");
@@ -592,7 +594,9 @@ async fn broker_restart_loses_no_buffered_qos1_message_and_resubscribes() {
         (&mut q0, "pdsno/restart/q0", 0u8),
         (&mut q1, "pdsno/restart/q1", 1u8),
     ] {
+        let deadline = Deadline::after(T, format!("{topic} delivered after the restart"));
         let m = loop {
+            deadline.check();
             publ.publish_confirmed(topic, "after-restart", 1, false)
                 .await
                 .expect("publish");
@@ -967,7 +971,9 @@ async fn our_client_fails_over_to_the_next_broker_of_a_cluster() {
     let m = recv(&mut seen_at_b).await;
     assert_eq!(&m.payload[..], b"while failing over");
     // Its subscription was renewed at b.
+    let deadline = Deadline::after(T, "the client's subscription renewed at b");
     loop {
+        deadline.check();
         watcher
             .publish_confirmed("fo/in/x", "to the client", 1, false)
             .await

@@ -455,7 +455,8 @@ async fn malformed_packets_close_only_the_offender() {
     let v5 = broker.v5.expect("v5");
     let (good, mut echo) = well_behaved(broker.v4).await;
     let all = cases();
-    assert!(all.len() >= 12);
+    // Pinned: a case removed (or added) must change this number on purpose.
+    assert_eq!(all.len(), 33, "raw MQTT cases");
     for case in all {
         let addr = if case.version == Version::V5 {
             v5
@@ -534,4 +535,146 @@ async fn malformed_packets_close_only_the_offender() {
     let err = broker.proc.stderr();
     assert!(!err.contains("panicked"), "the broker panicked:\n{err}");
     assert!(good.is_connected());
+}
+
+/// Connects `version` as the operator under `id`; returns the stream after CONNACK 0.
+async fn connected_raw(addr: SocketAddr, version: Version, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("tcp");
+    s.write_all(&connect(version, id, 30))
+        .await
+        .expect("CONNECT");
+    let (first, body) = read_packet(&mut s).await.expect("CONNACK");
+    assert_eq!(
+        (first, body.get(1).copied()),
+        (0x20, Some(0)),
+        "{id}: CONNACK"
+    );
+    s
+}
+
+/// One whole packet (first byte, body) within 10 s; `None` when the connection closes.
+async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let read = async {
+        let first = s.read_u8().await.ok()?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = s.read_u8().await.ok()?;
+            len |= usize::from(b & 0x7F) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.ok()?;
+        Some((first, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a packet or a close within 10 s")
+}
+
+/// A QoS 0 PUBLISH to `topic` whose remaining length is exactly `remaining` (v5: with an
+/// empty property list).
+fn publish_of_size(topic: &str, remaining: usize, v5: bool) -> Vec<u8> {
+    let overhead = 2 + topic.len() + usize::from(v5);
+    let mut body = mqtt_str(topic);
+    if v5 {
+        body.push(0);
+    }
+    body.resize(remaining, b'p');
+    assert_eq!(body.len(), remaining);
+    assert!(remaining > overhead);
+    packet(0x30, &body)
+}
+
+/// The next PUBLISH delivered to the MQTT 3.1.1 subscriber `s` (acknowledged when QoS 1):
+/// its topic and payload length.
+async fn delivered(s: &mut TcpStream) -> (String, usize) {
+    let (first, body) = read_packet(s).await.expect("a delivery");
+    assert_eq!(first & 0xF0, 0x30, "not a PUBLISH: {first:#x}");
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8_lossy(&body[2..2 + topic_len]).into_owned();
+    let mut header = 2 + topic_len;
+    if (first >> 1) & 3 > 0 {
+        let id = [body[header], body[header + 1]];
+        header += 2;
+        s.write_all(&[0x40, 0x02, id[0], id[1]])
+            .await
+            .expect("PUBACK");
+    }
+    (topic, body.len() - header)
+}
+
+/// The 256 KiB packet limit is exact, on both protocol versions: a PUBLISH whose
+/// remaining length is 262,144 bytes is accepted and delivered whole; one byte more closes
+/// the connection (MQTT 5: DISCONNECT 0x95 first) and nothing of it is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_256_kib_packet_limit_is_exact() {
+    const LIMIT: usize = 256 * 1024;
+    let mut broker = BrokerProc::start(&[]);
+    let v5 = broker.v5.expect("v5");
+    // A raw subscriber, so nothing but the broker sits between the packets and the test.
+    let mut sub = connected_raw(broker.v4, Version::V311, "big-sub").await;
+    sub.write_all(&subscribe("big/#", false))
+        .await
+        .expect("SUBSCRIBE");
+    let (first, _) = read_packet(&mut sub).await.expect("SUBACK");
+    assert_eq!(first, 0x90, "SUBACK");
+
+    for (version, addr, topic, id) in [
+        (Version::V311, broker.v4, "big/v4", "big-pub-v4"),
+        (Version::V5, v5, "big/v5", "big-pub-v5"),
+    ] {
+        let is_v5 = version == Version::V5;
+        let mut publ = connected_raw(addr, version, id).await;
+        // Exactly at the limit: accepted, delivered whole, the connection stays.
+        publ.write_all(&publish_of_size(topic, LIMIT, is_v5))
+            .await
+            .expect("write");
+        let payload = LIMIT - 2 - topic.len() - usize::from(is_v5);
+        assert_eq!(
+            delivered(&mut sub).await,
+            (topic.to_owned(), payload),
+            "{topic}: whole"
+        );
+        publ.write_all(&[0xC0, 0x00]).await.expect("PINGREQ");
+        assert_eq!(
+            read_packet(&mut publ).await,
+            Some((0xD0, Vec::new())),
+            "{topic}: the publisher is still connected"
+        );
+
+        // One byte more: refused before the body is delivered, the connection closed.
+        let _ = publ
+            .write_all(&publish_of_size(topic, LIMIT + 1, is_v5))
+            .await;
+        let (got, closed) = read_until_closed(&mut publ, Duration::from_secs(5)).await;
+        assert!(
+            closed,
+            "{topic}: the connection stays open after {} bytes",
+            LIMIT + 1
+        );
+        let want: &[u8] = if is_v5 {
+            &[0xE0, 0x02, 0x95, 0x00]
+        } else {
+            &[]
+        };
+        assert_eq!(got, want, "{topic}");
+
+        // Nothing of it reached the subscriber: the next packet it gets is a marker sent
+        // after the refusal.
+        let mut marker = connected_raw(broker.v4, Version::V311, &format!("marker-{id}")).await;
+        marker
+            .write_all(&publish_raw(b"big/marker", None))
+            .await
+            .expect("marker");
+        assert_eq!(
+            delivered(&mut sub).await,
+            ("big/marker".to_owned(), 1),
+            "after {topic}"
+        );
+    }
+    assert!(broker.proc.is_alive());
+    assert!(!broker.proc.stderr().contains("panicked"));
 }

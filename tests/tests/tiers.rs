@@ -113,6 +113,102 @@ async fn global_regional_local_admission_end_to_end() {
     }
 }
 
+/// A whole admission played by `child` at `parent`; the VALIDATION_RESULT.
+async fn admit_raw(link: &ParentLink, parent: &str, child: &RawChild) -> Envelope {
+    let ch = link
+        .request_validation(&child.request(parent, 0))
+        .await
+        .expect("request");
+    child.check(&ch);
+    assert_eq!(
+        ch.message_type,
+        MessageType::Challenge,
+        "{:?}",
+        outcome(&ch)
+    );
+    let res = link
+        .respond_to_challenge(&child.response(&ch, |_| {}))
+        .await
+        .expect("response");
+    child.check(&res);
+    res
+}
+
+/// A controller admitted, whose answer was lost (it never stored it), comes back with the
+/// same token and key: it gets the same id and certificate again, audited as
+/// CONTROLLER_RECOVERED, and nothing new is assigned. Anyone else with that token is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_lost_its_answer_is_recovered_and_audited() {
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    let child = RawChild::new(&lab, "temp-lost", "zone-A", "regional");
+    let first = admit_raw(&link, &gc.id, &child).await;
+    assert_eq!(outcome(&first), ("APPROVED".to_owned(), String::new()));
+    let id = first.payload["assigned_id"]
+        .as_str()
+        .expect("assigned id")
+        .to_owned();
+
+    // The answer is "lost": the same child asks again.
+    let again = admit_raw(&link, &gc.id, &child).await;
+    assert_eq!(outcome(&again), ("APPROVED".to_owned(), String::new()));
+    assert_eq!(again.payload["assigned_id"], first.payload["assigned_id"]);
+    assert_eq!(again.payload["certificate"], first.payload["certificate"]);
+
+    let gc_nib = Nib::open(gc.data_dir.join("nib.db")).expect("open GC NIB");
+    let events = gc_nib.events(0, 1000).expect("events");
+    let of = |t: &str| -> Vec<&pdsno_node::nib::EventRow> {
+        events
+            .iter()
+            .filter(|e| e.event_type == t && e.subject.as_deref() == Some(id.as_str()))
+            .collect()
+    };
+    assert_eq!(of("CONTROLLER_VALIDATED").len(), 1, "{events:?}");
+    let recovered = of("CONTROLLER_RECOVERED");
+    assert_eq!(recovered.len(), 1, "{events:?}");
+    let details = pdsno_shared::json::parse(recovered[0].details.as_bytes()).expect("details");
+    assert_eq!(
+        details.get("temp_id").and_then(Value::as_str),
+        Some("temp-lost")
+    );
+    assert_eq!(
+        details.get("assigned_id").and_then(Value::as_str),
+        Some(id.as_str())
+    );
+    assert_eq!(recovered[0].decision.as_deref(), Some("APPROVED"));
+    assert_eq!(
+        gc_nib
+            .controllers()
+            .expect("controllers")
+            .iter()
+            .filter(|c| c.role == "regional")
+            .count(),
+        1,
+        "nothing new assigned"
+    );
+
+    // Another key with the same token is a reused token, not a recovery.
+    let mut thief = RawChild::new(&lab, "temp-lost", "zone-A", "regional");
+    thief.token = child.token.clone();
+    assert_eq!(
+        handshake(&link, &gc.id, &thief, |_| {}).await,
+        (
+            "REJECTED".to_owned(),
+            "BOOTSTRAP_TOKEN_ALREADY_USED".to_owned()
+        )
+    );
+    let after = gc_nib.events(0, 1000).expect("events");
+    assert_eq!(
+        after
+            .iter()
+            .filter(|e| e.event_type == "CONTROLLER_RECOVERED")
+            .count(),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reject_reason_is_produced() {
     let lab = Lab::new();
@@ -450,6 +546,9 @@ mod fake_parent {
         pub(super) me: Arc<IdentityKey>,
         pub(super) id: String,
         pub(super) chain_region: String,
+        /// The child's token and public key, remembered from its request (the response
+        /// carries neither). Each rogue has its own: tests run in parallel.
+        pub(super) seen: Arc<std::sync::Mutex<(String, String)>>,
     }
 
     fn signed_reply(req: &Envelope, t: MessageType, p: Map, me: &str) -> Envelope {
@@ -505,11 +604,6 @@ mod fake_parent {
         }
     }
 
-    // The child's token and public key, remembered from its request (the response carries
-    // neither).
-    static SEEN: std::sync::Mutex<(String, String)> =
-        std::sync::Mutex::new((String::new(), String::new()));
-
     #[tonic::async_trait]
     impl pb::admission_server::Admission for Rogue {
         async fn request_validation(
@@ -520,7 +614,8 @@ mod fake_parent {
                 .into_inner()
                 .into_envelope()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            *SEEN
+            *self
+                .seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = (
                 req.payload["bootstrap_token"]
@@ -555,7 +650,8 @@ mod fake_parent {
                 .into_inner()
                 .into_envelope()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let (token, child_key) = SEEN
+            let (token, child_key) = self
+                .seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
@@ -645,6 +741,7 @@ async fn rogue_admission(trick: fake_parent::Trick, chain_region: &str) -> Proc 
         me: Arc::new(IdentityKey::generate()),
         id: "regional_cntl_zone-A_1".into(),
         chain_region: chain_region.into(),
+        seen: Arc::default(),
     };
     let addr = fake_parent::serve(rogue).await;
     let token = lab.token("temp-lc-victim", "zone-A", "local");

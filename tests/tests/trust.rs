@@ -14,10 +14,10 @@ use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::{Map, Value};
 use pdsno_shared::keys::HmacKey;
 use pdsno_shared::signing::sign_hmac;
-use pdsno_tests::{Lab, NodeProc, Proc, field, run};
+use pdsno_tests::{Deadline, Lab, NodeProc, Proc, field, mqtt_connect, run};
 
 mod common;
-use common::{nib, status};
+use common::{events, nib, num, status};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -41,6 +41,15 @@ fn heartbeats(st: &Value) -> (u64, u64, u64) {
     let h = st.get("heartbeats").expect("heartbeats");
     let n = |k: &str| h.get(k).and_then(Value::as_u64).expect("counter");
     (n("sent"), n("acked"), n("failed"))
+}
+
+/// What a node refused so far, by reason (`received.rejected` of its status).
+fn gc_refusals(st: &Value) -> Map {
+    st.get("received")
+        .and_then(|r| r.get("rejected"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_else(|| panic!("no received.rejected in {st:?}"))
 }
 
 /// The parent's view of `child` in its status.
@@ -83,49 +92,6 @@ fn heartbeat(from: &str, to: &str, key: &HmacKey, key_id: &str) -> Envelope {
     let mut e = Envelope::new(MessageType::Heartbeat, from, to, p, now);
     sign_hmac(&mut e, key, Some(key_id), now);
     e
-}
-
-/// MQTT 3.1.1 CONNECT by hand; returns the CONNACK code and the open stream.
-fn mqtt_connect(
-    addr: SocketAddr,
-    client_id: &str,
-    user: Option<&str>,
-    password: Option<&[u8]>,
-) -> (u8, TcpStream) {
-    fn put(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&u16::try_from(b.len()).expect("short").to_be_bytes());
-        out.extend_from_slice(b);
-    }
-    let mut body = Vec::new();
-    put(&mut body, b"MQTT");
-    body.push(4);
-    let mut flags = 0x02;
-    if user.is_some() {
-        flags |= 0x80;
-    }
-    if password.is_some() {
-        flags |= 0x40;
-    }
-    body.push(flags);
-    body.extend_from_slice(&30u16.to_be_bytes());
-    put(&mut body, client_id.as_bytes());
-    if let Some(u) = user {
-        put(&mut body, u.as_bytes());
-    }
-    if let Some(p) = password {
-        put(&mut body, p);
-    }
-    assert!(body.len() < 128);
-    let mut pkt = vec![0x10, u8::try_from(body.len()).expect("short")];
-    pkt.extend_from_slice(&body);
-    let mut s = TcpStream::connect(addr).expect("connect to the broker");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(&pkt).expect("send CONNECT");
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).expect("CONNACK");
-    assert_eq!(ack[..2], [0x20, 0x02], "not a CONNACK: {ack:?}");
-    (ack[3], s)
 }
 
 /// True once the broker has closed `s` (EOF or reset).
@@ -556,6 +522,12 @@ async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
     let rc_dir = rc.data_dir.display().to_string();
     let gc_dir = gc.data_dir.display().to_string();
 
+    // The parent's own view: what it refused so far, and how many heartbeats of the RC it
+    // recorded (the RC's counters only count what it wrote to its socket).
+    let gc_before = status(&gc).await;
+    let refused_before = gc_refusals(&gc_before);
+    let recorded_before = num(&child_row(&gc_before, &rc.id), &["heartbeats"]).unwrap_or(0);
+
     let mut seen = vec![first.key_id.clone()];
     let mut previous = first.clone();
     for round in 0..6 {
@@ -578,13 +550,63 @@ async fn rotation_under_traffic_loses_nothing_and_old_keys_expire() {
         previous = now;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Heartbeats flowed the whole time, none refused.
+    // Heartbeats flowed the whole time, and the parent refused none of them: its refusal
+    // counters did not move, it recorded the RC's heartbeats all along, and the last one it
+    // recorded is signed with the newest key.
     let (sent, acked, failed) = heartbeats(&status(&rc).await);
     assert_eq!(
         failed, 0,
         "heartbeats lost during rotation ({acked}/{sent} acked)"
     );
-    assert!(acked >= 20, "too little traffic to mean anything: {acked}");
+    let newest = previous.key_id.clone();
+    let rc_id = rc.id.clone();
+    eventually(
+        "the GC records heartbeats under the newest key",
+        WAIT,
+        || {
+            let (gc, rc_id, newest) = (&gc, &rc_id, &newest);
+            async move {
+                child_row(&status(gc).await, rc_id)
+                    .get("last_key_id")
+                    .and_then(Value::as_str)
+                    == Some(newest.as_str())
+            }
+        },
+    )
+    .await;
+    let gc_after = status(&gc).await;
+    assert_eq!(
+        gc_refusals(&gc_after),
+        refused_before,
+        "the GC refused messages during the rotation"
+    );
+    let recorded =
+        num(&child_row(&gc_after, &rc.id), &["heartbeats"]).unwrap_or(0) - recorded_before;
+    assert!(
+        recorded >= 20,
+        "the GC recorded only {recorded} heartbeats of the RC during the rotation"
+    );
+    assert_eq!(
+        num(&status(&rc).await, &["heartbeats", "rekeys"]),
+        Some(0),
+        "the RC had to re-key: its parent refused its key"
+    );
+    // Both ends audited the first agreement and each of the six rotations, under the key
+    // ids they agreed.
+    for (node, peer) in [(&gc, &rc.id), (&rc, &gc.id)] {
+        let established: Vec<_> = events(node, "KEY_ESTABLISHED")
+            .into_iter()
+            .filter(|(e, _)| e.subject.as_deref() == Some(peer.as_str()))
+            .map(|(e, _)| e.decision.unwrap_or_default())
+            .collect();
+        assert_eq!(established, vec![first.key_id.clone()], "{}", node.id);
+        let rotated: Vec<_> = events(node, "KEY_ROTATED")
+            .into_iter()
+            .filter(|(e, _)| e.subject.as_deref() == Some(peer.as_str()))
+            .map(|(e, _)| e.decision.unwrap_or_default())
+            .collect();
+        assert_eq!(rotated, seen[1..].to_vec(), "{}", node.id);
+    }
 
     // After the grace period the first key (and the other superseded ones) stop verifying.
     tokio::time::sleep(Duration::from_secs(grace + 2)).await;
@@ -636,9 +658,39 @@ async fn scheduled_rotation_happens_by_itself() {
         assert!(Instant::now() < deadline, "{:?}", rc.proc.lines());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, acked, failed) = heartbeats(&status(&rc).await);
-    assert_eq!(failed, 0);
-    assert!(acked > 0);
+    // Those keys come from the schedule, not from re-keying after refusals (which prints
+    // the same line), and the GC takes them: it refused nothing and records heartbeats
+    // under the RC's current key.
+    let ids: std::collections::BTreeSet<String> = key_lines(&rc.proc)
+        .iter()
+        .filter_map(|l| field(l, "id"))
+        .collect();
+    assert!(ids.len() >= 3, "{:?}", rc.proc.lines());
+    let st = status(&rc).await;
+    assert_eq!(num(&st, &["heartbeats", "rekeys"]), Some(0), "{st:?}");
+    assert_eq!(num(&st, &["heartbeats", "failed"]), Some(0), "{st:?}");
+    let rc_id = rc.id.clone();
+    eventually(
+        "the GC records heartbeats under the RC's current key",
+        WAIT,
+        || {
+            let (gc, rc, rc_id) = (&gc, &rc, &rc_id);
+            async move {
+                let theirs = child_row(&status(gc).await, rc_id)
+                    .get("last_key_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                theirs.is_some() && theirs == current_key(rc, &gc.id).map(|k| k.key_id)
+            }
+        },
+    )
+    .await;
+    let gc_st = status(&gc).await;
+    assert!(gc_refusals(&gc_st).is_empty(), "{gc_st:?}");
+    assert!(
+        num(&child_row(&gc_st, &rc.id), &["heartbeats"]).unwrap_or(0) > 0,
+        "{gc_st:?}"
+    );
 }
 
 /// A GC on a fixed gRPC address (so it can come back on the same one) and an RC of zone-A,
@@ -790,15 +842,24 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
     }
     let (code, _rc_session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
     assert_eq!(code, 0, "the RC's issued credential");
+
+    // Someone holds the LC's credentials (MQTT password, pairwise key) and the LC is
+    // stopped: no real LC reconnects under its client id and takes the session over, so
+    // only the revocation can close it.
+    let lc_key = current_key(&lc, &rc.id).expect("LC key");
+    lc.proc.kill();
     let (code, mut lc_session) =
         mqtt_connect(broker, &lc.id, Some(&lc.id), Some(lc_cred.as_bytes()));
     assert_eq!(
         code, 0,
         "the LC's credential (issued by the GC at the RC's request)"
     );
+    assert!(
+        !closed_by_peer(&mut lc_session, Duration::from_millis(500)),
+        "the session was closed before any revocation"
+    );
 
     // Revoke the LC at the RC that admitted it.
-    let lc_key = current_key(&lc, &rc.id).expect("LC key");
     let rc_dir = rc.data_dir.display().to_string();
     let (code, out, err) = pdsno(&["controller", "revoke", &lc.id, "--data-dir", &rc_dir]);
     assert_eq!(code, Some(0), "{out} {err}");
@@ -835,17 +896,18 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
         }
         other => panic!("a revoked controller's message was accepted: {other:?}"),
     }
-    // The revoked controller is told, with a notice the RC signs, and stops: exit code 5,
-    // the reason and what to do in its log.
-    let deadline = Instant::now() + WAIT;
+    // The revoked controller, started again, is told with a notice the RC signs, and
+    // stops: exit code 5, the reason and what to do in its log.
+    let mut again = lab.spawn("local", "temp-lc-c1", &["--heartbeat-interval", "0.1"]);
+    let deadline = Deadline::after(WAIT, "the revoked LC to stop");
     let code = loop {
-        if !lc.proc.is_alive() {
-            break lc.proc.terminate(Duration::from_secs(1));
+        if !again.is_alive() {
+            break again.terminate(Duration::from_secs(1));
         }
-        assert!(Instant::now() < deadline, "the revoked LC keeps running");
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let err = lc.proc.stderr();
+    let err = again.stderr();
     assert_eq!(code, Some(5), "{err}");
     assert!(
         err.contains(&format!("controller {} was revoked by {}", lc.id, rc.id))
@@ -854,6 +916,10 @@ async fn broker_credentials_are_issued_checked_and_revoked() {
     );
     let row = child_row(&status(&rc).await, &lc.id);
     assert_eq!(row.get("status").and_then(Value::as_str), Some("revoked"));
+    let revoked = events(&rc, "CONTROLLER_REVOKED");
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].0.subject.as_deref(), Some(lc.id.as_str()));
+    assert_eq!(revoked[0].0.actor, rc.id);
 
     // The RC itself is unaffected.
     let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(rc_cred.as_bytes()));
@@ -985,7 +1051,9 @@ async fn controllers_stay_inside_their_topic_rights() {
     s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
+    let deadline = Deadline::after(WAIT, "the retained policy, whole");
     let retained = loop {
+        deadline.check();
         let n = s.read(&mut buf).expect("read");
         assert!(n > 0, "closed");
         got.extend_from_slice(&buf[..n]);
@@ -1106,35 +1174,73 @@ async fn revoking_a_regional_controller_at_the_gc_cuts_it_off() {
         &["--heartbeat-interval", "0.1"],
     );
     rc.proc.wait_line(WAIT, |l| l.starts_with("key "));
+    let deadline = Deadline::after(WAIT, "the RC's MQTT credential");
     let cred = loop {
         if let Some(c) = nib(&rc).state_str(StateKey::MqttCredential).expect("state") {
             break c;
         }
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The RC is stopped and someone holds its credentials: no real RC can take its
+    // session over, so only the revocation can close it.
+    let rc_key = current_key(&rc, &gc.id).expect("RC key");
+    rc.proc.kill();
     let (code, mut session) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
     assert_eq!(code, 0);
+    assert!(
+        !closed_by_peer(&mut session, Duration::from_millis(500)),
+        "the session was closed before any revocation"
+    );
     let gc_dir = gc.data_dir.display().to_string();
     let (code, out, err) = pdsno(&["controller", "revoke", &rc.id, "--data-dir", &gc_dir]);
     assert_eq!(code, Some(0), "{out} {err}");
-    assert!(closed_by_peer(&mut session, Duration::from_secs(10)));
+    assert!(
+        closed_by_peer(&mut session, Duration::from_secs(10)),
+        "the revoked controller's session stays open"
+    );
     let (code, _s) = mqtt_connect(broker, &rc.id, Some(&rc.id), Some(cred.as_bytes()));
     assert!(
         matches!(code, 4 | 5),
         "a revoked credential connected: {code}"
     );
     assert!(keys_with(&gc, &rc.id).is_empty());
-    // Its heartbeats are refused, and the notice that follows stops it (exit code 5).
-    let deadline = Instant::now() + WAIT;
-    while rc.proc.is_alive() {
-        assert!(Instant::now() < deadline, "the revoked RC keeps running");
+    // The GC audited the revocation, and the one session it closed (the attacker's).
+    let revoked = events(&gc, "CONTROLLER_REVOKED");
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].0.subject.as_deref(), Some(rc.id.as_str()));
+    assert_eq!(
+        num(&revoked[0].1, &["mqtt_sessions_closed"]),
+        Some(1),
+        "{revoked:?}"
+    );
+    // A heartbeat signed with its pairwise key is refused.
+    let link = ParentLink::new(&gc.grpc_url()).expect("url");
+    match link
+        .exchange(&heartbeat(&rc.id, &gc.id, &rc_key.key, &rc_key.key_id))
+        .await
+    {
+        Err(LinkError::Status { code, .. }) => assert!(
+            matches!(
+                code,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{code:?}"
+        ),
+        other => panic!("a revoked controller's message was accepted: {other:?}"),
+    }
+    // Started again, it is refused, and the notice stops it (exit code 5).
+    let mut again = lab.spawn("regional", "temp-rc-v", &["--heartbeat-interval", "0.1"]);
+    let deadline = Deadline::after(WAIT, "the revoked RC to stop");
+    while again.is_alive() {
+        deadline.check();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        rc.proc.terminate(Duration::from_secs(1)),
-        Some(5),
-        "{}",
-        rc.proc.stderr()
+    let err = again.stderr();
+    assert_eq!(again.terminate(Duration::from_secs(1)), Some(5), "{err}");
+    assert!(
+        err.contains(&format!("controller {} was revoked by {}", rc.id, gc.id)),
+        "{err}"
     );
 }
 

@@ -673,6 +673,137 @@ async fn an_admin_request_cannot_be_replayed_after_a_restart() {
         .expect("the RC's own request");
 }
 
+/// An admin request for `node` signed by hand with `key`, with its own nonce and signing
+/// time (the wire format of `pdsno_node::admin::request`).
+fn admin_request(
+    key: &HmacKey,
+    node: &str,
+    command: &str,
+    nonce: &str,
+    signed_at: chrono::DateTime<chrono::Utc>,
+) -> pdsno_shared::grpc::pb::AdminRequest {
+    let signed_at = format_iso(signed_at);
+    let mut m = Map::new();
+    m.insert("args".into(), Value::Object(Map::new()));
+    m.insert("command".into(), command.into());
+    m.insert("node_id".into(), node.into());
+    m.insert("nonce".into(), nonce.into());
+    m.insert("signed_at".into(), signed_at.clone().into());
+    let signature = pdsno_shared::signing::hmac_hex(
+        key.expose_bytes(),
+        &pdsno_shared::json::to_canonical_bytes(&Value::Object(m)),
+    );
+    pdsno_shared::grpc::pb::AdminRequest {
+        command: command.into(),
+        args_json: "{}".into(),
+        nonce: nonce.into(),
+        signed_at,
+        signature,
+        node_id: node.into(),
+    }
+}
+
+/// The node's own admin service refuses what a client-side check would never send: a wrong
+/// admin key, a tampered request, a request signed more than 5 minutes ago or ahead, a bad
+/// nonce, a replay. Each is Unauthenticated with its own message, changes nothing, and the
+/// node keeps serving proper requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_refuses_a_wrong_key_a_stale_time_and_a_replay() {
+    use pdsno_shared::grpc::pb::admin_client::AdminClient;
+    let lab = Lab::new();
+    let gc = lab.global(&[]);
+    let key = pdsno_node::admin::read_key(&gc.data_dir).expect("admin key");
+    let ch = tonic::transport::Endpoint::from_shared(gc.grpc_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let send = |req: pdsno_shared::grpc::pb::AdminRequest| {
+        let mut c = AdminClient::new(ch.clone());
+        async move { c.command(req).await }
+    };
+    let refused =
+        |r: Result<tonic::Response<pdsno_shared::grpc::pb::AdminResponse>, tonic::Status>,
+         message: &str,
+         what: &str| match r {
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unauthenticated, "{what}: {s:?}");
+                assert_eq!(s.message(), message, "{what}");
+            }
+            Ok(_) => panic!("{what}: accepted"),
+        };
+    let now = chrono::Utc::now();
+    let nonce = |n: u32| format!("{n:032x}");
+
+    // A key that is not the node's (the tool's own client, and by hand).
+    let wrong = HmacKey::random();
+    let err = pdsno_node::admin::call(
+        &gc.grpc_url(),
+        &wrong,
+        "status",
+        &Value::Object(Map::new()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect_err("a wrong admin key");
+    assert!(
+        err.contains("admin signature does not verify (wrong admin key?)"),
+        "{err}"
+    );
+    let bad_sig = "admin signature does not verify (wrong admin key?)";
+    refused(
+        send(admin_request(&wrong, &gc.id, "status", &nonce(1), now)).await,
+        bad_sig,
+        "wrong key",
+    );
+    // The right key, but the command changed after signing.
+    let mut tampered = admin_request(&key, &gc.id, "status", &nonce(2), now);
+    tampered.command = "keys".into();
+    refused(send(tampered).await, bad_sig, "tampered");
+    // Signed too long ago, or ahead of the node's clock.
+    let stale = "admin request too old or future-dated";
+    let old = now - chrono::Duration::seconds(360);
+    refused(
+        send(admin_request(&key, &gc.id, "status", &nonce(3), old)).await,
+        stale,
+        "stale",
+    );
+    let ahead = now + chrono::Duration::seconds(360);
+    refused(
+        send(admin_request(&key, &gc.id, "status", &nonce(4), ahead)).await,
+        stale,
+        "future",
+    );
+    // Nonces: none, or longer than 128 characters.
+    refused(
+        send(admin_request(&key, &gc.id, "status", "", now)).await,
+        "bad nonce",
+        "empty nonce",
+    );
+    let long = "n".repeat(129);
+    refused(
+        send(admin_request(&key, &gc.id, "status", &long, now)).await,
+        "bad nonce",
+        "long nonce",
+    );
+    // Inside the window a request is served once; the same bytes again are a replay.
+    let recent = now - chrono::Duration::seconds(200);
+    let once = admin_request(&key, &gc.id, "status", &nonce(5), recent);
+    send(once.clone())
+        .await
+        .expect("a request signed 200 s ago is in time");
+    refused(send(once).await, "admin request replayed", "replay");
+    // A refused request spent nothing: its nonce, properly signed and in time, is served.
+    send(admin_request(&key, &gc.id, "status", &nonce(3), now))
+        .await
+        .expect("a stale request's nonce is not spent");
+    let st = common::status(&gc).await;
+    assert_eq!(
+        st.get("controller_id").and_then(Value::as_str),
+        Some(gc.id.as_str())
+    );
+}
+
 /// One forged HEARTBEAT over REST from the local address `from`; returns the HTTP status.
 async fn forged_rest(rest: std::net::SocketAddr, from: &str, sender: &str, to: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

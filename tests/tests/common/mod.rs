@@ -193,3 +193,20 @@ pub fn num(v: &Value, path: &[&str]) -> Option<u64> {
     }
     cur.as_u64()
 }
+
+/// The node's audit events of `event_type`, oldest first, with their details parsed.
+pub fn events(
+    node: &pdsno_tests::NodeProc,
+    event_type: &str,
+) -> Vec<(pdsno_node::nib::EventRow, Value)> {
+    nib(node)
+        .events(0, 100_000)
+        .expect("the node's audit events")
+        .into_iter()
+        .filter(|e| e.event_type == event_type)
+        .map(|e| {
+            let details = pdsno_shared::json::parse(e.details.as_bytes()).expect("details");
+            (e, details)
+        })
+        .collect()
+}
