@@ -13,6 +13,7 @@
 //! Logs go to stderr.
 
 pub mod children;
+pub mod housekeeping;
 pub mod mqtt_link;
 pub mod workers;
 
@@ -1193,6 +1194,7 @@ pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> Result<(), N
         rotate_done,
         cancel.clone(),
     ));
+    tasks.spawn(housekeeping::run(trust.clone(), cfg.device_retention, cancel.clone()));
     tasks.close();
 
     let rest_scheme = if cfg.tls.serves_tls() {
