@@ -58,8 +58,17 @@ pub struct BrokerLimits {
     pub frame_timeout: Duration,
     /// Bytes per segment of a subscription's in-memory log.
     pub segment_size: usize,
-    /// Segments kept per subscription filter (memory per filter = size × count).
+    /// Segments kept per subscription filter: each distinct filter has its own log in
+    /// rumqttd, holding up to `segment_size × segment_count` bytes of topics and payloads
+    /// (plus one message) of what matched it, for as long as the broker runs.
     pub segment_count: usize,
+    /// Most distinct subscription filters one client may add (0 = no limit). rumqttd
+    /// keeps a log for every filter ever subscribed until it stops, so a new filter is
+    /// charged, for the broker's lifetime, to the account that subscribed to it first (a
+    /// controller's credential, an operator account, or all anonymous clients together);
+    /// a SUBSCRIBE that would take the account over this closes the connection (MQTT 5:
+    /// DISCONNECT 0x97 "quota exceeded"). Filters already known cost nothing.
+    pub max_filters_per_client: usize,
     /// Packets read from a connection per batch before the router is notified.
     pub read_batch: usize,
     /// Wrong passwords for one operator account from one address (within
@@ -105,8 +114,9 @@ impl Default for BrokerLimits {
             max_filters_per_packet: 64,
             connect_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(30),
-            segment_size: 1024 * 1024,
-            segment_count: 4,
+            segment_size: 256 * 1024,
+            segment_count: 2,
+            max_filters_per_client: 64,
             read_batch: 100,
             operator_lockout_failures: 5,
             operator_lockout_window: Duration::from_secs(60),

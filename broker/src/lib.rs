@@ -40,6 +40,7 @@
 pub mod auth;
 pub mod codec;
 pub mod config;
+mod filters;
 mod inner;
 mod proxy;
 mod retained;
@@ -137,6 +138,9 @@ pub struct Stats {
     /// Connections closed (or CONNECTs refused) for a retained message above the
     /// account's retained-message budget.
     pub retained_quota: AtomicU64,
+    /// Connections closed for a SUBSCRIBE that would take the account over its number of
+    /// new filters ([`BrokerLimits::max_filters_per_client`]).
+    pub filter_quota: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -174,6 +178,10 @@ pub struct StatsSnapshot {
     pub retain_forbidden: u64,
     /// See [`Stats::retained_quota`].
     pub retained_quota: u64,
+    /// See [`Stats::filter_quota`].
+    pub filter_quota: u64,
+    /// Distinct subscription filters the broker holds a log for.
+    pub filters: u64,
     /// Retained messages held (as recorded by the front door).
     pub retained_messages: u64,
     /// Bytes (topics and payloads) of those retained messages.
@@ -200,6 +208,8 @@ impl Stats {
             refused_client_id: g(&self.refused_client_id),
             retain_forbidden: g(&self.retain_forbidden),
             retained_quota: g(&self.retained_quota),
+            filter_quota: g(&self.filter_quota),
+            filters: 0,
             retained_messages: 0,
             retained_bytes: 0,
         }
@@ -214,6 +224,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     /// Retained messages per account.
     pub(crate) retained: retained::RetainedLedger,
+    /// The distinct subscription filters let through (rumqttd keeps a log for each).
+    pub(crate) filters: filters::FilterBook,
     /// rumqttd's internal listeners ([`inner::ACCEPT_LANES`] per version).
     pub(crate) inner_v4: Vec<SocketAddr>,
     pub(crate) inner_v5: Vec<SocketAddr>,
@@ -237,6 +249,7 @@ impl Shared {
     fn snapshot(&self) -> StatsSnapshot {
         let (messages, bytes) = self.retained.totals();
         StatsSnapshot {
+            filters: u64::try_from(self.filters.len()).unwrap_or(u64::MAX),
             retained_messages: u64::try_from(messages).unwrap_or(u64::MAX),
             retained_bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
             ..self.stats.snapshot()
@@ -497,6 +510,7 @@ impl EmbeddedBroker {
                 config.limits.retained_topics_per_client,
                 config.limits.retained_bytes_per_client,
             ),
+            filters: filters::FilterBook::new(config.limits.max_filters_per_client),
             inner_v4: inner.v4.clone(),
             inner_v5: inner.v5.clone(),
             next_lane: AtomicU64::new(0),

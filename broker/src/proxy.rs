@@ -52,6 +52,8 @@ enum End {
     RetainForbidden(String),
     /// A retained PUBLISH above the account's retained-message budget.
     RetainQuota(String),
+    /// A SUBSCRIBE that would take the account over its number of new filters.
+    FilterQuota(String),
     Io(std::io::Error),
     FrameTimeout,
 }
@@ -294,6 +296,7 @@ pub(crate) async fn serve<S>(
         last_publish: None,
         ledger: &shared.retained,
         account: principal.account(),
+        filters: &shared.filters,
     };
     let rate = shared.limits.controller_publish_rate;
     let bucket = (rate > 0 && matches!(principal, Principal::Credential(_))).then(|| {
@@ -351,6 +354,14 @@ pub(crate) async fn serve<S>(
         End::RetainQuota(topic) => {
             stats.retained_quota.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, client_id = %connect.client_id, %principal, %topic, "closed a client over its retained-message budget");
+            if say_why {
+                // 0x97: quota exceeded.
+                let _ = client.write_all(&codec::disconnect_v5(0x97)).await;
+            }
+        }
+        End::FilterQuota(filter) => {
+            stats.filter_quota.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client_id = %connect.client_id, %principal, %filter, max_filters_per_client = shared.limits.max_filters_per_client, "closed a client whose subscription would add more filters than its account may");
             if say_why {
                 // 0x97: quota exceeded.
                 let _ = client.write_all(&codec::disconnect_v5(0x97)).await;
@@ -478,6 +489,8 @@ struct Rights<'a> {
     /// Retained messages per account, and the account this connection charges.
     ledger: &'a crate::retained::RetainedLedger,
     account: String,
+    /// The broker's distinct filters.
+    filters: &'a crate::filters::FilterBook,
 }
 
 impl Rights<'_> {
@@ -508,17 +521,19 @@ impl Rights<'_> {
             .map_err(|_| End::RetainQuota(topic.to_owned()))
     }
 
+    /// A SUBSCRIBE: within the rights (when restricted), and within the account's budget of
+    /// new filters (for everyone).
     fn subscribe(&self, filters: &[&str]) -> Result<(), End> {
-        if !self.restricted() {
-            return Ok(());
-        }
-        match filters
-            .iter()
-            .find(|f| !permitted(self.rules, self.principal, Access::Subscribe, f))
+        if self.restricted()
+            && let Some(f) = filters
+                .iter()
+                .find(|f| !permitted(self.rules, self.principal, Access::Subscribe, f))
         {
-            Some(f) => Err(End::Denied(Access::Subscribe, (*f).to_owned())),
-            None => Ok(()),
+            return Err(End::Denied(Access::Subscribe, (*f).to_owned()));
         }
+        self.filters
+            .record(&self.account, filters)
+            .map_err(|crate::filters::OverQuota(f)| End::FilterQuota(f))
     }
 }
 
@@ -549,7 +564,7 @@ fn forward(
                 rights.retain(topic, payload_len)?;
             }
         }
-        codec::PacketType::Subscribe if rights.restricted() => {
+        codec::PacketType::Subscribe => {
             rights.subscribe(
                 &codec::subscribe_filters(body, version, limits).map_err(End::Violation)?,
             )?;

@@ -135,6 +135,9 @@ pub struct FileConfig {
     pub spike_threshold: Option<usize>,
     /// Most devices one local controller may own at its regional controller (default 65536).
     pub max_devices_per_lc: Option<u64>,
+    /// Seconds a device may stay inactive before it is deleted (devices at local and
+    /// regional controllers, the global inventory; default 604800, 7 days).
+    pub device_retention: Option<u64>,
     /// This node's certificate chain (PEM): turns on TLS for gRPC, REST and the embedded broker.
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of `tls_cert`.
@@ -379,6 +382,11 @@ pub struct NodeArgs {
     /// and audited as DEVICE_CAP_REACHED). Default 65536.
     #[arg(long, env = "PDSNO_MAX_DEVICES_PER_LC")]
     pub max_devices_per_lc: Option<u64>,
+    /// Seconds a device may stay inactive before it is deleted, with one DEVICES_EXPIRED
+    /// audit event per pass counting them (local and regional controllers' devices, the
+    /// global inventory). Default 604800 (7 days).
+    #[arg(long, env = "PDSNO_DEVICE_RETENTION", value_name = "SECS")]
+    pub device_retention: Option<u64>,
     /// Run one discovery cycle, deliver its report, and exit (local controllers).
     #[arg(long, env = "PDSNO_SCAN_ONCE")]
     pub scan_once: bool,
@@ -573,6 +581,8 @@ pub struct NodeConfig {
     pub spike_threshold: usize,
     /// Device cap per local controller.
     pub max_devices_per_lc: u64,
+    /// How long a device may stay inactive before it is deleted.
+    pub device_retention: std::time::Duration,
     /// One cycle and exit.
     pub scan_once: bool,
     /// TLS files and requirements.
@@ -593,6 +603,9 @@ pub enum ScannerKind {
     /// A JSON device list, read at each cycle.
     File,
 }
+
+/// The longest device retention accepted: 10 years.
+const MAX_DEVICE_RETENTION_SECS: u64 = 10 * 365 * 24 * 3600;
 
 fn seconds(name: &str, v: Option<f64>, default: f64) -> Result<std::time::Duration, ConfigError> {
     let secs = v.unwrap_or(default);
@@ -804,6 +817,10 @@ impl NodeConfig {
         m.insert(
             "max_devices_per_lc".into(),
             tidy(format!("{:?}", self.max_devices_per_lc)),
+        );
+        m.insert(
+            "device_retention".into(),
+            tidy(format!("{:?}", self.device_retention)),
         );
         m.insert("scan_once".into(), tidy(format!("{:?}", self.scan_once)));
         m.insert("tls".into(), tidy(format!("{:?}", self.tls)));
@@ -1430,6 +1447,20 @@ impl NodeConfig {
                 .max_devices_per_lc
                 .or(file.max_devices_per_lc)
                 .unwrap_or(65_536),
+            device_retention: match a.device_retention.or(file.device_retention) {
+                None => crate::node::housekeeping::DEFAULT_DEVICE_RETENTION,
+                Some(s) if (1..=MAX_DEVICE_RETENTION_SECS).contains(&s) => {
+                    std::time::Duration::from_secs(s)
+                }
+                Some(_) => {
+                    return Err(err(
+                        "device_retention",
+                        format!(
+                            "must be between 1 and {MAX_DEVICE_RETENTION_SECS} seconds (10 years); 604800 is 7 days"
+                        ),
+                    ));
+                }
+            },
             scan_once: a.scan_once,
             tls: crate::tls::TlsOptions {
                 cert: a.tls_cert.clone().or(file.tls_cert),

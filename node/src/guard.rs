@@ -101,6 +101,12 @@ impl Refusal {
 
 type Keyed = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>;
 
+/// Most addresses whose failed admissions are tracked. Under a flood from more addresses
+/// (each with a failure in the window, or locked out) a new address is not tracked until
+/// entries expire: it is refused by the admission checks alone, and the lockouts already
+/// in force stay.
+const MAX_TRACKED_ADDRESSES: usize = 16_384;
+
 #[derive(Default)]
 struct Failures {
     /// Failure instants inside the window.
@@ -238,6 +244,15 @@ impl Guard {
         let window = self.limits.lockout_window;
         let locked = {
             let mut map = self.failures();
+            if map.len() >= MAX_TRACKED_ADDRESSES && !map.contains_key(&ip) {
+                map.retain(|_, f| {
+                    f.recent.retain(|t| now.duration_since(*t) < window);
+                    f.locked_until.is_some_and(|u| u > now) || !f.recent.is_empty()
+                });
+                if map.len() >= MAX_TRACKED_ADDRESSES {
+                    return false;
+                }
+            }
             let f = map.entry(ip).or_default();
             f.recent.retain(|t| now.duration_since(*t) < window);
             f.recent.push(now);
@@ -428,6 +443,25 @@ mod tests {
         assert!(
             g.check_rate(b, "rest").is_ok(),
             "another client is not affected"
+        );
+    }
+
+    #[test]
+    fn failed_admissions_are_tracked_for_a_bounded_number_of_addresses() {
+        let g = guard(Limits {
+            lockout_failures: 2,
+            ..Limits::default()
+        });
+        let first: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(!g.admission_failed(first, "bad token"));
+        assert!(g.admission_failed(first, "bad token"), "locked out");
+        for i in 1..(MAX_TRACKED_ADDRESSES as u32 + 1000) {
+            g.admission_failed(IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i)), "x");
+        }
+        assert_eq!(g.failures().len(), MAX_TRACKED_ADDRESSES);
+        assert!(
+            g.check_admission(first, "rest").is_err(),
+            "a lockout in force is kept"
         );
     }
 

@@ -28,7 +28,8 @@
 //! `pdsno broker`), and no other:
 //! - `pdsno_broker_connections`, `pdsno_broker_refused_total{reason}` (every reason of
 //!   [`BROKER_REFUSALS`] from the start), `pdsno_broker_throttled_total`,
-//!   `pdsno_broker_retained_messages`, `pdsno_broker_retained_bytes`.
+//!   `pdsno_broker_retained_messages`, `pdsno_broker_retained_bytes`,
+//!   `pdsno_broker_filters`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,9 +74,11 @@ pub struct Sampled {
     /// Open broker connections.
     pub broker_connections: Option<u64>,
     /// Broker refusals, in the order of [`BROKER_REFUSALS`].
-    pub broker_refused: Option<[u64; 11]>,
+    pub broker_refused: Option<[u64; 12]>,
     /// Retained messages the broker holds, and their bytes.
     pub broker_retained: Option<(u64, u64)>,
+    /// Distinct subscription filters the broker holds a log for.
+    pub broker_filters: Option<u64>,
     /// Times the broker paused a controller publishing above its rate.
     pub broker_throttled: Option<u64>,
     /// MQTT client: messages dropped, connection errors.
@@ -86,8 +89,8 @@ pub struct Sampled {
 /// [`Sampled::broker_refused`]: wrong credentials, protocol, connection cap, protocol
 /// violation after CONNECT, TLS, outside the topic rights, operator lockout, per-address
 /// connection cap, reserved client id, retain where nothing is retained, retained-message
-/// budget.
-pub const BROKER_REFUSALS: [&str; 11] = [
+/// budget, number of distinct subscription filters.
+pub const BROKER_REFUSALS: [&str; 12] = [
     "auth",
     "protocol",
     "busy",
@@ -99,6 +102,7 @@ pub const BROKER_REFUSALS: [&str; 11] = [
     "client_id_reserved",
     "retain_forbidden",
     "retained_quota",
+    "filter_quota",
 ];
 
 /// The `reason` labels of `pdsno_rejects_total` (and the non-`accepted` outcomes of
@@ -177,12 +181,13 @@ pub const NODE_SERIES: [&str; 7] = [
 ];
 
 /// Series of a process running a broker.
-pub const BROKER_SERIES: [&str; 5] = [
+pub const BROKER_SERIES: [&str; 6] = [
     "pdsno_broker_connections",
     "pdsno_broker_refused_total",
     "pdsno_broker_throttled_total",
     "pdsno_broker_retained_messages",
     "pdsno_broker_retained_bytes",
+    "pdsno_broker_filters",
 ];
 
 impl Scope {
@@ -228,6 +233,7 @@ impl Sampled {
         self.broker_connections = Some(st.active);
         self.broker_throttled = Some(st.throttled);
         self.broker_retained = Some((st.retained_messages, st.retained_bytes));
+        self.broker_filters = Some(st.filters);
         self.broker_refused = Some([
             st.refused_auth,
             st.refused_protocol,
@@ -240,6 +246,7 @@ impl Sampled {
             st.refused_client_id,
             st.retain_forbidden,
             st.retained_quota,
+            st.filter_quota,
         ]);
     }
 }
@@ -260,6 +267,7 @@ pub struct Metrics {
     broker_throttled: Counter,
     broker_retained: Gauge,
     broker_retained_bytes: Gauge,
+    broker_filters: Gauge,
     mqtt_dropped: Counter,
     mqtt_errors: Counter,
     samplers: Mutex<Vec<Sampler>>,
@@ -349,6 +357,7 @@ impl Metrics {
         let broker_throttled = Counter::default();
         let broker_retained = Gauge::default();
         let broker_retained_bytes = Gauge::default();
+        let broker_filters = Gauge::default();
         if scope.has_broker() {
             registry.register(
                 "broker_connections",
@@ -380,6 +389,11 @@ impl Metrics {
                 "Bytes (topics and payloads) of the retained messages the embedded broker holds",
                 broker_retained_bytes.clone(),
             );
+            registry.register(
+                "broker_filters",
+                "Distinct subscription filters the embedded broker keeps a message log for",
+                broker_filters.clone(),
+            );
         }
         Metrics {
             registry,
@@ -393,6 +407,7 @@ impl Metrics {
             broker_throttled,
             broker_retained,
             broker_retained_bytes,
+            broker_filters,
             mqtt_dropped,
             mqtt_errors,
             samplers: Mutex::new(Vec::new()),
@@ -487,6 +502,9 @@ impl Metrics {
         if let Some((n, bytes)) = s.broker_retained {
             self.broker_retained.set(clamp(n));
             self.broker_retained_bytes.set(clamp(bytes));
+        }
+        if let Some(n) = s.broker_filters {
+            self.broker_filters.set(clamp(n));
         }
         if let Some(r) = s.broker_refused {
             for (reason, v) in BROKER_REFUSALS.iter().zip(r) {
@@ -612,7 +630,8 @@ mod tests {
             s.broker_connections = Some(7);
             s.broker_throttled = Some(3);
             s.broker_retained = Some((2, 300));
-            s.broker_refused = Some([0, 0, 0, 0, 0, 0, 4, 5, 0, 6, 0]);
+            s.broker_refused = Some([0, 0, 0, 0, 0, 0, 4, 5, 0, 6, 0, 8]);
+            s.broker_filters = Some(9);
         });
         let text = m.render();
         assert!(
@@ -634,10 +653,12 @@ mod tests {
         assert!(text.contains("pdsno_broker_throttled_total 3"), "{text}");
         assert!(text.contains("pdsno_broker_retained_messages 2"), "{text}");
         assert!(text.contains("pdsno_broker_retained_bytes 300"), "{text}");
+        assert!(text.contains("pdsno_broker_filters 9"), "{text}");
         for (reason, n) in [
             ("banned", 4),
             ("per_address_limit", 5),
             ("retain_forbidden", 6),
+            ("filter_quota", 8),
         ] {
             assert!(
                 text.contains(&format!(

@@ -100,6 +100,7 @@ pub const SETTINGS: &[(&str, &str, u8)] = &[
     ("summary-interval", DISCOVERY, R),
     ("spike-threshold", DISCOVERY, R),
     ("max-devices-per-lc", DISCOVERY, R),
+    ("device-retention", DISCOVERY, ALL),
 ];
 
 fn bit(role: Role) -> u8 {
@@ -170,6 +171,7 @@ pub fn default_for(role: Role, flag: &str) -> Option<String> {
         "missed-cycles" => "3".into(),
         "spike-threshold" => "100".into(),
         "max-devices-per-lc" => "65536".into(),
+        "device-retention" => "604800".into(),
         _ => return None,
     })
 }
@@ -399,6 +401,10 @@ mod tests {
             );
             assert_eq!(d("spike-threshold"), c.spike_threshold.to_string());
             assert_eq!(d("max-devices-per-lc"), c.max_devices_per_lc.to_string());
+            assert_eq!(
+                d("device-retention"),
+                c.device_retention.as_secs().to_string()
+            );
             assert_eq!(
                 Some(d("parent")),
                 c.parent

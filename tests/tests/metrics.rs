@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use pdsno_node::metrics::{Scope, has_sample};
 use pdsno_tests::{
-    Deadline, Lab, NodeProc, OPS_PASSWORD, OPS_USER, Pki, Proc, field, listening_addr, mqtt_connect,
-    pdsno_bin, run, workspace_root,
+    Deadline, Lab, NodeProc, OPS_PASSWORD, OPS_USER, Pki, Proc, field, listening_addr,
+    mqtt_connect, workspace_root,
 };
 
 const LONG: Duration = Duration::from_secs(60);

@@ -1,7 +1,8 @@
 //! Attacks on the global controller's front doors, performed against real processes:
 //! a compromised local controller flooding the embedded broker with retained messages, an
-//! operator account taking over a controller's MQTT session by its client id, and one
-//! address holding every connection slot of the gRPC, REST and MQTT listeners.
+//! operator account subscribing to ever new filters, an operator account taking over a
+//! controller's MQTT session by its client id, and one address holding every connection
+//! slot of the gRPC, REST and MQTT listeners.
 
 mod common;
 
@@ -432,6 +433,124 @@ async fn retained_floods_do_not_grow_the_global_controllers_memory() {
     assert!(
         (5 * 200 * 1024..2 * 1024 * 1024).contains(&bytes),
         "retained bytes {bytes}"
+    );
+    assert_eq!(connected_lines(&rc.proc), 1, "the RC stayed connected");
+}
+
+/// A SUBSCRIBE (MQTT 5), QoS 0 for every filter.
+fn subscribe_v5(packet_id: u16, filters: &[String]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.push(0); // no properties
+    for f in filters {
+        mqtt_str(&mut body, f);
+        body.push(0);
+    }
+    packet(0x82, &body)
+}
+
+/// Waits for the SUBACK (MQTT 5) of `packet_id` and returns its reason codes, or for the
+/// close of `s` and returns the DISCONNECT body the broker sent before closing (empty if none).
+async fn suback_or_close(s: &mut TcpStream, packet_id: u16) -> Result<Vec<u8>, Vec<u8>> {
+    loop {
+        match tokio::time::timeout(WAIT, read_packet(s)).await {
+            Err(_) => panic!("neither SUBACK nor close"),
+            Ok(None) => return Err(Vec::new()),
+            Ok(Some((0x90, body))) if body[..2] == packet_id.to_be_bytes() => {
+                // Packet id, then the properties (a one-byte length here), then the codes.
+                let props = usize::from(body[2]);
+                return Ok(body[3 + props..].to_vec());
+            }
+            Ok(Some((0xE0, body))) => return Err(body),
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// Every distinct filter ever subscribed keeps a message log in the embedded broker for its
+/// lifetime. An operator account subscribing to ever new filters stops at its budget (64):
+/// the SUBSCRIBE that would exceed it closes the connection (MQTT 5: 0x97), counted as
+/// `filter_quota`; filters already known stay free for it, and a controller admitted
+/// afterwards still subscribes to its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_filters_are_bounded_per_account() {
+    let lab = Lab::new();
+    let gc = lab.global(&[
+        "--user",
+        "ops:ops-password",
+        "--listen-mqtt-v5",
+        "127.0.0.1:0",
+    ]);
+    let broker_v5 = v5_addr(&gc.proc);
+    let mut rc = lab.child("regional", "temp-rc-f", &gc, "zone-A", &[]);
+    rc.proc.wait_line(WAIT, |l| l.starts_with("mqtt connected"));
+    let filters_now = |text: &str| metric(text, "pdsno_broker_filters");
+    // The GC's and the RC's own filters: statuses, the region's discovery, the global
+    // policy, the RC's replies.
+    let mut own = 0;
+    for _ in 0..100 {
+        own = filters_now(&metrics_from(LOCAL, &gc).await);
+        if own >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(own, 4);
+
+    let ops = || connect(Version::V5, "ops-subscriber", "ops", b"ops-password", None);
+    let (code, mut s) = mqtt(broker_v5, LOCAL, &ops()).await;
+    assert_eq!(code, 0);
+    // 64 new filters (and two the controllers brought, free): taken.
+    let mut batch: Vec<String> = (0..62).map(|i| format!("ops/watch/{i}")).collect();
+    batch.push("pdsno/status/+".into());
+    batch.push("$share/ops/pdsno/policy/global".into());
+    s.write_all(&subscribe_v5(1, &batch))
+        .await
+        .expect("SUBSCRIBE");
+    let codes = suback_or_close(&mut s, 1).await.expect("SUBACK");
+    assert_eq!(codes, vec![0u8; 64]);
+    let last_two = ["ops/watch/62".to_owned(), "ops/watch/63".to_owned()];
+    s.write_all(&subscribe_v5(4, &last_two))
+        .await
+        .expect("SUBSCRIBE");
+    assert_eq!(suback_or_close(&mut s, 4).await, Ok(vec![0, 0]));
+    // One more new filter: the connection is closed with "quota exceeded".
+    s.write_all(&subscribe_v5(2, &["ops/watch/64".to_owned()]))
+        .await
+        .expect("SUBSCRIBE");
+    assert_eq!(
+        suback_or_close(&mut s, 2).await,
+        Err(pdsno_broker::codec::disconnect_v5(0x97)[2..].to_vec())
+    );
+    // Known filters are still free for the operator.
+    let (_, mut s) = mqtt(broker_v5, LOCAL, &ops()).await;
+    s.write_all(&subscribe_v5(
+        3,
+        &["ops/watch/7".to_owned(), "pdsno/status/+".to_owned()],
+    ))
+    .await
+    .expect("SUBSCRIBE");
+    assert_eq!(suback_or_close(&mut s, 3).await, Ok(vec![0, 0]));
+
+    // A local controller admitted now subscribes to its own filters (its region's policy
+    // and its replies, both new).
+    let mut lc = lab.child("local", "temp-lc-f", &rc, "zone-A", &[]);
+    lc.proc.wait_line(WAIT, |l| l.starts_with("mqtt connected"));
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = metrics_from(LOCAL, &gc).await;
+        if filters_now(&text) == own + 66 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(filters_now(&text), own + 66, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            r#"pdsno_broker_refused_total{reason="filter_quota"}"#
+        ),
+        1,
+        "only the operator's SUBSCRIBE was refused"
     );
     assert_eq!(connected_lines(&rc.proc), 1, "the RC stayed connected");
 }

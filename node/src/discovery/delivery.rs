@@ -5,6 +5,11 @@
 //! on the report or summary id, so a retransmission is acknowledged, never applied twice).
 //! Over gRPC the answer is the acknowledgement; over MQTT it arrives later on our reply
 //! topic, and an item not acknowledged within [`ACK_TIMEOUT`] is sent again.
+//!
+//! An item still unacknowledged [`OUTBOX_MAX_AGE`] after it was queued is given up: it and
+//! every report or summary as old are dropped, and what they carried is sent again in full
+//! ([`crate::nib::Nib::outbox_expire`]). Receivers forget applied ids after
+//! [`crate::node::housekeeping::APPLIED_RETENTION`], so no retransmission may be older.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use std::time::Duration;
 
 use pdsno_shared::envelope::{Envelope, MessageType};
 use pdsno_shared::json::Value;
+use pdsno_shared::time::parse_iso;
 use pdsno_shared::topics::Topic;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -27,6 +33,9 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Items handed out per pass.
 const BATCH: usize = 64;
+
+/// How long a discovery report or summary is retried before it is replaced by a full one.
+pub const OUTBOX_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// The outbox's delivery side.
 pub struct Delivery {
@@ -132,6 +141,33 @@ impl Delivery {
             }
             Err(_) => return,
         };
+        // Attempts older than the ack timeout say nothing any more; forgetting them keeps
+        // the table to what was sent recently (an item dropped from the outbox is never
+        // acknowledged).
+        forget_old_attempts(&mut self.inflight(), Instant::now());
+        let now = self.trust.clock.now();
+        let oldest_allowed =
+            now - chrono::Duration::from_std(OUTBOX_MAX_AGE).unwrap_or(chrono::Duration::MAX);
+        if rows.iter().any(|r| {
+            parse_iso(&r.created_at).is_ok_and(|t| t < oldest_allowed)
+                && (r.item.message_type == MessageType::DiscoveryReport.as_str()
+                    || r.item.message_type == MessageType::DiscoverySummary.as_str())
+        }) {
+            let me = self.clone_for_blocking();
+            match tokio::task::spawn_blocking(move || me.nib.outbox_expire(oldest_allowed)).await {
+                Ok(Ok((reports, summaries))) => {
+                    tracing::warn!(
+                        reports,
+                        summaries,
+                        max_age_secs = OUTBOX_MAX_AGE.as_secs(),
+                        "unacknowledged for too long: dropped, the next one is sent in full"
+                    );
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot drop expired outbox items"),
+                Err(_) => {}
+            }
+            return;
+        }
         for row in rows {
             let id = row.item.item_id.clone();
             if self
@@ -204,5 +240,30 @@ impl Delivery {
 
     fn clone_for_blocking(&self) -> Arc<Trust> {
         self.trust.clone()
+    }
+}
+
+/// Forgets the attempts made more than [`ACK_TIMEOUT`] before `now`: they no longer hold
+/// an item back, and one whose item left the outbox unacknowledged would stay for ever.
+fn forget_old_attempts(inflight: &mut HashMap<String, Instant>, now: Instant) {
+    inflight.retain(|_, sent| now.saturating_duration_since(*sent) < ACK_TIMEOUT);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_are_forgotten_after_the_ack_timeout() {
+        let t0 = Instant::now();
+        let mut m = HashMap::new();
+        for i in 0..1000 {
+            m.insert(format!("dropped-{i}"), t0);
+        }
+        m.insert("recent".into(), t0 + ACK_TIMEOUT);
+        forget_old_attempts(&mut m, t0 + ACK_TIMEOUT - Duration::from_millis(1));
+        assert_eq!(m.len(), 1001, "nothing is forgotten within the timeout");
+        forget_old_attempts(&mut m, t0 + ACK_TIMEOUT);
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["recent"]);
     }
 }

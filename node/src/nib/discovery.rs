@@ -25,6 +25,13 @@ use super::{Nib, NibError};
 /// The outbox type of discovery reports.
 const REPORT_TYPE: &str = "DISCOVERY_REPORT";
 
+/// The outbox type of discovery summaries.
+const SUMMARY_TYPE: &str = "DISCOVERY_SUMMARY";
+
+/// The `id_sequences` kind holding the highest change stamp of deleted devices: stamps
+/// never go back when the newest rows are deleted (a summary would miss the next change).
+const CHANGE_FLOOR: &str = "device_change";
+
 /// Whether a device is currently seen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceStatus {
@@ -341,8 +348,9 @@ fn ownership(conn: &Connection, mac: &str) -> Result<(Option<String>, Option<Str
 
 fn next_seq(conn: &Connection) -> Result<i64, NibError> {
     Ok(conn.query_row(
-        "SELECT COALESCE(MAX(changed_seq), 0) + 1 FROM devices",
-        [],
+        "SELECT MAX(COALESCE((SELECT MAX(changed_seq) FROM devices), 0),
+                    COALESCE((SELECT last FROM id_sequences WHERE kind = ?1), 0)) + 1",
+        params![CHANGE_FLOOR],
         |r| r.get(0),
     )?)
 }
@@ -376,7 +384,7 @@ fn write_device(
              uptime_seconds = excluded.uptime_seconds, discovery_method = excluded.discovery_method,
              status = excluded.status, lc_id = excluded.lc_id, region = excluded.region,
              last_seen = excluded.last_seen, missed = 0, changed_seq = excluded.changed_seq,
-             extra = excluded.extra, version = devices.version + 1",
+             extra = excluded.extra, inactive_since = NULL, version = devices.version + 1",
     )?;
     st.execute(params![
         d.mac,
@@ -447,10 +455,17 @@ fn mark_applied(
     result: &Value,
     now: DateTime<Utc>,
 ) -> Result<(), NibError> {
+    let now_s = format_iso(now);
     conn.execute(
         "INSERT INTO applied_messages (item_id, sender_id, kind, applied_at, result) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![item_id, sender, kind, format_iso(now), json::to_canonical_string(result)],
+        params![item_id, sender, kind, now_s, json::to_canonical_string(result)],
     )?;
+    // Whether (and when last) a sender reported: kept apart from the ids, which are purged.
+    conn.prepare_cached(
+        "INSERT INTO reporters (sender_id, kind, first_at, last_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT(sender_id, kind) DO UPDATE SET last_at = excluded.last_at",
+    )?
+    .execute(params![sender, kind, now_s])?;
     Ok(())
 }
 
@@ -563,8 +578,8 @@ impl Nib {
                     if missed >= p.missed_limit {
                         tx.execute(
                             "UPDATE devices SET status = 'inactive', missed = ?2, changed_seq = ?3,
-                                 version = version + 1 WHERE mac = ?1",
-                            params![row.device.mac, missed, seq],
+                                 inactive_since = ?4, version = version + 1 WHERE mac = ?1",
+                            params![row.device.mac, missed, seq, now_s],
                         )?;
                         delta.inactive.push(inactive_of(&row.device));
                     } else {
@@ -798,8 +813,9 @@ impl Nib {
                 && parse_iso(&row.device.last_seen).is_ok_and(|t| t <= report_time)
             {
                 tx.execute(
-                    "UPDATE devices SET status = 'inactive', changed_seq = ?2, version = version + 1 WHERE mac = ?1",
-                    params![i.mac, seq],
+                    "UPDATE devices SET status = 'inactive', changed_seq = ?2, inactive_since = ?3,
+                         version = version + 1 WHERE mac = ?1",
+                    params![i.mac, seq, now_s],
                 )?;
                 out.marked_inactive += 1;
             }
@@ -807,7 +823,7 @@ impl Nib {
         // An LC's first report (or a full resync) lists everything it knows: not a spike.
         let reported_before: bool = tx
             .query_row(
-                "SELECT EXISTS(SELECT 1 FROM applied_messages WHERE sender_id = ?1 AND kind = 'discovery_report')",
+                "SELECT EXISTS(SELECT 1 FROM reporters WHERE sender_id = ?1 AND kind = 'discovery_report')",
                 params![lc_id],
                 |r| r.get(0),
             )?;
@@ -847,25 +863,34 @@ impl Nib {
     /// rows, which the next summary carries up as inactive, and which any other local
     /// controller that sees them may then claim) and the inventory rows it stands behind
     /// (the global controller's, as local or regional controller). Returns how many rows.
+    /// Retired rows are inactive from `now`: the retention rule deletes them like any other
+    /// ([`Nib::expire_devices`]).
     ///
     /// # Errors
     /// On an SQLite failure (nothing is written then).
-    pub fn retire_devices_of(&self, controller_id: &str) -> Result<usize, NibError> {
+    pub fn retire_devices_of(
+        &self,
+        controller_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<usize, NibError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let seq = next_seq(&tx)?;
+        let now_s = format_iso(now);
         let devices = tx.execute(
-            "UPDATE devices SET status = 'inactive', claimant = NULL, changed_seq = ?2, version = version + 1
+            "UPDATE devices SET status = 'inactive', claimant = NULL, changed_seq = ?2,
+                 inactive_since = ?3, version = version + 1
              WHERE lc_id = ?1 AND status = 'active'",
-            params![controller_id, seq],
+            params![controller_id, seq, now_s],
         )?;
         tx.execute(
             "UPDATE devices SET previous_lc = NULL WHERE previous_lc = ?1",
             params![controller_id],
         )?;
         let inventory = tx.execute(
-            "UPDATE inventory SET status = 'inactive' WHERE (lc_id = ?1 OR rc_id = ?1) AND status = 'active'",
-            params![controller_id],
+            "UPDATE inventory SET status = 'inactive', updated_at = ?2, version = version + 1
+             WHERE (lc_id = ?1 OR rc_id = ?1) AND status = 'active'",
+            params![controller_id, now_s],
         )?;
         tx.commit()?;
         Ok(devices + inventory)
@@ -949,8 +974,8 @@ impl Nib {
             |r| r.get::<_, i64>(0),
         )? as u64;
         let mut st = conn.prepare_cached(
-            "SELECT DISTINCT sender_id FROM applied_messages
-             WHERE kind = 'discovery_report' AND applied_at > ?1 ORDER BY sender_id",
+            "SELECT sender_id FROM reporters
+             WHERE kind = 'discovery_report' AND last_at > ?1 ORDER BY sender_id",
         )?;
         w.lcs_reported = st
             .query_map(params![since.unwrap_or_default()], |r| r.get(0))?
@@ -1140,7 +1165,13 @@ impl Nib {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Forgets applied-message ids older than `before` (retransmissions stop long before).
+    /// Forgets the ids of reports and summaries applied before `before`. A retransmission
+    /// arriving later would be applied again, so `before` must be older than any
+    /// retransmission can be: senders give up on an item after
+    /// [`crate::discovery::delivery::OUTBOX_MAX_AGE`] ([`Nib::outbox_expire`]), and the
+    /// housekeeping task keeps the ids for
+    /// [`crate::node::housekeeping::APPLIED_RETENTION`], that age plus both clock skews.
+    /// Whether a sender ever reported is kept apart (the `reporters` table).
     ///
     /// # Errors
     /// On an SQLite failure.
@@ -1150,6 +1181,120 @@ impl Nib {
             params![format_iso(before)],
         )?)
     }
+
+    /// Gives up on discovery reports and summaries queued before `before`: they are
+    /// dropped, and what they carried is sent again in full, as when the outbox overflows
+    /// (a local controller's next cycle reports every device; a regional controller's next
+    /// summaries cover every device). A receiver keeps the ids it applied only so long,
+    /// so an older item must never reach it (it would be applied twice). Returns the
+    /// reports and summaries dropped; one transaction.
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    pub fn outbox_expire(&self, before: DateTime<Utc>) -> Result<(usize, usize), NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let before = format_iso(before);
+        let drop_of = |kind: &str| {
+            tx.execute(
+                "DELETE FROM outbox WHERE message_type = ?1 AND created_at < ?2",
+                params![kind, before],
+            )
+        };
+        let reports = drop_of(REPORT_TYPE)?;
+        let summaries = drop_of(SUMMARY_TYPE)?;
+        if reports > 0 {
+            put_state(&tx, StateKey::DiscoveryResync, &Value::from(true))?;
+        }
+        if summaries > 0 {
+            // From stamp 0 the next windows cover every device; `at` (the previous
+            // summary's time) stays for the reporters list.
+            let mut mark = match get_state(&tx, StateKey::SummaryMark)? {
+                Some(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            mark.insert("seq".into(), 0.into());
+            put_state(&tx, StateKey::SummaryMark, &Value::Object(mark))?;
+        }
+        tx.commit()?;
+        Ok((reports, summaries))
+    }
+
+    /// The retention rule: deletes the devices inactive since before `before` (a local or
+    /// regional controller's rows, retired ones included) and the global inventory rows
+    /// inactive and unchanged since then, and records one `DEVICES_EXPIRED` event counting
+    /// them (none when nothing was deleted), in one transaction. Nothing refers to a
+    /// device's row from elsewhere (its contender and previous owner are columns of it),
+    /// so a deleted device that is seen again is stored as new.
+    ///
+    /// # Errors
+    /// On an SQLite failure (nothing is written then).
+    pub fn expire_devices(
+        &self,
+        before: DateTime<Utc>,
+        retention_secs: u64,
+        me: &str,
+        signer: &IdentityKey,
+        now: DateTime<Utc>,
+    ) -> Result<Expired, NibError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let before_s = format_iso(before);
+        let newest_gone: Option<i64> = tx.query_row(
+            "SELECT MAX(changed_seq) FROM devices
+             WHERE status = 'inactive' AND inactive_since < ?1",
+            params![before_s],
+            |r| r.get(0),
+        )?;
+        if let Some(seq) = newest_gone {
+            tx.execute(
+                "INSERT INTO id_sequences (kind, last) VALUES (?1, ?2)
+                 ON CONFLICT(kind) DO UPDATE SET last = MAX(last, excluded.last)",
+                params![CHANGE_FLOOR, seq],
+            )?;
+        }
+        let out = Expired {
+            devices: tx.execute(
+                "DELETE FROM devices WHERE status = 'inactive' AND inactive_since < ?1",
+                params![before_s],
+            )?,
+            inventory: tx.execute(
+                "DELETE FROM inventory WHERE status = 'inactive' AND updated_at < ?1",
+                params![before_s],
+            )?,
+        };
+        if out.devices + out.inventory > 0 {
+            let mut details = Map::new();
+            details.insert("devices".into(), (out.devices as u64).into());
+            details.insert("inventory".into(), (out.inventory as u64).into());
+            details.insert("retention_secs".into(), retention_secs.into());
+            details.insert("inactive_before".into(), before_s.into());
+            events::append(
+                &tx,
+                &Event {
+                    event_type: "DEVICES_EXPIRED".into(),
+                    actor: me.into(),
+                    subject: None,
+                    action: "Deleted devices inactive for longer than the retention".into(),
+                    decision: Some("deleted".into()),
+                    details,
+                },
+                signer,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// What one run of the retention rule deleted ([`Nib::expire_devices`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Rows of `devices` (a local or regional controller's).
+    pub devices: usize,
+    /// Rows of the global inventory.
+    pub inventory: usize,
 }
 
 #[cfg(test)]

@@ -29,8 +29,8 @@ pub use controllers::{
 };
 pub use credentials::credential_hash;
 pub use discovery::{
-    CycleDelta, CycleParams, DeviceRow, DeviceStatus, IngestLimits, IngestOutcome, InventoryRow,
-    SummaryDevice, SummaryWindow,
+    CycleDelta, CycleParams, DeviceRow, DeviceStatus, Expired, IngestLimits, IngestOutcome,
+    InventoryRow, SummaryDevice, SummaryWindow,
 };
 pub use events::{BrokenLink, Event, EventRow, GENESIS_HASH, verify_chain};
 pub use outbox::{OutboxItem, OutboxRow};
@@ -217,6 +217,27 @@ const MIGRATIONS: &[&str] = &[
     // owner a device moved away from (whose own sighting takes it back)
     "ALTER TABLE devices ADD COLUMN claimant TEXT;
      ALTER TABLE devices ADD COLUMN previous_lc TEXT;",
+    // 6: bounded state. Who has ever reported (and when last), which `applied_messages`
+    // answered until its ids are purged; when each device went inactive (rows inactive
+    // at the upgrade count from the upgrade), so the retention rule can delete it; the
+    // indexes that rule and the purge use.
+    "CREATE TABLE reporters (
+         sender_id TEXT NOT NULL,
+         kind      TEXT NOT NULL,
+         first_at  TEXT NOT NULL,
+         last_at   TEXT NOT NULL,
+         PRIMARY KEY (sender_id, kind)
+     ) WITHOUT ROWID;
+     INSERT INTO reporters (sender_id, kind, first_at, last_at)
+         SELECT sender_id, kind, MIN(applied_at), MAX(applied_at) FROM applied_messages
+         GROUP BY sender_id, kind;
+     ALTER TABLE devices ADD COLUMN inactive_since TEXT;
+     UPDATE devices SET inactive_since = strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')
+         WHERE status = 'inactive';
+     CREATE INDEX devices_by_inactive_since ON devices(inactive_since)
+         WHERE inactive_since IS NOT NULL;
+     CREATE INDEX inventory_by_status ON inventory(status, updated_at);
+     CREATE INDEX outbox_by_type ON outbox(message_type, created_at);",
 ];
 
 /// An open NIB.
@@ -317,6 +338,7 @@ fn migrate(conn: &mut Connection) -> Result<(), NibError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Timelike;
 
     #[test]
     fn migrations_apply_once_and_refuse_newer_files() {
@@ -341,5 +363,73 @@ mod tests {
             Nib::open(&path),
             Err(NibError::TooNew { found: 999, .. })
         ));
+    }
+
+    /// A file of the release before migration 6: who reported is taken over from the
+    /// applied ids, and devices already inactive count as inactive from the upgrade.
+    #[test]
+    fn upgrading_keeps_who_reported_and_dates_inactive_devices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nib.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for sql in &MIGRATIONS[..5] {
+                conn.execute_batch(sql).expect("migration");
+            }
+            conn.pragma_update(None, "user_version", 5)
+                .expect("version");
+            conn.execute_batch(
+                "INSERT INTO applied_messages VALUES
+                     ('r1', 'lc1', 'discovery_report', '2026-01-01T00:00:00+00:00', '{}'),
+                     ('r2', 'lc1', 'discovery_report', '2026-01-02T00:00:00+00:00', '{}'),
+                     ('s1', 'rc1', 'discovery_summary', '2026-01-03T00:00:00+00:00', '{}');
+                 INSERT INTO devices (mac, ip, protocol, reachable, discovery_method, status, lc_id,
+                         region, first_seen, last_seen, created_seq, changed_seq)
+                     VALUES ('02:00:00:00:00:01', '10.0.0.1', 'SIM', 1, 'icmp', 'active', 'lc1',
+                         'zone-A', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00', 1, 1),
+                     ('02:00:00:00:00:02', '10.0.0.2', 'SIM', 1, 'icmp', 'inactive', 'lc1',
+                         'zone-A', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00', 1, 2);",
+            )
+            .expect("rows");
+        }
+        let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let nib = Nib::open(&path).expect("upgrade");
+        assert_eq!(nib.schema_version().expect("version"), 6);
+        let conn = nib.conn();
+        let reporters: Vec<(String, String, String, String)> = conn
+            .prepare("SELECT sender_id, kind, first_at, last_at FROM reporters ORDER BY sender_id")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            reporters,
+            [
+                (
+                    "lc1".to_owned(),
+                    "discovery_report".to_owned(),
+                    "2026-01-01T00:00:00+00:00".to_owned(),
+                    "2026-01-02T00:00:00+00:00".to_owned()
+                ),
+                (
+                    "rc1".to_owned(),
+                    "discovery_summary".to_owned(),
+                    "2026-01-03T00:00:00+00:00".to_owned(),
+                    "2026-01-03T00:00:00+00:00".to_owned()
+                )
+            ]
+        );
+        let since: Vec<Option<String>> = conn
+            .prepare("SELECT inactive_since FROM devices ORDER BY mac")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(since[0], None, "active");
+        let t = pdsno_shared::time::parse_iso(since[1].as_deref().expect("inactive"))
+            .expect("our time format");
+        assert!(t >= before.with_nanosecond(0).expect("whole second"), "{t}");
     }
 }

@@ -471,7 +471,7 @@ impl Children {
         self.live().remove(id);
         // What it reported is no longer vouched for: retired, and free for the controller
         // that really sees it.
-        let retired = nib.retire_devices_of(id).map_err(|e| e.to_string())?;
+        let retired = nib.retire_devices_of(id, now).map_err(|e| e.to_string())?;
         let mut details = Map::new();
         details.insert("reason".into(), why.into());
         details.insert("mqtt_sessions_closed".into(), (kicked as u64).into());

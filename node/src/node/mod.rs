@@ -13,6 +13,7 @@
 //! Logs go to stderr.
 
 pub mod children;
+pub mod housekeeping;
 mod listeners;
 pub mod mqtt_link;
 mod parts;

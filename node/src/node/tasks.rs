@@ -184,6 +184,11 @@ pub(super) fn spawn_workers(
         parts.rotate_done.clone(),
         cancel.clone(),
     ));
+    tasks.spawn(super::housekeeping::run(
+        parts.trust.clone(),
+        cfg.device_retention,
+        cancel.clone(),
+    ));
 }
 
 /// What each status message carries besides liveness: the policy version, and below the
