@@ -85,6 +85,8 @@ pub enum Command {
     /// Admission lockouts on a parent: list them, lift one.
     #[command(subcommand)]
     Lockout(cmd::lockout::LockoutCommand),
+    /// Run a single-box site in one process: a global, a regional and its local controllers.
+    Edge(cmd::edge::EdgeArgs),
     /// Run a whole GC + RC + LC topology locally, show it, and stop it.
     Demo(cmd::demo::DemoArgs),
     /// Print a bootstrap token for a new child (or write it to --out).
@@ -168,6 +170,7 @@ pub fn run_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> 
         ),
         Command::Token(a) => cmd::token::run(&a),
         Command::Passwd(a) => cmd::passwd::run(&a),
+        Command::Edge(a) => cmd::edge::run(&a),
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Status(a) => cmd::ops::status(&a),
         Command::Policy(c) => cmd::ops::policy(&c),

@@ -1039,7 +1039,7 @@ pub fn did_you_mean(word: &str, candidates: impl IntoIterator<Item = String>) ->
 
 /// The id of the controller whose data directory `dir` is, if it was admitted (read without
 /// creating anything).
-fn admitted_id(dir: &Path) -> Option<String> {
+pub(crate) fn admitted_id(dir: &Path) -> Option<String> {
     let db = dir.join("nib.db");
     if !db.exists() {
         return None;

@@ -41,6 +41,10 @@ pub struct DemoArgs {
     /// Seconds between discovery cycles on the local controllers.
     #[arg(long, default_value_t = 2)]
     pub discovery_interval: u64,
+    /// Show `pdsno edge` instead: a global, a regional and `--locals` local controllers in
+    /// one process, joined by one local controller running as its own process.
+    #[arg(long)]
+    pub edge: bool,
 }
 
 struct Admitted {
@@ -74,6 +78,13 @@ async fn demo(a: &DemoArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
     let timeout = Duration::from_secs(a.timeout.max(5));
+    if a.edge {
+        let r = super::demo_edge::demo(a, &dir, timeout).await;
+        if a.keep_data {
+            println!("data kept in {}", tmp.keep().display());
+        }
+        return r;
+    }
     let secret = hex::encode(pdsno_shared::ids::random_bytes_32());
     let regions: Vec<String> = (0..a.regions.clamp(1, 26))
         .map(|i| format!("zone-{}", (b'A' + i as u8) as char))
@@ -412,6 +423,11 @@ async fn work(
         return Ok(());
     };
     println!();
+    let rss: Vec<u64> = nodes
+        .iter()
+        .filter_map(|n| n.pid().and_then(super::lab::rss_kib))
+        .collect();
+    let memory = (rss.len() == nodes.len()).then(|| rss.iter().sum::<u64>());
     let i = find(nodes, &victim.temp_id).ok_or("lost a node")?;
     nodes[i]
         .child
@@ -456,6 +472,14 @@ async fn work(
     println!();
     println!("pdsno status (global_cntl_1):");
     print!("{st}");
+    if let Some(kib) = memory {
+        println!();
+        println!(
+            "memory: {} processes, {} MiB RSS in total (pdsno demo --edge runs a site in one)",
+            nodes.len(),
+            kib / 1024
+        );
+    }
     Ok(())
 }
 

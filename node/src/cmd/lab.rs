@@ -285,6 +285,14 @@ impl Node {
     }
 }
 
+/// The resident memory of process `pid` in KiB (Linux `/proc`; `None` elsewhere).
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// SIGTERM everyone (last started first), then wait; SIGKILL what does not stop in 5 s.
 pub(crate) async fn stop_all(nodes: &mut [Node]) {
     for n in nodes.iter().rev() {
