@@ -485,6 +485,9 @@ impl std::fmt::Debug for SecretArg {
 pub struct NodeConfig {
     /// The tier.
     pub role: Role,
+    /// The in-process bus shared with the other nodes of this process (`pdsno edge`); not a
+    /// setting.
+    pub bus: Option<crate::transport::bus::Bus>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// gRPC listen address.
@@ -1277,6 +1280,7 @@ impl NodeConfig {
         }
         let parent = a.parent.clone().or(file.parent);
         let cfg = NodeConfig {
+            bus: None,
             role,
             data_dir: a
                 .data_dir

@@ -129,7 +129,7 @@ pub const REJECT_REASONS: [&str; 16] = [
 ];
 
 /// The transports of `pdsno_messages_total`.
-pub const TRANSPORTS: [&str; 3] = ["rest", "grpc", "mqtt"];
+pub const TRANSPORTS: [&str; 4] = ["rest", "grpc", "mqtt", "bus"];
 
 /// The `reason` labels of `pdsno_refused_total` for the `rest` and `grpc` listeners.
 pub const REFUSAL_REASONS: [&str; 5] = [

@@ -1,5 +1,6 @@
-//! One way to send a message: over MQTT when the node is connected and the message is
-//! pub/sub by nature (it has a topic), else straight to the recipient's gRPC address. The
+//! One way to send a message: to a recipient running in this process over the in-process
+//! bus ([`crate::transport::bus`]); else over MQTT when the node is connected and the message
+//! is pub/sub by nature (it has a topic); else straight to the recipient's gRPC address. The
 //! path taken is logged and counted.
 //!
 //! Nothing here buffers: callers that must not lose a message keep it in the NIB outbox
@@ -27,6 +28,8 @@ pub enum Path {
     Mqtt,
     /// Sent to the peer's gRPC endpoint.
     Grpc,
+    /// Handed to the peer's receive path in this process.
+    Bus,
 }
 
 impl Path {
@@ -35,6 +38,7 @@ impl Path {
         match self {
             Path::Mqtt => "mqtt",
             Path::Grpc => "grpc",
+            Path::Bus => "bus",
         }
     }
 }
@@ -44,7 +48,7 @@ impl Path {
 pub struct Sent {
     /// How.
     pub path: Path,
-    /// The peer's direct answer (gRPC only; over MQTT answers arrive on our reply topic).
+    /// The peer's direct answer (gRPC and bus; over MQTT answers arrive on our reply topic).
     pub reply: Option<Envelope>,
 }
 
@@ -66,6 +70,8 @@ pub struct PathStats {
     pub mqtt: AtomicU64,
     /// Sent over gRPC.
     pub grpc: AtomicU64,
+    /// Handed over the in-process bus.
+    pub bus: AtomicU64,
     /// Publishes that failed and went another way.
     pub mqtt_fallbacks: AtomicU64,
     /// Not sent at all.
@@ -79,6 +85,7 @@ impl PathStats {
         let r = |a: &AtomicU64| Value::from(a.load(Ordering::Relaxed));
         m.insert("mqtt".into(), r(&self.mqtt));
         m.insert("grpc".into(), r(&self.grpc));
+        m.insert("bus".into(), r(&self.bus));
         m.insert("mqtt_fallbacks".into(), r(&self.mqtt_fallbacks));
         m.insert("failed".into(), r(&self.failed));
         Value::Object(m)
@@ -154,12 +161,29 @@ impl Outbound {
         }
     }
 
-    /// Sends `env`: published on `topic` when one is given and the broker is connected,
-    /// else to the recipient's gRPC address.
+    /// Sends `env`: over the bus to a recipient in this process; else published on `topic`
+    /// when one is given and the broker is connected; else to the recipient's gRPC address.
     ///
     /// # Errors
     /// [`SendError`] when neither path works.
     pub async fn send(&self, env: &Envelope, topic: Option<&Topic>) -> Result<Sent, SendError> {
+        let link = self.link(&env.recipient_id);
+        if let Some(l) = link.as_ref().filter(|l| l.is_local()) {
+            return match l.exchange(env).await {
+                Ok(reply) => {
+                    self.stats.bus.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(path = "bus", recipient = %env.recipient_id, message_type = %env.message_type, "sent");
+                    Ok(Sent {
+                        path: Path::Bus,
+                        reply,
+                    })
+                }
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    Err(SendError::Link(e))
+                }
+            };
+        }
         if let Some(t) = topic
             && self.mqtt_connected()
         {
@@ -178,7 +202,7 @@ impl Outbound {
                 }
             }
         }
-        let Some(link) = self.link(&env.recipient_id) else {
+        let Some(link) = link else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return Err(SendError::NoRoute(env.recipient_id.clone()));
         };

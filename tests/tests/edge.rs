@@ -1,6 +1,7 @@
 //! `pdsno edge`: a global, a regional and two local controllers in one process, each with
 //! its own data directory and NIB, admitting each other with the same tokens and
-//! signatures as separate processes; discovery reaches the GC inventory, a policy every
+//! signatures as separate processes, over the in-process bus (no gRPC between them);
+//! discovery reaches the GC inventory, a policy every
 //! controller, liveness is tracked; a local controller running as its own process joins
 //! the site's regional controller; a restart restores every tier; bad input is refused.
 
@@ -58,6 +59,7 @@ struct Tier {
     id: String,
     role: String,
     grpc: String,
+    rest: String,
     data: PathBuf,
 }
 
@@ -71,10 +73,16 @@ fn tiers(p: &mut Proc, site: &Path, n: usize) -> Vec<Tier> {
             .lines()
             .iter()
             .filter_map(|l| match Report::parse(l) {
-                Some(Report::Ready { id, role, grpc, .. }) => Some((id, role, grpc)),
+                Some(Report::Ready {
+                    id,
+                    role,
+                    grpc,
+                    rest,
+                    ..
+                }) => Some((id, role, grpc, rest)),
                 _ => None,
             })
-            .map(|(id, role, grpc)| Tier {
+            .map(|(id, role, grpc, rest)| Tier {
                 data: site.join(match role.as_str() {
                     "global" => "global".to_owned(),
                     "regional" => "regional".to_owned(),
@@ -83,6 +91,7 @@ fn tiers(p: &mut Proc, site: &Path, n: usize) -> Vec<Tier> {
                 id,
                 role,
                 grpc,
+                rest,
             })
             .collect();
     }
@@ -105,6 +114,25 @@ async fn status(t: &Tier) -> Value {
     )
     .await
     .expect("status")
+}
+
+/// `pdsno_messages_total{type,transport,outcome="accepted"}` at `t`.
+fn accepted(t: &Tier, kind: &str, transport: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&t.rest).expect("connect to REST");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let want = format!(
+        "pdsno_messages_total{{type=\"{kind}\",transport=\"{transport}\",outcome=\"accepted\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn child<'a>(st: &'a Value, id: &str) -> Option<&'a Value> {
@@ -224,6 +252,34 @@ async fn one_process_runs_a_whole_site_and_a_remote_local_controller_joins_it() 
     })
     .await;
 
+    // Between co-located tiers the in-process bus carried it all: admission, keys,
+    // heartbeats, reports and summaries; none of it went over gRPC.
+    assert_eq!(accepted(&rc, "VALIDATION_REQUEST", "bus"), 2);
+    assert_eq!(accepted(&rc, "KEY_EXCHANGE_INIT", "bus"), 2);
+    assert!(accepted(&rc, "DISCOVERY_REPORT", "bus") >= 2);
+    assert!(accepted(&rc, "HEARTBEAT", "bus") >= 2);
+    assert_eq!(accepted(&gc, "VALIDATION_REQUEST", "bus"), 1);
+    assert!(accepted(&gc, "HEARTBEAT", "bus") >= 1);
+    for kind in [
+        "VALIDATION_REQUEST",
+        "KEY_EXCHANGE_INIT",
+        "DISCOVERY_REPORT",
+        "HEARTBEAT",
+    ] {
+        assert_eq!(accepted(&rc, kind, "grpc"), 0, "{kind}");
+    }
+    let via = |st: &Value, id: &str| {
+        child(st, id)
+            .and_then(|c| c.get("via"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let rs = status(&rc).await;
+    for lc in &lcs {
+        assert_eq!(via(&rs, &lc.id), "bus");
+    }
+
     // A local controller on another box joins the site's regional controller.
     let secret = rc_secret.trim_end();
     let token =
@@ -264,6 +320,9 @@ async fn one_process_runs_a_whole_site_and_a_remote_local_controller_joins_it() 
         .to_owned();
     assert_eq!(remote_id, "local_cntl_zone-A_3");
     remote.wait_line(WAIT, |l| l.starts_with("mqtt connected"));
+    // It came over the network, as a remote controller does.
+    assert_eq!(accepted(&rc, "VALIDATION_REQUEST", "grpc"), 1);
+    assert_eq!(accepted(&rc, "VALIDATION_REQUEST", "bus"), 2);
     eventually(
         "the remote LC's devices at the RC and the GC",
         WAIT,
@@ -349,6 +408,45 @@ async fn one_process_runs_a_whole_site_and_a_remote_local_controller_joins_it() 
         "no first-start inputs on a restart: {}",
         again.stderr()
     );
+
+    // The RC revokes one of the site's LCs: told over the bus with the RC's signed notice,
+    // that LC stops; the rest of the site goes on.
+    let rc2 = t2
+        .iter()
+        .find(|x| x.role == "regional")
+        .expect("rc")
+        .clone();
+    let (victim, other) = ("local_cntl_zone-A_2", "local_cntl_zone-A_1");
+    let mut a = Map::new();
+    a.insert("id".into(), victim.into());
+    let key = pdsno_node::admin::read_key(&rc2.data).expect("admin key");
+    pdsno_node::admin::call(
+        &format!("http://{}", rc2.grpc),
+        &key,
+        "controller.revoke",
+        &Value::Object(a),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("revoke");
+    eventually("the revoked LC stops alone", WAIT, || async {
+        again
+            .stderr()
+            .contains("revoked by its parent; it stays stopped")
+    })
+    .await;
+    assert!(again.is_alive(), "the site goes on");
+    let rs = status(&rc2).await;
+    assert_eq!(
+        child(&rs, victim)
+            .and_then(|c| c.get("status"))
+            .and_then(Value::as_str),
+        Some("revoked")
+    );
+    eventually("the other LC still online", WAIT, || async {
+        liveness(&status(&rc2).await, other) == "online"
+    })
+    .await;
     assert_eq!(again.terminate(WAIT), Some(0));
 }
 

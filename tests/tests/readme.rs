@@ -255,3 +255,94 @@ fn the_run_a_controller_walk_through_works_as_written() {
         assert_eq!(m, 0o600, "{mode}");
     }
 }
+
+/// "## Run a single-box site" as written: `pdsno edge`, then a token and a local controller
+/// of another box joining the site's regional controller, in a fresh directory. Only the
+/// ports differ (free ones through the PDSNO_* variables; `RC_HOST:50052` is the regional
+/// controller's address).
+#[test]
+fn the_single_box_site_works_as_written() {
+    use pdsno_tests::{Proc, free_port};
+    use std::time::Duration;
+    let wait = Duration::from_secs(60);
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README");
+    let section = readme
+        .split("## Run a single-box site")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the section");
+    let blocks: Vec<&str> = section
+        .split("```sh")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert_eq!(blocks.len(), 2, "{section}");
+    let site = commands(blocks[0]);
+    assert_eq!(site.len(), 1, "{site:?}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = pdsno_tests::pdsno_bin().display().to_string();
+    let sh = |line: &str| format!("cd '{}' && exec {line}", dir.path().display());
+    let (rc_grpc, rc_rest) = (free_port(), free_port());
+    let ports = [
+        ("PDSNO_LISTEN_GRPC", format!("127.0.0.1:{}", free_port())),
+        ("PDSNO_LISTEN_REST", format!("127.0.0.1:{}", free_port())),
+        ("PDSNO_LISTEN_MQTT", format!("127.0.0.1:{}", free_port())),
+        ("PDSNO_REGIONAL_LISTEN_GRPC", format!("127.0.0.1:{rc_grpc}")),
+        ("PDSNO_REGIONAL_LISTEN_REST", format!("127.0.0.1:{rc_rest}")),
+    ];
+    let env: Vec<(&str, &str)> = ports.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let script = sh(&site[0].replacen("pdsno", &bin, 1));
+    let mut edge = Proc::spawn(
+        "edge",
+        std::path::Path::new("/bin/sh"),
+        &["-c", &script],
+        &env,
+    );
+    // The last of the four to start: the second local controller.
+    edge.wait_line(wait, |l| l.starts_with("ready id=local_cntl_zone-A_2 "));
+    let ids: Vec<String> = edge
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("ready "))
+        .filter_map(|l| pdsno_tests::field(l, "id"))
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+
+    let remote = commands(blocks[1]);
+    assert_eq!(remote.len(), 2, "{remote:?}");
+    let (code, out, err) = run(
+        "/bin/sh",
+        &["-c", &sh(&remote[0].replacen("pdsno", &bin, 1))],
+        wait,
+    );
+    assert_eq!(code, Some(0), "{}: {out}{err}", remote[0]);
+    let line = remote[1]
+        .replacen("pdsno", &bin, 1)
+        .replace("RC_HOST:50052", &format!("127.0.0.1:{rc_grpc}"));
+    let lc_ports = [
+        ("PDSNO_LISTEN_GRPC", format!("127.0.0.1:{}", free_port())),
+        ("PDSNO_LISTEN_REST", format!("127.0.0.1:{}", free_port())),
+    ];
+    let env: Vec<(&str, &str)> = lc_ports.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut lc = Proc::spawn(
+        "lc-remote",
+        std::path::Path::new("/bin/sh"),
+        &["-c", &sh(&line)],
+        &env,
+    );
+    let ready = lc.wait_line(wait, |l| l.starts_with("ready "));
+    assert!(ready.contains("id=local_cntl_zone-A_3"), "{ready}");
+    // The operating commands take the site's data directories.
+    let rc_data = dir.path().join("site/regional").display().to_string();
+    let (code, out, err) = run(&bin, &["status", "--data-dir", &rc_data], wait);
+    assert_eq!(code, Some(0), "{err}");
+    for id in [
+        "local_cntl_zone-A_1",
+        "local_cntl_zone-A_2",
+        "local_cntl_zone-A_3",
+    ] {
+        assert!(out.contains(id), "{out}");
+    }
+    assert_eq!(lc.terminate(wait), Some(0));
+    assert_eq!(edge.terminate(wait), Some(0), "{}", edge.stderr());
+}

@@ -17,8 +17,9 @@
 //! Co-located tiers talk over loopback gRPC and the embedded broker. The GC and the RC
 //! listen where `pdsno global` and `pdsno regional` would, so operators and remote local
 //! controllers (tokens from `pdsno token --secret-file DIR/regional/bootstrap.secret`)
-//! reach them as usual. A restart restores every tier from its data directory; when one
-//! node stops with an error, the others stop too and the exit code is that node's.
+//! reach them as usual. A restart restores every tier from its data directory. A node
+//! revoked by its parent stops alone (exit code 5 for that node, in the log); when a node
+//! stops with any other error, the others stop too and the exit code is that node's.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,54 +35,63 @@ use tracing::Instrument;
 
 use crate::config::{NodeArgs, NodeConfig};
 use crate::node::{NodeError, Started};
+use crate::transport::bus::Bus;
 
-/// `pdsno edge` arguments.
+/// `pdsno edge` arguments (each flag also reads its `PDSNO_*` variable).
 #[derive(Debug, Args)]
 pub struct EdgeArgs {
     /// The site's directory: its bootstrap secret and one data directory per controller.
     #[arg(long, env = "PDSNO_DATA_DIR", default_value = "pdsno-edge")]
     pub data_dir: PathBuf,
     /// The region of the regional controller and its local controllers.
-    #[arg(long, default_value = "zone-A")]
+    #[arg(long, env = "PDSNO_REGION", default_value = "zone-A")]
     pub region: String,
     /// Local controllers to run in the process (0 to 64).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
+    #[arg(long, env = "PDSNO_LOCALS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
     pub locals: u16,
     /// The global controller's gRPC listener.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "PDSNO_LISTEN_GRPC", default_value = "127.0.0.1:50051")]
     pub listen_grpc: SocketAddr,
     /// The global controller's REST listener.
-    #[arg(long, default_value = "127.0.0.1:8001")]
+    #[arg(long, env = "PDSNO_LISTEN_REST", default_value = "127.0.0.1:8001")]
     pub listen_rest: SocketAddr,
     /// The embedded broker's MQTT 3.1.1 listener.
-    #[arg(long, default_value = "127.0.0.1:1883")]
+    #[arg(long, env = "PDSNO_LISTEN_MQTT", default_value = "127.0.0.1:1883")]
     pub listen_mqtt: SocketAddr,
     /// The regional controller's gRPC listener (where remote local controllers are admitted).
-    #[arg(long, default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "PDSNO_REGIONAL_LISTEN_GRPC",
+        default_value = "127.0.0.1:50052"
+    )]
     pub regional_listen_grpc: SocketAddr,
     /// The regional controller's REST listener.
-    #[arg(long, default_value = "127.0.0.1:8002")]
+    #[arg(
+        long,
+        env = "PDSNO_REGIONAL_LISTEN_REST",
+        default_value = "127.0.0.1:8002"
+    )]
     pub regional_listen_rest: SocketAddr,
     /// Seconds between heartbeats (every tier).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<f64>,
     /// Seconds between discovery cycles of the local controllers.
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_DISCOVERY_INTERVAL")]
     pub discovery_interval: Option<f64>,
     /// Seconds between the regional controller's summaries to the global controller.
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_SUMMARY_INTERVAL")]
     pub summary_interval: Option<f64>,
     /// The local controllers' scanner (see `pdsno local --help`).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_SCANNER")]
     pub scanner: Option<String>,
     /// Seconds a device may stay inactive before it is deleted (every tier).
-    #[arg(long)]
+    #[arg(long, env = "PDSNO_DEVICE_RETENTION")]
     pub device_retention: Option<u64>,
     /// Log level (RUST_LOG, when set, wins).
-    #[arg(long, default_value = "info")]
+    #[arg(long, env = "PDSNO_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format: `text` or `json`.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, env = "PDSNO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 }
 
@@ -153,14 +163,22 @@ async fn edge(a: &EdgeArgs, cancel: &CancellationToken) -> Result<(), Stop> {
         locals = a.locals,
         "pdsno edge starting: global, regional and local controllers in one process"
     );
+    let bus = crate::transport::bus::Bus::new();
     let mut running: Vec<Running> = Vec::new();
     let outcome = async {
-        let gc = start(&mut running, "global", global_config(a, dir)?, None, cancel).await?;
+        let gc = start(
+            &mut running,
+            "global",
+            global_config(a, dir, &bus)?,
+            None,
+            cancel,
+        )
+        .await?;
         let rc_dir = dir.join("regional");
         let rc = start(
             &mut running,
             "regional",
-            child_config(a, Role::Regional, &rc_dir, &gc, "edge-rc")?,
+            child_config(a, Role::Regional, &rc_dir, &gc, "edge-rc", &bus)?,
             Some((&site_secret, "edge-rc")),
             cancel,
         )
@@ -170,15 +188,29 @@ async fn edge(a: &EdgeArgs, cancel: &CancellationToken) -> Result<(), Stop> {
         let mut locals = Vec::new();
         for i in 1..=a.locals {
             let temp = format!("edge-lc-{i}");
-            let lc = start(
+            let started = start(
                 &mut running,
                 &format!("local-{i}"),
-                child_config(a, Role::Local, &dir.join(format!("local-{i}")), &rc, &temp)?,
+                child_config(
+                    a,
+                    Role::Local,
+                    &dir.join(format!("local-{i}")),
+                    &rc,
+                    &temp,
+                    &bus,
+                )?,
                 Some((&rc_secret, &temp)),
                 cancel,
             )
-            .await?;
-            locals.push(lc.id);
+            .await;
+            match started {
+                Ok(lc) => locals.push(lc.id),
+                // Revoked by the regional controller: that one stays stopped.
+                Err(s) if s.code == 5 => {
+                    tracing::error!(node = %format!("local-{i}"), "{}; it stays stopped, the rest of the site goes on", s.message);
+                }
+                Err(s) => return Err(s),
+            }
         }
         tracing::info!(
             global = %gc.id,
@@ -223,8 +255,10 @@ async fn start(
         )));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // Its own token: a node that stops itself (revoked) does not stop the others.
     let span = tracing::info_span!("node", name);
-    let task = tokio::spawn(crate::node::run_with(cfg, cancel.clone(), Some(tx)).instrument(span));
+    let task =
+        tokio::spawn(crate::node::run_with(cfg, cancel.child_token(), Some(tx)).instrument(span));
     match rx.await {
         Ok(s) => {
             running.push(Running {
@@ -248,16 +282,21 @@ async fn start(
     }
 }
 
-/// Waits for a stop request or for the first node to end; a node that ends stops the site.
-async fn watch(running: &mut [Running], cancel: &CancellationToken) -> Result<(), Stop> {
+/// Waits for a stop request or for a node to end. A node its parent revoked stops alone
+/// (the others go on); any other end of a node stops the site.
+async fn watch(running: &mut Vec<Running>, cancel: &CancellationToken) -> Result<(), Stop> {
     loop {
         if cancel.is_cancelled() {
             return Ok(());
         }
         if let Some(i) = running.iter().position(|r| r.task.is_finished()) {
-            let r = &mut running[i];
+            let mut r = running.remove(i);
             let name = r.name.clone();
             return match (&mut r.task).await {
+                Ok(Err(e @ NodeError::Revoked(_))) => {
+                    tracing::error!(node = %name, error = %e, "revoked by its parent; it stays stopped, the rest of the site goes on");
+                    continue;
+                }
                 Ok(Ok(())) if cancel.is_cancelled() => Ok(()),
                 Ok(Ok(())) => Err(Stop {
                     code: 1,
@@ -299,9 +338,10 @@ fn common(a: &EdgeArgs, data_dir: PathBuf) -> NodeArgs {
     }
 }
 
-fn resolve(role: Role, args: &NodeArgs) -> Result<NodeConfig, Stop> {
+fn resolve(role: Role, args: &NodeArgs, bus: &Bus) -> Result<NodeConfig, Stop> {
     let mut cfg = NodeConfig::resolve(role, args)
         .map_err(|e| Stop::config(format!("invalid configuration ({}): {e}", role.as_str())))?;
+    cfg.bus = Some(bus.clone());
     // The site's secret is the global controller's alone.
     if role != Role::Global {
         cfg.bootstrap_secret = None;
@@ -309,7 +349,7 @@ fn resolve(role: Role, args: &NodeArgs) -> Result<NodeConfig, Stop> {
     Ok(cfg)
 }
 
-fn global_config(a: &EdgeArgs, dir: &Path) -> Result<NodeConfig, Stop> {
+fn global_config(a: &EdgeArgs, dir: &Path, bus: &Bus) -> Result<NodeConfig, Stop> {
     let args = NodeArgs {
         listen_grpc: Some(a.listen_grpc),
         listen_rest: Some(a.listen_rest),
@@ -318,7 +358,7 @@ fn global_config(a: &EdgeArgs, dir: &Path) -> Result<NodeConfig, Stop> {
         regions: Some(vec![a.region.clone()]),
         ..common(a, dir.join("global"))
     };
-    resolve(Role::Global, &args)
+    resolve(Role::Global, &args, bus)
 }
 
 /// The parent's gRPC URL as a co-located child dials it.
@@ -340,6 +380,7 @@ fn child_config(
     data_dir: &Path,
     parent: &Started,
     temp_id: &str,
+    bus: &Bus,
 ) -> Result<NodeConfig, Stop> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let (grpc, rest) = match role {
@@ -361,5 +402,5 @@ fn child_config(
         args.discovery_interval_secs = a.discovery_interval;
         args.scanner = a.scanner.clone();
     }
-    resolve(role, &args)
+    resolve(role, &args, bus)
 }

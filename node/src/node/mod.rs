@@ -121,6 +121,16 @@ pub async fn run_with(
     );
     let me = identify(&mut cfg, &base, &grpc_url, &cancel).await?;
     let parts = parts::build(&cfg, &base, &me, &cancel).await?;
+    if let Some(bus) = &cfg.bus {
+        // Children in this process reach us at the URL they are given (loopback) or the
+        // one we advertise.
+        let mut local = addrs.grpc;
+        if local.ip().is_unspecified() {
+            local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        bus.register(&format!("http://{local}"), &parts.inbound);
+        bus.register(&grpc_url, &parts.inbound);
+    }
     let tasks = tokio_util::task::TaskTracker::new();
     tasks::serve(&cfg, &base, &parts, &me, listeners, &tasks, &cancel);
     tasks::spawn_workers(&cfg, &base, &parts, &tasks, &cancel);

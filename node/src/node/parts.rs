@@ -265,7 +265,8 @@ fn parent_side(
             crate::tls::installed_client().map(|m| &**m),
             cfg.parent_pin.id.as_deref(),
         )
-        .map_err(startup)?,
+        .map_err(startup)?
+        .over(cfg.bus.as_ref()),
         revoked: Arc::new(workers::Revoked::new(cancel.clone())),
     }))
 }

@@ -170,7 +170,8 @@ pub(super) async fn admit(
         crate::tls::installed_client().map(|m| &**m),
         cfg.parent_pin.id.as_deref(),
     )
-    .map_err(startup)?;
+    .map_err(startup)?
+    .over(cfg.bus.as_ref());
     let child_cfg = ChildConfig {
         temp_id: temp_id.clone(),
         role: cfg.role,

@@ -221,7 +221,8 @@ impl StatusLoop {
 
     /// Publishes `pdsno/status/{me}` every interval (retained; signed for the parent, or
     /// with the identity key by the GC) and sends a heartbeat straight to the parent every
-    /// few intervals, or every interval while MQTT is down. On cancellation it publishes
+    /// few intervals, or every interval while MQTT is down or when the parent runs in this
+    /// process (over the in-process bus). On cancellation it publishes
     /// `offline` itself, so a clean stop is not mistaken for a crash.
     pub async fn run(self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
@@ -262,7 +263,8 @@ impl StatusLoop {
                 }
                 continue;
             };
-            if published && seq % DIRECT_EVERY != 1 {
+            // A parent in this process hears every heartbeat over the bus.
+            if published && !parent.link.is_local() && seq % DIRECT_EVERY != 1 {
                 stats.acked.fetch_add(1, Ordering::Relaxed);
                 continue;
             }

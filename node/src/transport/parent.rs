@@ -64,7 +64,7 @@ impl LinkError {
     }
 }
 
-fn from_status(s: tonic::Status) -> LinkError {
+pub(crate) fn from_status(s: tonic::Status) -> LinkError {
     if s.code() == Code::Unavailable || s.code() == Code::Unknown {
         if let Some(reason) = crate::tls::handshake_reason(&s) {
             return LinkError::Tls(reason);
@@ -110,6 +110,9 @@ pub struct ParentLink {
     channel: Channel,
     /// Over TLS: the parent's certificate as seen, and the one pinned after a proof.
     peer: Option<Arc<crate::tls::ParentPeer>>,
+    /// The parent's receive path when it runs in this process ([`super::bus`]): requests
+    /// go there first, and over gRPC once it has stopped.
+    local: Option<std::sync::Weak<crate::inbound::Inbound>>,
 }
 
 /// A TLS connector for tonic: TCP to the URI's host and port, then TLS with `cfg`,
@@ -198,6 +201,7 @@ impl ParentLink {
                 url: url.to_owned(),
                 channel: ep.connect_lazy(),
                 peer: None,
+                local: None,
             });
         }
         let host = uri
@@ -212,7 +216,34 @@ impl ParentLink {
             url: url.to_owned(),
             channel: ep.connect_with_connector_lazy(tls_connector(Arc::new(cfg), name)),
             peer: Some(peer),
+            local: None,
         })
+    }
+
+    /// The same link, carried by `bus` when the parent at this URL runs in this process.
+    #[must_use]
+    pub fn over(mut self, bus: Option<&super::bus::Bus>) -> Self {
+        self.local = bus.and_then(|b| b.lookup(&self.url));
+        self
+    }
+
+    /// True when requests go over the in-process bus.
+    pub fn is_local(&self) -> bool {
+        self.local.as_ref().is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Over the bus: the parent's answer, `None` when it did not run here (or stopped).
+    async fn local_call(&self, env: &Envelope) -> Option<Result<Option<Envelope>, LinkError>> {
+        let local = self.local.as_ref().filter(|w| w.strong_count() > 0)?;
+        Some(super::bus::deliver(local, env).await.map(|r| match r {
+            crate::inbound::Reply::Envelope(e) => Some(*e),
+            crate::inbound::Reply::Accepted => None,
+        }))
+    }
+
+    async fn local_expect(&self, env: &Envelope) -> Option<Result<Envelope, LinkError>> {
+        let r = self.local_call(env).await?;
+        Some(r.and_then(|e| e.ok_or_else(|| LinkError::BadReply("no answer".into()))))
     }
 
     /// The gRPC channel (for calling other services over this link).
@@ -296,6 +327,9 @@ impl ParentLink {
     /// # Errors
     /// [`LinkError`].
     pub async fn request_validation(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        if let Some(r) = self.local_expect(env).await {
+            return r;
+        }
         let msg = pb::ValidationRequest::from_envelope(env)
             .map_err(|e| LinkError::BadReply(e.to_string()))?;
         let mut c = pb::admission_client::AdmissionClient::new(self.channel.clone());
@@ -320,6 +354,9 @@ impl ParentLink {
     /// # Errors
     /// [`LinkError`].
     pub async fn respond_to_challenge(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        if let Some(r) = self.local_expect(env).await {
+            return r;
+        }
         let msg = pb::ChallengeResponse::from_envelope(env)
             .map_err(|e| LinkError::BadReply(e.to_string()))?;
         let mut c = pb::admission_client::AdmissionClient::new(self.channel.clone());
@@ -337,6 +374,9 @@ impl ParentLink {
     /// # Errors
     /// [`LinkError`].
     pub async fn key_exchange(&self, env: &Envelope) -> Result<Envelope, LinkError> {
+        if let Some(r) = self.local_expect(env).await {
+            return r;
+        }
         let msg =
             pb::KeyAgreement::from_envelope(env).map_err(|e| LinkError::BadReply(e.to_string()))?;
         let mut c = pb::key_exchange_client::KeyExchangeClient::new(self.channel.clone());
@@ -350,6 +390,9 @@ impl ParentLink {
     /// # Errors
     /// [`LinkError`].
     pub async fn exchange(&self, env: &Envelope) -> Result<Option<Envelope>, LinkError> {
+        if let Some(r) = self.local_call(env).await {
+            return r;
+        }
         let mut c = pb::messaging_client::MessagingClient::new(self.channel.clone());
         let r = c
             .exchange(pb::Envelope::from_envelope(env))
