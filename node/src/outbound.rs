@@ -169,20 +169,7 @@ impl Outbound {
     pub async fn send(&self, env: &Envelope, topic: Option<&Topic>) -> Result<Sent, SendError> {
         let link = self.link(&env.recipient_id);
         if let Some(l) = link.as_ref().filter(|l| l.is_local()) {
-            return match l.exchange(env).await {
-                Ok(reply) => {
-                    self.stats.bus.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(path = "bus", recipient = %env.recipient_id, message_type = %env.message_type, "sent");
-                    Ok(Sent {
-                        path: Path::Bus,
-                        reply,
-                    })
-                }
-                Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    Err(SendError::Link(e))
-                }
-            };
+            return self.direct(l, env, Path::Bus).await;
         }
         if let Some(t) = topic
             && self.mqtt_connected()
@@ -206,14 +193,25 @@ impl Outbound {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return Err(SendError::NoRoute(env.recipient_id.clone()));
         };
+        self.direct(&link, env, Path::Grpc).await
+    }
+
+    /// Sends `env` over `link` (the bus or gRPC, as `path` says) and counts it.
+    async fn direct(
+        &self,
+        link: &ParentLink,
+        env: &Envelope,
+        path: Path,
+    ) -> Result<Sent, SendError> {
         match link.exchange(env).await {
             Ok(reply) => {
-                self.stats.grpc.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(path = "grpc", recipient = %env.recipient_id, message_type = %env.message_type, "sent");
-                Ok(Sent {
-                    path: Path::Grpc,
-                    reply,
-                })
+                let counter = match path {
+                    Path::Bus => &self.stats.bus,
+                    _ => &self.stats.grpc,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(path = path.as_str(), recipient = %env.recipient_id, message_type = %env.message_type, "sent");
+                Ok(Sent { path, reply })
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -22,6 +22,17 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// A token cancelled on SIGINT or SIGTERM (see [`shutdown_signal`]). Call inside the runtime.
+pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        c.cancel();
+    });
+    cancel
+}
+
 /// Resolves on SIGINT or SIGTERM. SIGHUP (which would otherwise end the process) is
 /// answered with a log line: nothing is reloaded yet, the node keeps running.
 pub async fn shutdown_signal() {

@@ -374,22 +374,9 @@ async fn work(
 
     // 2. Policy.
     println!();
-    let mut content = crate::policy::default_content();
-    content.insert("label".into(), "set by pdsno demo".into());
-    let mut args = Map::new();
-    args.insert("content".into(), Value::Object(content));
     let set_at = Instant::now();
-    let r = admin_call(
-        &dir.join("global"),
-        &gc_grpc,
-        "policy.set",
-        Value::Object(args),
-    )
-    .await?;
-    let version = r
-        .get("policy_version")
-        .and_then(Value::as_u64)
-        .ok_or("no policy version")?;
+    let version =
+        super::lab::publish_policy(&dir.join("global"), &gc_grpc, "set by pdsno demo").await?;
     println!("policy: version {version} published by global_cntl_1 (Ed25519-signed)");
     let applied = format!("policy version={version} applied");
     let republished = format!("policy version={version} republished");

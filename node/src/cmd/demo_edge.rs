@@ -209,16 +209,8 @@ async fn work(
 
     // 3. Policy.
     println!();
-    let mut content = crate::policy::default_content();
-    content.insert("label".into(), "set by pdsno demo --edge".into());
-    let mut args = Map::new();
-    args.insert("content".into(), Value::Object(content));
     let set_at = Instant::now();
-    let r = admin_call(&gc_dir, &gc.grpc, "policy.set", Value::Object(args)).await?;
-    let version = r
-        .get("policy_version")
-        .and_then(Value::as_u64)
-        .ok_or("no policy version")?;
+    let version = super::lab::publish_policy(&gc_dir, &gc.grpc, "set by pdsno demo --edge").await?;
     println!("policy: version {version} published by {}", gc.id);
     let everyone: Vec<(String, std::path::PathBuf, String)> =
         std::iter::once((rc.id.clone(), site.join("regional"), rc.grpc.clone()))

@@ -121,12 +121,7 @@ impl Stop {
 pub fn run(a: &EdgeArgs) -> ExitCode {
     crate::logging::init_with(&a.log_level, a.log_format == "json");
     crate::runtime::block_on(async move {
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            crate::runtime::shutdown_signal().await;
-            c.cancel();
-        });
+        let cancel = crate::runtime::cancel_on_signal();
         match edge(a, &cancel).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(s) => {

@@ -329,3 +329,18 @@ pub(crate) async fn admin_call(
     )
     .await
 }
+
+/// Publishes a new policy version (the default content labelled `label`) through the admin
+/// API of the global controller whose data directory is `data`; returns the version.
+pub(crate) async fn publish_policy(data: &Path, grpc: &str, label: &str) -> Result<u64, String> {
+    use pdsno_shared::json::{Map, Value};
+    let mut content = crate::policy::default_content();
+    content.insert("label".into(), label.into());
+    let mut args = Map::new();
+    args.insert("content".into(), Value::Object(content));
+    admin_call(data, grpc, "policy.set", Value::Object(args))
+        .await?
+        .get("policy_version")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "no policy version in the answer".to_owned())
+}

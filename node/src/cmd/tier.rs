@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use pdsno_shared::ids::Role;
-use tokio_util::sync::CancellationToken;
 
 use clap::Args;
 
@@ -108,12 +107,7 @@ pub fn run(role: Role, a: &TierArgs, warnings: &[String]) -> ExitCode {
         "pdsno starting"
     );
     crate::runtime::block_on(async move {
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            crate::runtime::shutdown_signal().await;
-            c.cancel();
-        });
+        let cancel = crate::runtime::cancel_on_signal();
         match crate::node::run(cfg, cancel).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
