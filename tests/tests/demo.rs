@@ -84,3 +84,61 @@ fn demo_admits_discovers_propagates_policy_and_reports_a_dead_lc() {
     );
     assert!(out.contains("stopping 7 processes"), "{out}");
 }
+
+/// `pdsno demo --edge`: the single-box site at work, a remote local controller joining it,
+/// and the memory of the one process.
+#[test]
+fn demo_edge_runs_a_site_in_one_process_and_a_remote_lc_joins_it() {
+    let bin = pdsno_bin();
+    let (code, out, err) = run(
+        bin.to_str().expect("utf-8 path"),
+        &["demo", "--edge"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "demo --edge failed\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(out.contains("one process (pid "), "{out}");
+    let rc_devices: u64 = out
+        .lines()
+        .find_map(|l| l.split("regional_cntl_zone-A_1  stores ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no RC line:\n{out}"));
+    assert!(rc_devices > 100, "{out}");
+    assert!(
+        out.contains(&format!("global_cntl_1  inventory: zone-A={rc_devices}")),
+        "the GC inventory holds what the RC stores:\n{out}"
+    );
+    assert!(
+        out.contains("local_cntl_zone-A_3 (its own process, was temp-lc-remote) admitted by regional_cntl_zone-A_1"),
+        "{out}"
+    );
+    for id in [
+        "regional_cntl_zone-A_1",
+        "local_cntl_zone-A_1",
+        "local_cntl_zone-A_2",
+        "local_cntl_zone-A_3",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(id) && l.contains("applied it")),
+            "{id} did not apply the policy:\n{out}"
+        );
+    }
+    assert!(out.contains("reported it offline after"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("local_cntl_zone-A_3") && l.contains(" offline ")),
+        "{out}"
+    );
+    let mib: u64 = out
+        .lines()
+        .find_map(|l| l.split("memory: the site process (4 controllers) ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory line:\n{out}"));
+    assert!(mib > 0, "{out}");
+}
