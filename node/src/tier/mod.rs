@@ -67,4 +67,6 @@ pub fn table(d: &Deps) -> Vec<(MessageType, Handler)> {
 }
 
 #[cfg(test)]
+mod bus_tests;
+#[cfg(test)]
 mod tests;

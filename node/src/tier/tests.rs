@@ -21,30 +21,46 @@ use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::trust::Trust;
 
-struct Node {
+pub(super) struct Node {
     _dir: tempfile::TempDir,
-    deps: Deps,
-    clock: Arc<ManualClock>,
+    pub(super) deps: Deps,
+    pub(super) clock: Arc<ManualClock>,
 }
 
-fn node(role: Role, me: &str, parent: Option<&str>) -> Node {
+pub(super) fn node(role: Role, me: &str, parent: Option<&str>) -> Node {
+    let parent_key = IdentityKey::generate().public();
+    node_with(
+        role,
+        me,
+        parent.map(|p| (p, parent_key)),
+        IdentityKey::generate(),
+    )
+}
+
+/// A node whose identity key is `identity` and whose parent has `parent`'s key.
+pub(super) fn node_with(
+    role: Role,
+    me: &str,
+    parent: Option<(&str, pdsno_shared::keys::PublicKey)>,
+    identity: IdentityKey,
+) -> Node {
     let dir = tempfile::tempdir().expect("tmp");
     let nib = Arc::new(Nib::open(dir.path().join("nib.db")).expect("nib"));
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let pair_keys =
         Arc::new(PairKeys::load(nib.clone(), chrono::Duration::minutes(10)).expect("keys"));
-    let parent_key = IdentityKey::generate().public();
     let trust = Arc::new(Trust {
         me: me.into(),
         role,
         region: (role != Role::Global).then(|| "zone-A".to_owned()),
-        identity: Arc::new(IdentityKey::generate()),
+        identity: Arc::new(identity),
         network_key: None,
         pair_keys,
         nib,
-        parent: parent.map(|p| (p.to_owned(), parent_key)),
+        parent: parent.map(|(p, k)| (p.to_owned(), k)),
         clock: clock.clone(),
     });
+    let parent = parent.map(|(p, _)| p);
     let outbound = Arc::new(Outbound::new());
     let policy = Arc::new(Policy::load(trust.clone()).expect("policy"));
     // The global controller issues broker credentials, as in a real node.
@@ -82,7 +98,7 @@ fn node(role: Role, me: &str, parent: Option<&str>) -> Node {
     }
 }
 
-fn child_row(id: &str, role: Role, validated_by: &str) -> ControllerRow {
+pub(super) fn child_row(id: &str, role: Role, validated_by: &str) -> ControllerRow {
     ControllerRow {
         controller_id: id.into(),
         role: role.as_str().into(),
@@ -97,7 +113,13 @@ fn child_row(id: &str, role: Role, validated_by: &str) -> ControllerRow {
     }
 }
 
-fn env(t: MessageType, from: &str, to: &str, payload: Map, clock: &ManualClock) -> Envelope {
+pub(super) fn env(
+    t: MessageType,
+    from: &str,
+    to: &str,
+    payload: Map,
+    clock: &ManualClock,
+) -> Envelope {
     Envelope::new(t, from, to, payload, clock.now())
 }
 
