@@ -26,6 +26,9 @@ pub enum BenchCommand {
     Discovery(super::bench_work::DiscoveryBenchArgs),
     /// Policy fan-out: GC set -> every LC applied, on N local controller processes.
     Policy(super::bench_work::PolicyBenchArgs),
+    /// A topology at work for --minutes: RSS and NIB size of every tier each sample, and
+    /// their slopes per hour after the warm-up.
+    Soak(super::soak::SoakArgs),
 }
 
 /// `pdsno bench admission` arguments.
@@ -120,6 +123,15 @@ pub fn run(cmd: &BenchCommand) -> ExitCode {
         }),
         BenchCommand::Policy(a) => crate::runtime::block_on(async move {
             match super::bench_work::policy(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+        BenchCommand::Soak(a) => crate::runtime::block_on(async move {
+            match super::soak::soak(a).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -58,16 +58,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn rss_kib(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    pid.and_then(super::lab::rss_kib).unwrap_or(0)
 }
 
 /// A GC and an RC (of `region`) as processes; returns them, the RC's gRPC address, its id

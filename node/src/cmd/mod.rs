@@ -18,5 +18,6 @@ pub mod ops;
 pub mod output;
 pub mod passwd;
 pub mod secrets;
+pub mod soak;
 pub mod tier;
 pub mod token;
