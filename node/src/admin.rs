@@ -234,12 +234,9 @@ impl Admin {
 
     async fn run(&self, command: &str, args: Value) -> Result<Value, Status> {
         let arg = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
+        // `status` and `keys.list` run with the authentication, on the blocking pool
+        // (`AdminApi::command`).
         match command {
-            "status" => Ok(self.status()),
-            "keys.list" => Ok(keys_value(
-                &crate::keys::describe(&self.trust.nib)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-            )),
             "keys.rotate" => {
                 let peer =
                     arg("peer").ok_or_else(|| Status::invalid_argument("peer is required"))?;
@@ -248,9 +245,12 @@ impl Admin {
                         "{peer} is not a peer of this node"
                     )));
                 }
+                let (p, now) = (peer.clone(), chrono::Utc::now());
                 self.trust
                     .nib
-                    .request_rotation(&peer, chrono::Utc::now())
+                    .off_executor(move |nib| nib.request_rotation(&p, now))
+                    .await
+                    .ok_or_else(|| Status::unavailable("shutting down"))?
                     .map_err(|e| Status::internal(e.to_string()))?;
                 let wait = args.get("wait_secs").and_then(Value::as_u64).unwrap_or(0);
                 let before = self.trust.pair_keys.generation(&peer);
@@ -260,7 +260,9 @@ impl Admin {
                     while self
                         .trust
                         .nib
-                        .rotation_requests()
+                        .off_executor(|nib| nib.rotation_requests())
+                        .await
+                        .ok_or_else(|| Status::unavailable("shutting down"))?
                         .map_err(|e| Status::internal(e.to_string()))?
                         .contains(&peer)
                     {
@@ -574,9 +576,28 @@ impl pb::admin_server::Admin for AdminApi {
                 .map_err(|r| crate::transport::grpc::refusal_status(&r))?;
         }
         let r = req.into_inner();
-        let args = self.0.authenticate(&r)?;
-        tracing::info!(command = %r.command, "admin command");
-        let result = self.0.run(&r.command, args).await?;
+        // The replay record and the read-only commands use SQLite: off the executor.
+        let (admin, req) = (self.0.clone(), r.clone());
+        let (args, early) = tokio::task::spawn_blocking(move || {
+            let args = admin.authenticate(&req)?;
+            tracing::info!(command = %req.command, "admin command");
+            let early = match req.command.as_str() {
+                "status" => Some(Ok(admin.status())),
+                "keys.list" => Some(
+                    crate::keys::describe(&admin.trust.nib)
+                        .map(|k| keys_value(&k))
+                        .map_err(|e| Status::internal(e.to_string())),
+                ),
+                _ => None,
+            };
+            Ok::<_, Status>((args, early))
+        })
+        .await
+        .map_err(|_| Status::internal("admin command failed"))??;
+        let result = match early {
+            Some(r) => r?,
+            None => self.0.run(&r.command, args).await?,
+        };
         Ok(Response::new(pb::AdminResponse {
             result_json: json::to_canonical_string(&result),
         }))

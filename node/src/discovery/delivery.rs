@@ -87,16 +87,31 @@ impl Delivery {
     }
 
     /// The recipient acknowledged `item_id`: it leaves the outbox. Returns whether it was
-    /// still queued (a duplicate acknowledgement is harmless). Blocking (SQLite).
+    /// still queued (a duplicate acknowledgement is harmless). Blocking (SQLite): for the
+    /// handlers; async code calls [`Delivery::acked_async`].
     pub fn acked(&self, item_id: &str) -> bool {
+        let removed = self.trust.nib.outbox_done(item_id);
+        self.record_ack(item_id, removed)
+    }
+
+    /// As [`Delivery::acked`], from async code (the NIB off the executor).
+    async fn acked_async(&self, item_id: &str) -> bool {
+        let id = item_id.to_owned();
+        let removed = self
+            .trust
+            .nib
+            .off_executor(move |nib| nib.outbox_done(&id))
+            .await
+            .unwrap_or(Ok(false));
+        self.record_ack(item_id, removed)
+    }
+
+    fn record_ack(&self, item_id: &str, removed: Result<bool, crate::nib::NibError>) -> bool {
         self.inflight().remove(item_id);
-        let removed = match self.trust.nib.outbox_done(item_id) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, item_id, "cannot remove an acknowledged item");
-                false
-            }
-        };
+        let removed = removed.unwrap_or_else(|e| {
+            tracing::error!(error = %e, item_id, "cannot remove an acknowledged item");
+            false
+        });
         if removed {
             self.delivered.fetch_add(1, Ordering::Relaxed);
         }
@@ -107,14 +122,22 @@ impl Delivery {
     /// Waits until the outbox is empty; false on timeout.
     pub async fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        let empty = || async {
+            self.trust
+                .nib
+                .off_executor(|nib| nib.outbox_len())
+                .await
+                .and_then(Result::ok)
+                == Some(0)
+        };
         loop {
             let changed = self.changed.notified();
-            if self.trust.nib.outbox_len().unwrap_or(1) == 0 {
+            if empty().await {
                 return true;
             }
             self.wake();
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.trust.nib.outbox_len().unwrap_or(1) == 0;
+                return empty().await;
             }
         }
     }
@@ -179,7 +202,12 @@ impl Delivery {
             }
             let Ok(t) = row.item.message_type.parse::<MessageType>() else {
                 tracing::error!(item_id = %id, "outbox item of an unknown type; dropped");
-                let _ = self.trust.nib.outbox_done(&id);
+                let drop_id = id.clone();
+                let _ = self
+                    .trust
+                    .nib
+                    .off_executor(move |nib| nib.outbox_done(&drop_id))
+                    .await;
                 continue;
             };
             let mut env = Envelope::new(
@@ -194,7 +222,13 @@ impl Delivery {
             if row.attempts > 0 {
                 self.resent.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = self.trust.nib.outbox_attempted(&id, self.trust.clock.now()) {
+            let (attempt_id, now) = (id.clone(), self.trust.clock.now());
+            if let Some(Err(e)) = self
+                .trust
+                .nib
+                .off_executor(move |nib| nib.outbox_attempted(&attempt_id, now))
+                .await
+            {
                 tracing::warn!(error = %e, "cannot record a delivery attempt");
             }
             match self.outbound.send(&env, topic.as_ref()).await {
@@ -203,7 +237,7 @@ impl Delivery {
                 }
                 Ok(sent) => {
                     if self.direct_answer_acks(&row.item.recipient, &id, sent.reply.as_ref()) {
-                        self.acked(&id);
+                        self.acked_async(&id).await;
                     } else {
                         self.inflight().insert(id, Instant::now());
                     }

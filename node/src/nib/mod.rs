@@ -297,6 +297,23 @@ impl Nib {
         Ok(())
     }
 
+    /// Runs `f` with the NIB on the blocking pool and waits for it: async code must not
+    /// wait for SQLite (and the connection's lock, held by a large transaction) on an
+    /// executor thread. Handlers, which run on the blocking pool already, call the NIB
+    /// directly. `None` only when the runtime is shutting down.
+    pub async fn off_executor<T, F>(self: &std::sync::Arc<Self>, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Nib) -> T + Send + 'static,
+    {
+        let nib = self.clone();
+        match tokio::task::spawn_blocking(move || f(&nib)).await {
+            Ok(v) => Some(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
+    }
+
     /// Locks the connection for a unit of work.
     pub fn conn(&self) -> MutexGuard<'_, Connection> {
         // SQLite keeps its own consistency; a panic elsewhere while holding the lock does

@@ -201,11 +201,17 @@ impl MqttNode {
     /// cancelled. `info` is asked again every second until it yields a broker.
     pub async fn run(
         self: Arc<Self>,
-        mut info: impl FnMut() -> Result<Option<ConnectInfo>, String> + Send,
+        info: impl Fn() -> Result<Option<ConnectInfo>, String> + Send + Sync + 'static,
         cancel: CancellationToken,
     ) {
+        // It reads the NIB: off the executor.
+        let info = Arc::new(info);
         let ci = loop {
-            match info() {
+            let f = info.clone();
+            let got = tokio::task::spawn_blocking(move || f())
+                .await
+                .unwrap_or_else(|_| Err("the MQTT settings could not be read".into()));
+            match got {
                 Ok(Some(ci)) => break ci,
                 Ok(None) => {}
                 Err(e) => {

@@ -397,17 +397,23 @@ pub async fn rotations(
         }
         let now = trust.clock.now();
         let t = trust.clone();
-        let _ = tokio::task::spawn_blocking(move || t.pair_keys.expire(now)).await;
-        if let Some(p) = &parent
-            && trust
-                .pair_keys
-                .current_age(&p.id, now)
-                .is_some_and(|age| age >= period)
-            && let Err(e) = trust.nib.request_rotation(&p.id, now)
-        {
-            tracing::warn!(error = %e, "cannot schedule a key rotation");
-        }
-        let requests = trust.nib.rotation_requests().unwrap_or_default();
+        let parent_id = parent.as_ref().map(|p| p.id.clone());
+        // The NIB off the executor: expire old keys, schedule the parent's rotation when
+        // due, read what is asked for.
+        let requests = tokio::task::spawn_blocking(move || {
+            let _ = t.pair_keys.expire(now);
+            if let Some(pid) = &parent_id
+                && t.pair_keys
+                    .current_age(pid, now)
+                    .is_some_and(|age| age >= period)
+                && let Err(e) = t.nib.request_rotation(pid, now)
+            {
+                tracing::warn!(error = %e, "cannot schedule a key rotation");
+            }
+            t.nib.rotation_requests().unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
         failures.retain(|p, _| requests.contains(p));
         for peer in requests {
             if failures
@@ -423,7 +429,11 @@ pub async fn rotations(
             let rotation = trust.pair_keys.generation(&peer) > 0;
             match exchange::initiate(&trust, &link, &peer, &key, rotation).await {
                 Ok(kid) => {
-                    let _ = trust.nib.rotation_done(&peer);
+                    let done_peer = peer.clone();
+                    let _ = trust
+                        .nib
+                        .off_executor(move |nib| nib.rotation_done(&done_peer))
+                        .await;
                     failures.remove(&peer);
                     crate::report::emit(&crate::report::Report::Key {
                         id: kid,
