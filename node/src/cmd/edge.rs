@@ -41,27 +41,48 @@ use crate::transport::bus::Bus;
 #[derive(Debug, Args)]
 pub struct EdgeArgs {
     /// The site's directory: its bootstrap secret and one data directory per controller.
-    #[arg(long, env = "PDSNO_DATA_DIR", default_value = "pdsno-edge")]
+    #[arg(
+        long,
+        env = "PDSNO_DATA_DIR",
+        value_name = "DIR",
+        default_value = "pdsno-edge"
+    )]
     pub data_dir: PathBuf,
     /// The region of the regional controller and its local controllers.
     #[arg(long, env = "PDSNO_REGION", default_value = "zone-A")]
     pub region: String,
     /// Local controllers to run in the process (0 to 64).
-    #[arg(long, env = "PDSNO_LOCALS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
+    #[arg(long, env = "PDSNO_LOCALS", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
     pub locals: u16,
     /// The global controller's gRPC listener.
-    #[arg(long, env = "PDSNO_LISTEN_GRPC", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "PDSNO_LISTEN_GRPC",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen_grpc: SocketAddr,
     /// The global controller's REST listener.
-    #[arg(long, env = "PDSNO_LISTEN_REST", default_value = "127.0.0.1:8001")]
+    #[arg(
+        long,
+        env = "PDSNO_LISTEN_REST",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8001"
+    )]
     pub listen_rest: SocketAddr,
     /// The embedded broker's MQTT 3.1.1 listener.
-    #[arg(long, env = "PDSNO_LISTEN_MQTT", default_value = "127.0.0.1:1883")]
+    #[arg(
+        long,
+        env = "PDSNO_LISTEN_MQTT",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:1883"
+    )]
     pub listen_mqtt: SocketAddr,
     /// The regional controller's gRPC listener (where remote local controllers are admitted).
     #[arg(
         long,
         env = "PDSNO_REGIONAL_LISTEN_GRPC",
+        value_name = "ADDR",
         default_value = "127.0.0.1:50052"
     )]
     pub regional_listen_grpc: SocketAddr,
@@ -69,23 +90,24 @@ pub struct EdgeArgs {
     #[arg(
         long,
         env = "PDSNO_REGIONAL_LISTEN_REST",
+        value_name = "ADDR",
         default_value = "127.0.0.1:8002"
     )]
     pub regional_listen_rest: SocketAddr,
     /// Seconds between heartbeats (every tier).
-    #[arg(long, env = "PDSNO_HEARTBEAT_INTERVAL")]
+    #[arg(long, env = "PDSNO_HEARTBEAT_INTERVAL", value_name = "SECS")]
     pub heartbeat_interval: Option<f64>,
     /// Seconds between discovery cycles of the local controllers.
-    #[arg(long, env = "PDSNO_DISCOVERY_INTERVAL")]
+    #[arg(long, env = "PDSNO_DISCOVERY_INTERVAL", value_name = "SECS")]
     pub discovery_interval: Option<f64>,
     /// Seconds between the regional controller's summaries to the global controller.
-    #[arg(long, env = "PDSNO_SUMMARY_INTERVAL")]
+    #[arg(long, env = "PDSNO_SUMMARY_INTERVAL", value_name = "SECS")]
     pub summary_interval: Option<f64>,
     /// The local controllers' scanner (see `pdsno local --help`).
-    #[arg(long, env = "PDSNO_SCANNER")]
+    #[arg(long, env = "PDSNO_SCANNER", value_name = "KIND")]
     pub scanner: Option<String>,
     /// Seconds a device may stay inactive before it is deleted (every tier).
-    #[arg(long, env = "PDSNO_DEVICE_RETENTION")]
+    #[arg(long, env = "PDSNO_DEVICE_RETENTION", value_name = "SECS")]
     pub device_retention: Option<u64>,
     /// Log level (RUST_LOG, when set, wins).
     #[arg(long, env = "PDSNO_LOG_LEVEL", default_value = "info")]
