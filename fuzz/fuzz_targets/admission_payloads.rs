@@ -41,10 +41,10 @@ fuzz_target!(|data: &[u8]| {
         if let Some(c) = r.certificate {
             credential_checks_cert(c);
         }
-        if let Some(d) = r.delegation_credential {
-            if let Some(d) = round_trip::<DelegationCredential>(&d) {
-                credential_checks_delegation(d);
-            }
+        if let Some(d) = r.delegation_credential
+            && let Some(d) = round_trip::<DelegationCredential>(&d)
+        {
+            credential_checks_delegation(d);
         }
     }
     if let Some(c) = round_trip::<Certificate>(&v) {

@@ -92,7 +92,7 @@ fn build() -> Fixture {
         Box::new(|e| {
             Ok(HandlerReply::Reply(
                 MessageType::SyncResponse,
-                e.payload.clone(),
+                e.env.payload.clone(),
             ))
         }),
     );
