@@ -349,3 +349,48 @@ fn json_output_is_machine_readable_and_policy_show_carries_its_signatures() {
     assert_eq!(events.len(), 3, "{out}");
     assert!(events.iter().all(|e| str_at(e, &["event_type"]).is_some()));
 }
+
+/// `pdsno bench soak`, as short as it goes: the topology comes up, one sample names every
+/// tier's memory and NIB, there are too few samples for a slope, and everything stops (the
+/// demo's data directory is gone).
+#[test]
+fn bench_soak_samples_every_tier_and_cleans_up() {
+    let (code, out, err) = pdsno_big(&[
+        "bench",
+        "soak",
+        "--minutes",
+        "0",
+        "--regions",
+        "1",
+        "--locals",
+        "2",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("soak: 1 global, 1 regional, 2 local controllers"),
+        "{out}"
+    );
+    let sample = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0.0 "))
+        .unwrap_or_else(|| panic!("no sample line:\n{out}"));
+    let numbers: Vec<u64> = sample
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // RSS and NIB for the GC, the RC and the LC, each above zero.
+    assert_eq!(numbers.len(), 6, "{sample}");
+    assert!(numbers.iter().all(|n| *n > 0), "{sample}");
+    assert!(
+        out.contains("slopes: too few samples after the warm-up"),
+        "{out}"
+    );
+    let data = err
+        .lines()
+        .chain(out.lines())
+        .find_map(|l| l.strip_prefix("data and logs: "))
+        .and_then(|l| l.split(' ').next().map(str::to_owned));
+    if let Some(d) = data {
+        assert!(!std::path::Path::new(&d).exists(), "{d} left behind");
+    }
+}

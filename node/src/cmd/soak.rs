@@ -1,6 +1,7 @@
 //! `pdsno bench soak`: does a topology at work stay flat? Runs `pdsno demo --keep-running`
 //! (a GC, `--regions` RCs, `--locals` LCs per region, discovery every
-//! `--discovery-interval` seconds; one LC is killed at the start, as the demo does) and
+//! `--discovery-interval` seconds; the demo kills its last LC at the start, so use at least
+//! two per region) and
 //! every `--every` seconds prints, per tier, the resident memory and the NIB size (database
 //! and write-ahead log) of its largest node. At the end it prints each series' slope per
 //! hour after `--warm-up` minutes (least squares), the number to watch for a box that runs
@@ -28,7 +29,7 @@ pub struct SoakArgs {
     /// Regional controllers.
     #[arg(long, default_value_t = 2)]
     pub regions: usize,
-    /// Local controllers per regional controller.
+    /// Local controllers per regional controller (the demo kills one of the last region's).
     #[arg(long, default_value_t = 10)]
     pub locals: usize,
     /// Seconds between discovery cycles.
@@ -118,16 +119,17 @@ pub async fn soak(a: &SoakArgs) -> Result<(), String> {
             return Err("the topology stopped".into());
         }
         let s = sample(&members, start.elapsed().as_secs_f64() / 60.0);
-        println!(
-            "{:>6.1}  {:>6} MiB {:>5} KiB  {:>6} MiB {:>5} KiB  {:>6} MiB {:>5} KiB",
-            s.minutes,
-            s.rss[0] / 1024,
-            s.nib[0],
-            s.rss[1] / 1024,
-            s.nib[1],
-            s.rss[2] / 1024,
-            s.nib[2]
-        );
+        let cols: Vec<String> = (0..3)
+            .map(|i| {
+                if s.rss[i] == 0 {
+                    // No node of this tier runs (the demo's one local controller was killed).
+                    format!("{:>9} {:>9}", "-", "-")
+                } else {
+                    format!("{:>5} MiB {:>5} KiB", s.rss[i] / 1024, s.nib[i])
+                }
+            })
+            .collect();
+        println!("{:>6.1}  {}", s.minutes, cols.join("  "));
         samples.push(s);
         if Instant::now() >= end {
             break;
@@ -169,18 +171,26 @@ pub async fn soak(a: &SoakArgs) -> Result<(), String> {
 
 /// The demo's child processes, with their tier and data directory (from their arguments).
 fn members(demo: u32, data_dir: &Path) -> Vec<Member> {
-    // Each thread lists the children it started.
-    let children: String = std::fs::read_dir(format!("/proc/{demo}/task"))
+    // Every process whose parent is the demo (from /proc/N/stat: the field after the
+    // command name in parentheses is the state, then the parent's pid).
+    let children: Vec<u32> = std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-                .collect::<Vec<_>>()
-                .join(" ")
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|st| {
+                            let rest = &st[st.rfind(')')? + 1..];
+                            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                        })
+                        == Some(demo)
+                })
+                .collect()
         })
         .unwrap_or_default();
     children
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
+        .into_iter()
         .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let args: Vec<String> = cmdline
