@@ -258,11 +258,11 @@ fn the_run_a_controller_walk_through_works_as_written() {
 
 /// "## Run a single-box site" as written: `pdsno edge`, then a token and a local controller
 /// of another box joining the site's regional controller, in a fresh directory. Only the
-/// ports differ (free ones through the PDSNO_* variables; `RC_HOST:50052` is the regional
-/// controller's address).
+/// ports differ (port 0 through the PDSNO_* variables; `RC_HOST:50052` becomes the
+/// regional controller's address as it reports it).
 #[test]
 fn the_single_box_site_works_as_written() {
-    use pdsno_tests::{Proc, free_port};
+    use pdsno_tests::Proc;
     use std::time::Duration;
     let wait = Duration::from_secs(60);
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README");
@@ -282,13 +282,14 @@ fn the_single_box_site_works_as_written() {
     let dir = tempfile::tempdir().expect("tmp");
     let bin = pdsno_tests::pdsno_bin().display().to_string();
     let sh = |line: &str| format!("cd '{}' && exec {line}", dir.path().display());
-    let (rc_grpc, rc_rest) = (free_port(), free_port());
+    // Port 0 everywhere: each listener takes a free port itself (no race with other tests).
+    let any = "127.0.0.1:0".to_owned();
     let ports = [
-        ("PDSNO_LISTEN_GRPC", format!("127.0.0.1:{}", free_port())),
-        ("PDSNO_LISTEN_REST", format!("127.0.0.1:{}", free_port())),
-        ("PDSNO_LISTEN_MQTT", format!("127.0.0.1:{}", free_port())),
-        ("PDSNO_REGIONAL_LISTEN_GRPC", format!("127.0.0.1:{rc_grpc}")),
-        ("PDSNO_REGIONAL_LISTEN_REST", format!("127.0.0.1:{rc_rest}")),
+        ("PDSNO_LISTEN_GRPC", any.clone()),
+        ("PDSNO_LISTEN_REST", any.clone()),
+        ("PDSNO_LISTEN_MQTT", any.clone()),
+        ("PDSNO_REGIONAL_LISTEN_GRPC", any.clone()),
+        ("PDSNO_REGIONAL_LISTEN_REST", any.clone()),
     ];
     let env: Vec<(&str, &str)> = ports.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let script = sh(&site[0].replacen("pdsno", &bin, 1));
@@ -300,6 +301,8 @@ fn the_single_box_site_works_as_written() {
     );
     // The last of the four to start: the second local controller.
     edge.wait_line(wait, |l| l.starts_with("ready id=local_cntl_zone-A_2 "));
+    let rc_ready = edge.wait_line(wait, |l| l.starts_with("ready id=regional_cntl_zone-A_1 "));
+    let rc_grpc = pdsno_tests::field(&rc_ready, "grpc").expect("the RC's gRPC address");
     let ids: Vec<String> = edge
         .lines()
         .iter()
@@ -318,10 +321,10 @@ fn the_single_box_site_works_as_written() {
     assert_eq!(code, Some(0), "{}: {out}{err}", remote[0]);
     let line = remote[1]
         .replacen("pdsno", &bin, 1)
-        .replace("RC_HOST:50052", &format!("127.0.0.1:{rc_grpc}"));
+        .replace("RC_HOST:50052", &rc_grpc);
     let lc_ports = [
-        ("PDSNO_LISTEN_GRPC", format!("127.0.0.1:{}", free_port())),
-        ("PDSNO_LISTEN_REST", format!("127.0.0.1:{}", free_port())),
+        ("PDSNO_LISTEN_GRPC", any.clone()),
+        ("PDSNO_LISTEN_REST", any.clone()),
     ];
     let env: Vec<(&str, &str)> = lc_ports.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut lc = Proc::spawn(
