@@ -790,3 +790,32 @@ async fn one_address_cannot_hold_every_connection_slot() {
     );
     drop((rest_open, mqtt_open, exempt_open));
 }
+
+/// `pdsno broker` alone takes the filter budget from its flag (as its other budgets):
+/// with `--max-filters-per-client 2`, an operator's third new filter closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_brokers_filter_budget_is_a_flag() {
+    use pdsno_tests::{BrokerProc, OPS_PASSWORD, OPS_USER};
+    let b = BrokerProc::start(&["--max-filters-per-client", "2"]);
+    let v5 = b.v5.expect("a v5 listener");
+    let ops = connect(
+        Version::V5,
+        "ops-budget",
+        OPS_USER,
+        OPS_PASSWORD.as_bytes(),
+        None,
+    );
+    let (code, mut s) = mqtt(v5, LOCAL, &ops).await;
+    assert_eq!(code, 0);
+    s.write_all(&subscribe_v5(1, &["ops/a".to_owned(), "ops/b".to_owned()]))
+        .await
+        .expect("SUBSCRIBE");
+    assert_eq!(suback_or_close(&mut s, 1).await, Ok(vec![0, 0]));
+    s.write_all(&subscribe_v5(2, &["ops/c".to_owned()]))
+        .await
+        .expect("SUBSCRIBE");
+    assert_eq!(
+        suback_or_close(&mut s, 2).await,
+        Err(pdsno_broker::codec::disconnect_v5(0x97)[2..].to_vec())
+    );
+}

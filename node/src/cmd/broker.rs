@@ -76,6 +76,39 @@ pub struct BrokerArgs {
         value_name = "SECS"
     )]
     pub connect_timeout_secs: u64,
+    /// Most connections from one source address at once (0 = no limit).
+    #[arg(
+        long,
+        env = "PDSNO_MQTT_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub max_connections_per_address: usize,
+    /// Most retained topics one account may hold (0 = no limit).
+    #[arg(
+        long,
+        env = "PDSNO_MQTT_RETAINED_TOPICS_PER_CLIENT",
+        default_value_t = 32,
+        value_name = "N"
+    )]
+    pub retained_topics_per_client: usize,
+    /// Most bytes of retained topics and payloads one account may hold (0 = no limit).
+    #[arg(
+        long,
+        env = "PDSNO_MQTT_RETAINED_BYTES_PER_CLIENT",
+        default_value_t = 1024 * 1024,
+        value_name = "BYTES"
+    )]
+    pub retained_bytes_per_client: usize,
+    /// Most new subscription filters one account may add, each keeping a message log for
+    /// the broker's lifetime (0 = no limit).
+    #[arg(
+        long,
+        env = "PDSNO_MQTT_MAX_FILTERS_PER_CLIENT",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub max_filters_per_client: usize,
     /// Serve GET /health, /ready and /metrics (the pdsno_broker_* series), and nothing
     /// else, over plaintext HTTP here, e.g. 127.0.0.1:9464 (off by default).
     #[arg(long, env = "PDSNO_LISTEN_METRICS", value_name = "ADDR")]
@@ -123,6 +156,10 @@ impl BrokerArgs {
         cfg.limits.frame_timeout = std::time::Duration::from_secs(self.frame_timeout_secs.max(1));
         cfg.limits.connect_timeout =
             std::time::Duration::from_secs(self.connect_timeout_secs.max(1));
+        cfg.limits.max_connections_per_address = self.max_connections_per_address;
+        cfg.limits.retained_topics_per_client = self.retained_topics_per_client;
+        cfg.limits.retained_bytes_per_client = self.retained_bytes_per_client;
+        cfg.limits.max_filters_per_client = self.max_filters_per_client;
         Ok(cfg)
     }
 }
