@@ -1027,24 +1027,20 @@ def build_root(spec, root):
     mounted = {d.rstrip("/") for _h, d, _ro in spec["mounts"]}
     # The host's /usr (but /usr/local) and the top-level links into it, read-only.
     mkdirs("/usr")
+    def mirror(src, dst):
+        """The host's `src` at `dst`: the same link, or the directory bound read-only."""
+        if src.is_symlink():
+            if not dst.is_symlink():
+                dst.symlink_to(os.readlink(src))
+        elif src.is_dir():
+            dst.mkdir(exist_ok=True)
+            bind(src, dst, ro=True)
+
     for name in sorted(os.listdir("/usr")):
-        src, dst = pathlib.Path("/usr") / name, under(f"/usr/{name}")
-        if name == "local":
-            continue
-        if src.is_symlink():
-            if not dst.is_symlink():
-                dst.symlink_to(os.readlink(src))
-        elif src.is_dir():
-            dst.mkdir(exist_ok=True)
-            bind(src, dst, ro=True)
+        if name != "local":
+            mirror(pathlib.Path("/usr") / name, under(f"/usr/{name}"))
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        src, dst = pathlib.Path("/") / name, under(name)
-        if src.is_symlink():
-            if not dst.is_symlink():
-                dst.symlink_to(os.readlink(src))
-        elif src.is_dir():
-            dst.mkdir(exist_ok=True)
-            bind(src, dst, ro=True)
+        mirror(pathlib.Path("/") / name, under(name))
     mkdirs("/usr/local/bin")
     # /etc: the host's, read-only, but the image's users, and the project's hosts.
     own = {"passwd", "group", "hosts", "hostname", "shadow", "gshadow"}
